@@ -1,0 +1,167 @@
+"""`LorsConfig`: what to share, at which private rank, and how to initialise it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+RankSpec = int | str | list[int]
+"""A rank for one projection group: an int, ``"full"`` (exact), or one int per layer of the stack."""
+
+INIT_METHODS = ("scratch", "svd", "alternating")
+
+# Bumped when the saved layout changes; a checkpoint with a newer format is refused, not guessed at.
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LorsConfig:
+    """How `lorsify` turns the stacked layers of a model into LORS layers.
+
+    Every targeted projection of the i-th layer in a stack becomes ``W_i = W_shared + B_i @ A_i``
+    with ``W_shared`` shared by the whole stack and ``B_i @ A_i`` private of rank ``r_i``.
+
+    Args:
+        rank: private rank of every layer. An int; ``"full"`` (``min(d_out, d_in)``: exact
+            conversion); a list with one rank per layer of the stack (the paper's schedules, e.g.
+            more private rank in late attention layers); or a dict mapping a regex (searched in the
+            projection group's name, e.g. ``"encoder.layer.attention.self.query"``) to one of those,
+            first match wins. Defaults to 32 unless ``target_reduction`` is given.
+        target_reduction: instead of a rank, the fraction of the stacks' parameters to remove
+            (e.g. 0.6); the largest uniform rank that reaches it is chosen.
+        target_modules: which projections to convert: a list of names matched as suffixes of the
+            module path (``["query", "value"]``, ``["mlp.fc1"]``), or one regex matched in full
+            against the module path (``r".*decoder.*(q|v)_proj"``). Default: every linear
+            projection (``nn.Linear`` or GPT-2's ``Conv1D``) inside each stacked block.
+        exclude_modules: same forms as ``target_modules``; matching projections stay dense.
+        init: ``"scratch"`` (the paper's: the shared weight keeps the first layer's dense
+            initialisation, ``A`` Kaiming-uniform, ``B`` zeros), ``"svd"`` (from pretrained
+            weights: shared = mean of the layers, ``B_i A_i`` = truncated SVD of the residual) or
+            ``"alternating"`` (``"svd"``, then alternating refinement of shared and private parts,
+            `alternating_steps` rounds, minimising the weight reconstruction error).
+        alternating_steps: rounds of refinement for ``init="alternating"`` and for data-aware
+            conversion with calibration data.
+
+    Example:
+        >>> LorsConfig(rank=16).rank
+        16
+        >>> LorsConfig(rank={"attention": [8] * 6, ".*": 4}, init="svd").to_dict()["init"]
+        'svd'
+    """
+
+    rank: RankSpec | dict[str, RankSpec] | None = None
+    target_reduction: float | None = None
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    init: str = "scratch"
+    alternating_steps: int = 8
+    format_version: int = field(default=FORMAT_VERSION)
+
+    def __post_init__(self) -> None:
+        if self.rank is not None and self.target_reduction is not None:
+            raise ValueError(
+                "LorsConfig: give either `rank` or `target_reduction`, not both "
+                f"(got rank={self.rank!r}, target_reduction={self.target_reduction!r})."
+            )
+        if self.rank is None and self.target_reduction is None:
+            self.rank = 32
+        if self.rank is not None:
+            if isinstance(self.rank, dict):
+                if not self.rank:
+                    raise ValueError("LorsConfig: `rank` is an empty dict; map at least one pattern to a rank.")
+                for pattern, spec in self.rank.items():
+                    if not isinstance(pattern, str):
+                        raise TypeError(f"LorsConfig: `rank` dict keys must be regex strings, got {pattern!r}.")
+                    _compile(pattern, "rank")
+                    _check_rank_spec(spec, f"rank[{pattern!r}]")
+            else:
+                _check_rank_spec(self.rank, "rank")
+        if self.target_reduction is not None:
+            if isinstance(self.target_reduction, bool) or not isinstance(self.target_reduction, int | float):
+                raise TypeError(f"LorsConfig: `target_reduction` must be a float in (0, 1), got {self.target_reduction!r}.")
+            if not 0.0 < float(self.target_reduction) < 1.0:
+                raise ValueError(
+                    f"LorsConfig: `target_reduction` must lie in (0, 1) (e.g. 0.6 removes 60% of the stacks' "
+                    f"parameters), got {self.target_reduction}."
+                )
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, str):
+                _compile(value, name)
+            elif isinstance(value, list | tuple | set) and all(isinstance(v, str) for v in value):
+                setattr(self, name, list(value))
+            else:
+                raise TypeError(f"LorsConfig: `{name}` must be a list of names or one regex string, got {value!r}.")
+        if self.init not in INIT_METHODS:
+            raise ValueError(f"LorsConfig: unknown init {self.init!r}; choose one of {', '.join(INIT_METHODS)}.")
+        if isinstance(self.alternating_steps, bool) or not isinstance(self.alternating_steps, int) or self.alternating_steps < 1:
+            raise ValueError(f"LorsConfig: `alternating_steps` must be a positive int, got {self.alternating_steps!r}.")
+        if not isinstance(self.format_version, int) or self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"LorsConfig: this checkpoint uses LORS format {self.format_version}, newer than the format "
+                f"{FORMAT_VERSION} this lors_hf understands; upgrade lors_hf (pip install -U lors-hf)."
+            )
+
+    # --- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (what goes into ``config.json`` as ``lors_config``)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LorsConfig:
+        """Rebuild a config from `to_dict` output; unknown fields (from a newer lors_hf) are an error.
+
+        Example:
+            >>> LorsConfig.from_dict(LorsConfig(rank=4).to_dict()) == LorsConfig(rank=4)
+            True
+        """
+        if isinstance(data, LorsConfig):
+            return data
+        if not isinstance(data, dict):
+            raise TypeError(f"lors_config must be a dict, got {type(data).__name__}.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"lors_config has fields {unknown} that this lors_hf does not know; the checkpoint was "
+                "probably written by a newer lors_hf: upgrade it (pip install -U lors-hf)."
+            )
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> LorsConfig:
+        """A copy with some fields changed (validated again)."""
+        if "rank" in changes and "target_reduction" not in changes:
+            changes["target_reduction"] = None
+        if "target_reduction" in changes and changes["target_reduction"] is not None and "rank" not in changes:
+            changes["rank"] = None
+        return dataclasses.replace(self, **changes)
+
+
+def _compile(pattern: str, what: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"LorsConfig: `{what}` pattern {pattern!r} is not a valid regex: {err}.") from None
+
+
+def _check_rank_spec(spec: Any, what: str) -> None:
+    if isinstance(spec, str):
+        if spec != "full":
+            raise ValueError(f"LorsConfig: `{what}` must be an int, 'full' or a list of ints, got {spec!r}.")
+        return
+    values = spec if isinstance(spec, list | tuple) else [spec]
+    if isinstance(spec, list | tuple) and not spec:
+        raise ValueError(f"LorsConfig: `{what}` is an empty list; give one rank per layer.")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"LorsConfig: `{what}` must hold ints, got {value!r}.")
+        if value < 0:
+            raise ValueError(f"LorsConfig: `{what}` must be >= 0 (0 shares the whole weight), got {value}.")

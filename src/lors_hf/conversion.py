@@ -1,0 +1,115 @@
+"""From N dense weights to one shared weight plus N low-rank residuals.
+
+All methods minimise ``sum_i || (W_i - S - B_i A_i) L_i ||_F^2`` where ``L_i L_i^T = C_i``:
+
+- ``"svd"`` (Relaxed Recursive Transformers): ``C_i = I``; ``S`` = mean of the ``W_i``,
+  ``B_i A_i`` = truncated SVD of ``W_i - S``.
+- ``"alternating"``: the same objective, refined by alternating the two exact partial minimisers
+  (``S`` given the residuals, the residuals given ``S``); the error never rises.
+- data-aware (calibration): ``C_i = X_i^T X_i / n`` is the second moment of the inputs the i-th
+  layer's projection really sees, so the error that is minimised is that of the projection's
+  *outputs* on real activations rather than of its weights. Alternating, as above.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def decompose(
+    weights: torch.Tensor,
+    ranks: list[int],
+    steps: int = 0,
+    input_covariances: torch.Tensor | None = None,
+    damping: float = 0.01,
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Split ``weights`` (N, out, in) into a shared ``(out, in)`` weight and N factors ``(B_i, A_i)``.
+
+    Args:
+        weights: the dense weights of the N layers, ``nn.Linear`` convention.
+        ranks: private rank of each layer.
+        steps: rounds of alternating refinement after the first solution (0 = plain mean + SVD).
+        input_covariances: optional (N, in, in) second moments of each layer's inputs (data-aware).
+        damping: added to the covariances' diagonal, as a fraction of their mean diagonal.
+
+    Returns:
+        ``(shared, [(B_i, A_i), ...])`` in float32 on the weights' device; ``B_i`` is (out, r_i),
+        ``A_i`` is (r_i, in) and ``B_i @ A_i`` is the best rank-r_i residual for that ``shared``.
+
+    Example:
+        >>> w = torch.randn(3, 6, 5)
+        >>> shared, factors = decompose(w, [5, 5, 5])
+        >>> bool(torch.allclose(shared + factors[0][0] @ factors[0][1], w[0], atol=1e-5))
+        True
+    """
+    weights = weights.detach().float()
+    count = weights.shape[0]
+    if len(ranks) != count:
+        raise ValueError(f"decompose: {len(ranks)} ranks for {count} weights.")
+    chol = covariance = None
+    if input_covariances is not None:
+        covariance = input_covariances.detach().float()
+        eye = torch.eye(covariance.shape[-1], device=covariance.device)
+        scale = covariance.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-8)
+        covariance = covariance + damping * scale[:, None, None] * eye
+        chol = torch.linalg.cholesky(covariance)
+        shared = _weighted_mean(weights, covariance)
+    else:
+        shared = weights.mean(0)
+    factors = _best_residuals(weights, shared, ranks, chol)
+    for _ in range(steps):
+        residuals = torch.stack([b @ a for b, a in factors])
+        if covariance is None:
+            shared = (weights - residuals).mean(0)
+        else:
+            shared = _weighted_mean(weights - residuals, covariance)
+        factors = _best_residuals(weights, shared, ranks, chol)
+    return shared, factors
+
+
+def reconstruction_error(
+    weights: torch.Tensor,
+    shared: torch.Tensor,
+    factors: list[tuple[torch.Tensor, torch.Tensor]],
+    input_covariances: torch.Tensor | None = None,
+) -> float:
+    """Relative error ``sum ||(W_i - S - B_i A_i) L_i||^2 / sum ||W_i L_i||^2`` (weights when no covariances)."""
+    weights = weights.float()
+    error = total = 0.0
+    for i, (b, a) in enumerate(factors):
+        diff = weights[i] - shared - b @ a
+        if input_covariances is None:
+            error += diff.pow(2).sum().item()
+            total += weights[i].pow(2).sum().item()
+        else:
+            cov = input_covariances[i].float()
+            error += torch.trace(diff @ cov @ diff.T).item()
+            total += torch.trace(weights[i] @ cov @ weights[i].T).item()
+    return error / max(total, 1e-30)
+
+
+def _weighted_mean(targets: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
+    """argmin_S sum_i ||(T_i - S) L_i||^2  =  (sum_i T_i C_i) (sum_i C_i)^-1."""
+    numerator = torch.einsum("noi,nij->oj", targets, covariance)
+    return torch.linalg.solve(covariance.sum(0), numerator.T).T  # C symmetric
+
+
+def _best_residuals(
+    weights: torch.Tensor, shared: torch.Tensor, ranks: list[int], chol: torch.Tensor | None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For each layer the rank-r_i ``B A`` minimising ``||(W_i - S - B A) L_i||`` (Eckart-Young in the L-metric)."""
+    factors = []
+    for i, rank in enumerate(ranks):
+        residual = weights[i] - shared
+        if rank == 0:
+            factors.append((residual.new_zeros(residual.shape[0], 0), residual.new_zeros(0, residual.shape[1])))
+            continue
+        target = residual if chol is None else residual @ chol[i]
+        u, s, vh = torch.linalg.svd(target, full_matrices=False)
+        root = s[:rank].sqrt()
+        b = u[:, :rank] * root
+        a = root[:, None] * vh[:rank]
+        if chol is not None:  # a L^-1:  solve  X L = a  for X
+            a = torch.linalg.solve_triangular(chol[i], a, upper=False, left=False)
+        factors.append((b, a))
+    return factors

@@ -1,0 +1,254 @@
+"""Find the stacks of a model and the projections their layers share, and plan the private ranks.
+
+One generic rule for every model family: a *stack* is an ``nn.ModuleList`` of two or more distinct
+blocks of the same class (BERT's ``encoder.layer``, GPT-2's ``transformer.h``, DETR's encoder and
+decoder, T5's and Whisper's encoder and decoder...). Each stack is its own sharing group. Inside
+it, the projections (``nn.Linear`` or transformers' ``Conv1D``) that sit at the same relative path
+with the same shape in every block form one *projection group* and share one weight. Whatever
+differs between blocks (T5 block 0's ``relative_attention_bias``) is left alone.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import LorsConfig, RankSpec
+from .layer import LorsLinear
+
+
+def is_projection(module: nn.Module) -> bool:
+    """True for the modules LORS can share: ``nn.Linear``, GPT-2's ``Conv1D`` and `LorsLinear`."""
+    return isinstance(module, nn.Linear | Conv1D | LorsLinear)
+
+
+def projection_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a projection, whatever its storage convention."""
+    if isinstance(module, Conv1D):
+        return module.nf, module.weight.shape[0]
+    return module.out_features, module.in_features
+
+
+@dataclass
+class ProjectionGroup:
+    """One projection at the same relative path in the layers of a stack, sharing one weight."""
+
+    stack_name: str
+    relative_name: str
+    layer_indices: list[int]
+    out_features: int
+    in_features: int
+    ranks: list[int] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """E.g. ``"encoder.layer.attention.self.query"``: how `LorsConfig.rank` dict keys see it."""
+        return f"{self.stack_name}.{self.relative_name}"
+
+    def module_name(self, layer_index: int) -> str:
+        return f"{self.stack_name}.{layer_index}.{self.relative_name}"
+
+    @property
+    def max_rank(self) -> int:
+        return min(self.out_features, self.in_features)
+
+    def lors_parameters(self, ranks: list[int] | None = None) -> int:
+        """Weight parameters of the group under LORS (shared + private factors, biases excluded)."""
+        ranks = self.ranks if ranks is None else ranks
+        return self.out_features * self.in_features + sum(ranks) * (self.out_features + self.in_features)
+
+    def dense_parameters(self) -> int:
+        return len(self.layer_indices) * self.out_features * self.in_features
+
+
+@dataclass
+class Stack:
+    """An ``nn.ModuleList`` of same-class blocks and its projection groups."""
+
+    name: str
+    blocks: nn.ModuleList
+    groups: list[ProjectionGroup] = field(default_factory=list)
+
+    @property
+    def parent_name(self) -> str:
+        return self.name.rpartition(".")[0]
+
+    @property
+    def attribute(self) -> str:
+        return self.name.rpartition(".")[2]
+
+
+def find_stacks(model: nn.Module) -> list[Stack]:
+    """The outermost ``nn.ModuleList``s holding >= 2 distinct blocks of one class with projections.
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        ...                              intermediate_size=64))
+        >>> [stack.name for stack in find_stacks(model)]
+        ['encoder.layer']
+    """
+    stacks: list[Stack] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) < 2:
+            continue
+        if any(name.startswith(stack.name + ".") for stack in stacks):
+            continue  # nested inside a stack already found: the outer stack wins
+        blocks = list(module)
+        if len({id(block) for block in blocks}) != len(blocks):
+            continue  # the same block repeated: already shared, nothing to do
+        if len({type(block) for block in blocks}) != 1 or is_projection(blocks[0]):
+            continue
+        if not any(is_projection(sub) for sub in blocks[0].modules()):
+            continue
+        stacks.append(Stack(name=name, blocks=module))
+    return stacks
+
+
+def _matches(module_name: str, spec: list[str] | str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, module_name) is not None
+    return any(module_name == target or module_name.endswith("." + target) for target in spec)
+
+
+def find_groups(model: nn.Module, config: LorsConfig) -> list[Stack]:
+    """The stacks of `model` with the projection groups `config` targets (ranks not yet set)."""
+    stacks = find_stacks(model)
+    if not stacks:
+        raise ValueError(
+            f"lorsify: found no stack of layers in {type(model).__name__}: LORS needs an nn.ModuleList of two "
+            "or more blocks of the same class (like BERT's encoder.layer or GPT-2's transformer.h)."
+        )
+    candidates: list[str] = []
+    for stack in stacks:
+        first = stack.blocks[0]
+        for relative_name, module in first.named_modules():
+            if not relative_name or not is_projection(module):
+                continue
+            shape = projection_shape(module)
+            members = []
+            for index, block in enumerate(stack.blocks):
+                try:
+                    other = block.get_submodule(relative_name)
+                except AttributeError:
+                    continue
+                if type(other) is not type(module) or projection_shape(other) != shape:
+                    continue
+                full_name = f"{stack.name}.{index}.{relative_name}"
+                candidates.append(full_name)
+                if config.target_modules is not None and not _matches(full_name, config.target_modules):
+                    continue
+                if config.exclude_modules is not None and _matches(full_name, config.exclude_modules):
+                    continue
+                members.append(index)
+            if len(members) >= 2:
+                stack.groups.append(ProjectionGroup(stack.name, relative_name, members, *shape))
+    stacks = [stack for stack in stacks if stack.groups]
+    if not stacks:
+        examples = ", ".join(sorted({re.sub(r"\.\d+\.", ".*.", c) for c in candidates})[:8])
+        raise ValueError(
+            f"lorsify: target_modules={config.target_modules!r} exclude_modules={config.exclude_modules!r} "
+            f"leave no projection shared by two or more layers. Projections in the stacks look like: {examples}."
+        )
+    return stacks
+
+
+def stack_parameters(stack: Stack) -> int:
+    """Parameters the stack's blocks hold as a dense model (LORS layers counted as dense)."""
+    total = 0
+    seen: set[int] = set()
+    for block in stack.blocks:
+        for module in block.modules():
+            for param in module.parameters(recurse=False):
+                if id(param) in seen:
+                    continue
+                seen.add(id(param))
+                total += param.numel()
+            if isinstance(module, LorsLinear):
+                total += module.out_features * module.in_features - module.lors_A.numel() - module.lors_B.numel()
+    return total
+
+
+def plan_ranks(model: nn.Module, config: LorsConfig) -> list[Stack]:
+    """Discover the groups `config` targets and give every member layer its private rank.
+
+    Raises ValueError when a rank does not fit the shapes, a per-layer list has the wrong length,
+    or `target_reduction` cannot be reached even by full sharing.
+    """
+    stacks = find_groups(model, config)
+    groups = [group for stack in stacks for group in stack.groups]
+    if config.target_reduction is not None:
+        rank = _solve_uniform_rank(stacks, groups, float(config.target_reduction))
+        for group in groups:
+            group.ranks = [rank] * len(group.layer_indices)
+        return stacks
+    for stack in stacks:
+        for group in stack.groups:
+            spec = _rank_spec_for(group, config.rank)
+            group.ranks = _expand(spec, group, len(stack.blocks))
+    return stacks
+
+
+def _rank_spec_for(group: ProjectionGroup, rank: RankSpec | dict[str, RankSpec]) -> RankSpec:
+    if not isinstance(rank, dict):
+        return rank
+    for pattern, spec in rank.items():
+        if re.search(pattern, group.name):
+            return spec
+    raise ValueError(
+        f"lorsify: no key of the rank dict {list(rank)} matches projection group {group.name!r}; "
+        "add a default entry such as {'.*': 8}."
+    )
+
+
+def _expand(spec: RankSpec, group: ProjectionGroup, stack_length: int) -> list[int]:
+    if spec == "full":
+        return [group.max_rank] * len(group.layer_indices)
+    if isinstance(spec, list | tuple):
+        if len(spec) != stack_length:
+            raise ValueError(
+                f"lorsify: the per-layer rank list {list(spec)} has {len(spec)} entries but stack "
+                f"{group.stack_name!r} has {stack_length} layers; give exactly one rank per layer."
+            )
+        ranks = [int(spec[i]) for i in group.layer_indices]
+    else:
+        ranks = [int(spec)] * len(group.layer_indices)
+    too_big = max(ranks)
+    if too_big > group.max_rank:
+        raise ValueError(
+            f"lorsify: rank {too_big} does not fit {group.name!r} ({group.out_features}x{group.in_features}); "
+            f"the largest useful rank is {group.max_rank} (or rank='full')."
+        )
+    return ranks
+
+
+def _solve_uniform_rank(stacks: list[Stack], groups: list[ProjectionGroup], target: float) -> int:
+    dense_total = sum(stack_parameters(stack) for stack in stacks)
+    dense_targeted = sum(group.dense_parameters() for group in groups)
+
+    def reduction(rank: int) -> float:
+        lors = sum(group.lors_parameters([rank] * len(group.layer_indices)) for group in groups)
+        return 1.0 - (dense_total - dense_targeted + lors) / dense_total
+
+    if reduction(0) < target:
+        raise ValueError(
+            f"lorsify: target_reduction={target} cannot be reached: even rank 0 (full sharing) removes only "
+            f"{reduction(0):.1%} of the stacks' parameters. Lower target_reduction or target more modules."
+        )
+    low, high = 0, min(group.max_rank for group in groups)
+    while low < high:  # largest rank whose reduction still reaches the target
+        mid = (low + high + 1) // 2
+        if reduction(mid) >= target:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The ``(out, in)`` weight of a dense projection (Conv1D stores ``(in, out)``)."""
+    return module.weight.t() if isinstance(module, Conv1D) else module.weight

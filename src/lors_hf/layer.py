@@ -1,0 +1,108 @@
+"""The LORS layer: ``y = x (W_shared + B_i A_i)^T + b_i``.
+
+`SharedWeight` owns the one weight a stack shares for one projection; it is registered exactly once
+in the model (so the state dict, DDP and ``num_parameters()`` see it once). Each layer's
+`LorsLinear` reaches it through a plain, non-registered reference to that *module* (not to the
+Parameter, which ``from_pretrained`` replaces when it loads weights).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SharedWeight(nn.Module):
+    """The ``(out_features, in_features)`` weight shared by every layer of one projection group."""
+
+    def __init__(self, out_features: int, in_features: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+
+    def extra_repr(self) -> str:
+        return f"out_features={self.weight.shape[0]}, in_features={self.weight.shape[1]}"
+
+
+class LorsLinear(nn.Module):
+    """A linear layer whose weight is a shared weight plus a private rank-``r`` residual ``B @ A``.
+
+    Computes ``y = x @ (W_shared + lors_B @ lors_A)^T + bias``. For many tokens it materialises the
+    weight once and calls one ``F.linear``; for few tokens (decoding) it computes
+    ``x W_shared^T + (x A^T) B^T`` and never builds the ``out x in`` matrix. Both give the same result.
+
+    Args:
+        shared: the `SharedWeight` module of the group (kept as a plain reference).
+        rank: private rank ``r`` (0 = the layer is exactly the shared weight plus its bias).
+        bias: whether the layer has its private bias.
+        fan_in_fan_out: the layer replaced a GPT-2 ``Conv1D`` (weight stored ``(in, out)``);
+            only `weight` and `merge` honour it, the maths is the same.
+
+    Example:
+        >>> shared = SharedWeight(8, 4)
+        >>> layer = LorsLinear(shared, rank=2, bias=True)
+        >>> layer(torch.randn(3, 4)).shape
+        torch.Size([3, 8])
+    """
+
+    def __init__(
+        self, shared: SharedWeight, rank: int, bias: bool = True, fan_in_fan_out: bool = False, device=None, dtype=None
+    ) -> None:
+        super().__init__()
+        out_features, in_features = shared.weight.shape
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.fan_in_fan_out = fan_in_fan_out
+        factory = {"device": device if device is not None else shared.weight.device,
+                   "dtype": dtype if dtype is not None else shared.weight.dtype}
+        self.lors_A = nn.Parameter(torch.empty(rank, in_features, **factory))
+        self.lors_B = nn.Parameter(torch.empty(out_features, rank, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        # Plain attribute, not a submodule: the shared weight is owned (and saved) elsewhere.
+        self.__dict__["shared"] = shared
+        # Token count above which materialising W_shared + B A (out*in*(r+1) flops once) is cheaper than
+        # the factored path (tokens*r*(in+out) extra flops).
+        self.materialize_above = math.inf if rank == 0 else out_features * in_features * (rank + 1) / (
+            rank * (in_features + out_features)
+        )
+
+    def reset_private(self) -> None:
+        """The paper's initialisation of the private part: A Kaiming-uniform, B zeros, bias zeros."""
+        nn.init.kaiming_uniform_(self.lors_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lors_B)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The private residual ``B @ A`` as an ``(out, in)`` matrix."""
+        return self.lors_B @ self.lors_A
+
+    def effective_weight(self) -> torch.Tensor:
+        """``W_shared + B @ A`` in the ``(out, in)`` convention of ``nn.Linear``."""
+        shared = self.shared.weight
+        if self.rank == 0:
+            return shared
+        return torch.addmm(shared, self.lors_B, self.lors_A)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective weight, stored like the module it replaced (``(in, out)`` for ``Conv1D``).
+
+        For code that inspects ``module.weight`` (dtype checks and the like); it is computed on access.
+        """
+        weight = self.effective_weight()
+        return weight.t() if self.fan_in_fan_out else weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shared = self.shared.weight
+        if self.rank == 0:
+            return F.linear(x, shared, self.bias)
+        tokens = x.numel() // self.in_features
+        if tokens > self.materialize_above:
+            return F.linear(x, torch.addmm(shared, self.lors_B, self.lors_A), self.bias)
+        return F.linear(x, shared, self.bias) + F.linear(F.linear(x, self.lors_A), self.lors_B)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"bias={self.bias is not None}" + (", fan_in_fan_out=True" if self.fan_in_fan_out else ""))

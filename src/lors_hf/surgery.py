@@ -1,0 +1,225 @@
+"""Model surgery: `lorsify` swaps the stacks' projections for LORS layers; `merge_and_unload` undoes it.
+
+The flow: `LorsConfig` -> `discovery.plan_ranks` (stacks, groups, ranks) -> `build_lors_layers`
+(one `SharedWeight` per group, one `LorsLinear` per layer, swapped in place) -> initialisation
+(`conversion.decompose`) -> ``model.config.lors_config`` (the resolved plan, so that
+``from_pretrained`` can rebuild exactly the same structure before it loads the weights).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from .config import LorsConfig
+from .conversion import decompose
+from .discovery import Stack, dense_weight, plan_ranks
+from .layer import LorsLinear, SharedWeight
+
+SHARED_CONTAINER = "lors_shared"
+"""Attribute, on the module holding a stack, of the ``nn.ModuleDict`` that owns the shared weights."""
+
+
+def is_lorsified(model: nn.Module) -> bool:
+    """True when `model` carries LORS layers or a ``lors_config``."""
+    config = getattr(model, "config", None)
+    return getattr(config, "lors_config", None) is not None or any(isinstance(m, LorsLinear) for m in model.modules())
+
+
+def get_lors_config(model: nn.Module) -> LorsConfig | None:
+    """The `LorsConfig` recorded on ``model.config`` (None for a dense model)."""
+    data = getattr(getattr(model, "config", None), "lors_config", None)
+    return None if data is None else LorsConfig.from_dict(data)
+
+
+def lorsify(
+    model: PreTrainedModel,
+    config: LorsConfig | Mapping[str, Any] | None = None,
+    *,
+    calibration_data: Iterable[Any] | torch.Tensor | None = None,
+    **overrides: Any,
+) -> PreTrainedModel:
+    """Turn every stack of `model` into LORS layers, in place, and return the same model.
+
+    Each targeted projection of the i-th layer of a stack becomes ``W_i = W_shared + B_i @ A_i``:
+    one shared weight per projection and stack, a private low-rank part and bias per layer. The model
+    keeps its class, so ``generate()``, gradient checkpointing, ``save_pretrained`` and the Trainer work
+    as before; the plan is recorded on ``model.config.lors_config``.
+
+    Args:
+        model: a transformers ``PreTrainedModel`` with at least one stack of layers.
+        config: a `LorsConfig` (or its dict); defaults to ``LorsConfig()``.
+        calibration_data: optional batches (dicts of model inputs, or tensors of ``input_ids``)
+            for data-aware conversion: the shared and private parts then minimise the error of each
+            projection's outputs on these real activations instead of the weights' error. Needs
+            ``init="svd"`` or ``"alternating"``.
+        **overrides: fields of `LorsConfig` to change, e.g. ``rank=16``.
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+        ...                              intermediate_size=64))
+        >>> model = lorsify(model, LorsConfig(rank=4))
+        >>> type(model.encoder.layer[0].attention.self.query).__name__
+        'LorsLinear'
+    """
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"lorsify expects a transformers PreTrainedModel, got {type(model).__name__}.")
+    if is_lorsified(model):
+        raise ValueError(
+            "lorsify: this model is already a LORS model. Call lors_hf.merge_and_unload(model) first "
+            "to get the dense model back, then lorsify it with the new config."
+        )
+    if config is None:
+        config = LorsConfig(**overrides)
+    else:
+        if isinstance(config, Mapping):
+            config = LorsConfig.from_dict(dict(config))
+        elif not isinstance(config, LorsConfig):
+            raise TypeError(f"lorsify: `config` must be a LorsConfig or a dict, got {type(config).__name__}.")
+        if overrides:
+            config = config.replace(**overrides)
+    if calibration_data is not None and config.init == "scratch":
+        raise ValueError(
+            "lorsify: calibration_data converts pretrained weights; use init='svd' or init='alternating' "
+            "(init='scratch' starts every layer equal to the shared weight and ignores data)."
+        )
+    stacks = plan_ranks(model, config)
+    covariances = None
+    if calibration_data is not None:
+        from .calibration import collect_input_covariances
+
+        covariances = collect_input_covariances(model, stacks, calibration_data)
+    dense_layers = {
+        (stack.name, group.relative_name): [stack.blocks[i].get_submodule(group.relative_name) for i in group.layer_indices]
+        for stack in stacks for group in stack.groups
+    }
+    build_lors_layers(model, stacks)
+    with torch.no_grad():
+        for stack in stacks:
+            for group in stack.groups:
+                dense = dense_layers[(stack.name, group.relative_name)]
+                lors = [stack.blocks[i].get_submodule(group.relative_name) for i in group.layer_indices]
+                _initialise(dense=dense, lors=lors, ranks=group.ranks, config=config,
+                            covariances=None if covariances is None else covariances[group.name])
+    model.config.lors_config = resolved_config(config, stacks).to_dict()
+    return model
+
+
+def resolved_config(config: LorsConfig, stacks: list[Stack]) -> LorsConfig:
+    """`config` with every group's per-layer ranks written out, so a reload needs no solving."""
+    ranks: dict[str, list[int]] = {}
+    for stack in stacks:
+        for group in stack.groups:
+            per_layer = [0] * len(stack.blocks)
+            for index, rank in zip(group.layer_indices, group.ranks, strict=True):
+                per_layer[index] = rank
+            ranks["^" + re.escape(group.name) + "$"] = per_layer
+    return config.replace(rank=ranks)
+
+
+def build_lors_layers(model: nn.Module, stacks: list[Stack]) -> None:
+    """Swap the planned projections for (uninitialised) LORS layers and register the shared weights.
+
+    Used by `lorsify` (which then initialises them) and at load time (where the checkpoint fills them).
+    """
+    for stack in stacks:
+        parent = model.get_submodule(stack.parent_name) if stack.parent_name else model
+        container = parent._modules.get(SHARED_CONTAINER)
+        if container is None:
+            container = nn.ModuleDict()
+            parent.add_module(SHARED_CONTAINER, container)
+        tree = container[stack.attribute] = nn.Module()
+        for group in stack.groups:
+            first = stack.blocks[group.layer_indices[0]].get_submodule(group.relative_name)
+            reference = dense_weight(first)
+            shared = SharedWeight(group.out_features, group.in_features, device=reference.device, dtype=reference.dtype)
+            _set_module(tree, group.relative_name, shared, create_parents=True)
+            for index, rank in zip(group.layer_indices, group.ranks, strict=True):
+                dense = stack.blocks[index].get_submodule(group.relative_name)
+                layer = LorsLinear(shared, rank, bias=dense.bias is not None, fan_in_fan_out=isinstance(dense, Conv1D))
+                _set_module(stack.blocks[index], group.relative_name, layer)
+
+
+def _initialise(dense: list[nn.Module], lors: list[LorsLinear], ranks: list[int], config: LorsConfig,
+                covariances: torch.Tensor | None) -> None:
+    shared_module = lors[0].shared
+    if config.init == "scratch":
+        shared_module.weight.copy_(dense_weight(dense[0]))
+        for dense_layer, layer in zip(dense, lors, strict=True):
+            layer.reset_private()
+            if layer.bias is not None:
+                layer.bias.copy_(dense_layer.bias)
+        return
+    weights = torch.stack([dense_weight(layer) for layer in dense])
+    steps = config.alternating_steps if config.init == "alternating" else 0
+    shared, factors = decompose(weights, ranks, steps=steps, input_covariances=covariances)
+    shared_module.weight.copy_(shared)
+    for dense_layer, layer, (b, a) in zip(dense, lors, factors, strict=True):
+        layer.lors_B.copy_(b)
+        layer.lors_A.copy_(a)
+        if layer.bias is not None:
+            layer.bias.copy_(dense_layer.bias)
+
+
+def merge_and_unload(model: PreTrainedModel) -> PreTrainedModel:
+    """Write ``W_shared + B_i A_i`` back into stock ``nn.Linear`` / ``Conv1D`` modules, in place.
+
+    Returns a plain transformers model (no LORS module, no ``lors_config``) with the same outputs,
+    which stock transformers saves and loads without lors_hf.
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> model = lorsify(BertModel(BertConfig(hidden_size=32, num_hidden_layers=2,
+        ...                 num_attention_heads=2, intermediate_size=64)), rank=4)
+        >>> model = merge_and_unload(model)
+        >>> type(model.encoder.layer[0].attention.self.query).__name__
+        'Linear'
+    """
+    if not is_lorsified(model):
+        raise ValueError("merge_and_unload: this model has no LORS layers (lorsify it first).")
+    with torch.no_grad():
+        for name, module in list(model.named_modules()):
+            if not isinstance(module, LorsLinear):
+                continue
+            weight = module.effective_weight().detach()
+            has_bias = module.bias is not None
+            if module.fan_in_fan_out:
+                dense = Conv1D(module.out_features, module.in_features)
+                dense.to(device=weight.device, dtype=weight.dtype)
+                dense.weight.copy_(weight.t())
+            else:
+                dense = nn.Linear(module.in_features, module.out_features, bias=has_bias,
+                                  device=weight.device, dtype=weight.dtype)
+                dense.weight.copy_(weight)
+            if has_bias:
+                dense.bias.copy_(module.bias)
+            elif dense.bias is not None:
+                dense.bias.zero_()
+            _set_module(model, name, dense)
+    for module in list(model.modules()):
+        if SHARED_CONTAINER in module._modules:
+            del module._modules[SHARED_CONTAINER]
+    if hasattr(model.config, "lors_config"):
+        del model.config.lors_config
+    return model
+
+
+def _set_module(root: nn.Module, path: str, module: nn.Module, create_parents: bool = False) -> None:
+    parent = root
+    *parents, leaf = path.split(".")
+    for part in parents:
+        child = parent._modules.get(part)
+        if child is None:
+            if not create_parents:
+                raise AttributeError(f"{type(root).__name__} has no submodule {path!r}")
+            child = nn.Module()
+            parent.add_module(part, child)
+        parent = child
+    setattr(parent, leaf, module)
