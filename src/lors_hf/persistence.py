@@ -1,0 +1,263 @@
+"""Saving, reloading and pushing LORS models with the ordinary transformers calls.
+
+Mechanism (installed when ``lors_hf`` is imported; no model class changes, no remote code):
+
+- ``config.json`` carries ``lors_config``: the resolved plan (every group's per-layer ranks).
+- ``from_pretrained`` builds the dense model on the meta device, as always; right after that, before
+  any weight is read, lors_hf rebuilds the LORS structure from ``lors_config`` (the same
+  "config entry drives surgery at load time" idea as transformers' quantizers, hooked at the step
+  where transformers plans the weights' dtypes). The checkpoint then fills the LORS weights.
+  Any LORS weight missing from, or shaped differently in, the checkpoint raises a ValueError:
+  transformers would otherwise leave it as uninitialised memory.
+- ``save_pretrained`` of a LORS model writes only the shared and private weights, under the native
+  key names (``save_original_format=False``, so DETR / ViT keys are not renamed and Trainer's resume
+  restores them), plus one *guard* tensor stored under a dense weight's name with an impossible shape:
+  stock transformers, without lors_hf, then refuses the checkpoint with a size-mismatch error instead
+  of silently building a randomly initialised model. The save goes to a temporary folder first and
+  only replaces files of an existing checkpoint once it has fully succeeded; a model card (README.md)
+  is added.
+- ``push_to_hub`` uploads the same files, with the LORS model card.
+
+State-dict layout of a LORS model (stable, versioned by ``LorsConfig.format_version``)::
+
+    <stack parent>.lors_shared.<stack attr>.<relative path>.weight   # shared (out, in), once per stack
+    <stack>.<i>.<relative path>.lors_A                                # (r_i, in)
+    <stack>.<i>.<relative path>.lors_B                                # (out, r_i)
+    <stack>.<i>.<relative path>.bias                                  # private bias, if the layer had one
+    e.g. bert.encoder.lors_shared.layer.attention.self.query.weight, bert.encoder.layer.3.attention.self.query.lors_A
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from .config import LorsConfig
+from .discovery import plan_ranks
+from .layer import LorsLinear, SharedWeight
+from .surgery import build_lors_layers, get_lors_config, is_lorsified
+
+GUARD_MESSAGE = b"This is a LORS checkpoint: pip install lors-hf and `import lors_hf` before from_pretrained."
+MODEL_CARD = "README.md"
+_ORIGINALS: dict[str, Any] = {}
+
+
+def guard_key(model: torch.nn.Module) -> str | None:
+    """The dense weight name under which the guard tensor is saved (the first LORS layer's ``.weight``)."""
+    for name, module in model.named_modules():
+        if isinstance(module, LorsLinear):
+            return f"{name}.weight"
+    return None
+
+
+def lors_parameter_names(model: torch.nn.Module) -> set[str]:
+    """Names of all LORS parameters (shared weights, private factors and biases) in `model`."""
+    names = set()
+    for module_name, module in model.named_modules():
+        if isinstance(module, LorsLinear | SharedWeight):
+            names.update(f"{module_name}.{p}" for p, _ in module.named_parameters(recurse=False))
+    return names
+
+
+def _prepare_lors_structure(model: PreTrainedModel) -> None:
+    """Rebuild the LORS layers that ``model.config.lors_config`` describes (load time, before weights)."""
+    if getattr(model.config, "lors_config", None) is None or any(isinstance(m, LorsLinear) for m in model.modules()):
+        return
+    config = get_lors_config(model)
+    try:
+        stacks = plan_ranks(model, config)
+    except ValueError as err:
+        raise ValueError(
+            f"This checkpoint's lors_config does not fit {type(model).__name__}: {err} "
+            "(was config.json edited, or is it loaded into another architecture?)"
+        ) from None
+    build_lors_layers(model, stacks)
+    key = guard_key(model)
+    ignore = getattr(model, "_keys_to_ignore_on_load_unexpected", None)
+    ignore = set(ignore or ())
+    ignore.add("^" + re.escape(key) + "$")
+    model._keys_to_ignore_on_load_unexpected = ignore
+
+
+def _verify_lors_weights(model: PreTrainedModel, loading_info: Any, source: Any) -> None:
+    """Refuse a checkpoint whose LORS weights are missing or shaped differently from its lors_config."""
+    if not any(isinstance(m, LorsLinear) for m in model.modules()):
+        return
+    names = lors_parameter_names(model)
+    missing = sorted(set(loading_info.missing_keys) & names)
+    mismatched = sorted((k, tuple(a), tuple(b)) for k, a, b in loading_info.mismatched_keys if k in names)
+    if missing:
+        raise ValueError(
+            f"The checkpoint at {source} lacks {len(missing)} LORS weights that its lors_config needs "
+            f"(e.g. {missing[:3]}): the weights do not match lors_config. Re-save the model with "
+            "save_pretrained, or check that config.json and the weights belong together."
+        )
+    if mismatched:
+        name, saved, expected = mismatched[0]
+        raise ValueError(
+            f"The checkpoint at {source} holds LORS weights whose shapes do not match its lors_config: "
+            f"{name} is {saved} in the file but lors_config needs {expected} ({len(mismatched)} such weights). "
+            "config.json and the weights do not belong together."
+        )
+
+
+def write_model_card(model: PreTrainedModel, directory: str | os.PathLike, repo_id: str | None = None) -> Path:
+    """Write a README.md model card (YAML metadata, parameter report, how to load) for a LORS model.
+
+    Example:
+        >>> # write_model_card(model, "out/my-lors-model", repo_id="me/my-lors-model")
+    """
+    from .report import parameter_report
+
+    config = get_lors_config(model)
+    report = parameter_report(model)
+    base = getattr(model.config, "_name_or_path", "") or ""
+    base_model = base if re.fullmatch(r"[\w.-]+/[\w.-]+", base) else None
+    name = repo_id or Path(directory).name
+    auto_class = type(model).__name__
+    lines = ["---", "library_name: transformers", "tags:", "- lors", "- lors-hf", "- low-rank"]
+    if base_model:
+        lines.append(f"base_model: {base_model}")
+    lines += ["---", "", f"# {name}", "",
+              f"A **LORS** (Low-rank Residual Structure, CVPR 2024) version of `{auto_class}`"
+              + (f", converted from [`{base_model}`](https://huggingface.co/{base_model})" if base_model else "")
+              + ": the layers of each stack share one weight per projection and keep a private low-rank residual "
+              "`W_i = W_shared + B_i @ A_i`.", "",
+              "## Parameters", "", "```", str(report), "```", "",
+              f"Initialisation: `{config.init}`; saved with lors_hf format {config.format_version}.", "",
+              "## How to load", "", "```python",
+              "import lors_hf  # pip install lors-hf: teaches from_pretrained the LORS layout",
+              f"from transformers import {auto_class}",
+              f'model = {auto_class}.from_pretrained("{name}")',
+              "dense = lors_hf.merge_and_unload(model)  # optional: a stock transformers model", "```", ""]
+    path = Path(directory) / MODEL_CARD
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def _save_lors_pretrained(original, self: PreTrainedModel, save_directory, *args: Any, **kwargs: Any):
+    if not is_lorsified(self) or args:
+        return original(self, save_directory, *args, **kwargs)
+    if not kwargs.get("is_main_process", True):
+        return original(self, save_directory, **kwargs)
+    if os.path.isfile(save_directory):
+        raise ValueError(f"save_pretrained: {save_directory} is a file; give a directory.")
+    push = kwargs.pop("push_to_hub", False)
+    repo_id = kwargs.pop("repo_id", None)
+    if "save_original_format" in inspect.signature(original).parameters:
+        kwargs["save_original_format"] = False  # native key names: no renaming, exact Trainer resume
+    state_dict = kwargs.get("state_dict")
+    state_dict = dict(self.state_dict() if state_dict is None else state_dict)
+    key = guard_key(self)
+    state_dict[key] = torch.tensor(list(GUARD_MESSAGE), dtype=torch.uint8)
+    kwargs["state_dict"] = state_dict
+    target = Path(save_directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+    try:
+        result = original(self, staging, **kwargs)
+        if not (target / MODEL_CARD).exists():
+            write_model_card(self, staging, repo_id=repo_id)
+        target.mkdir(exist_ok=True)
+        written = {p.name for p in staging.iterdir()}
+        for stale in target.glob("model*.safetensors*"):
+            if stale.name not in written:
+                stale.unlink()
+        # config.json last: a crash in between leaves old config + new weights, which loading refuses.
+        for path in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
+            os.replace(path, target / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if push:
+        self.push_to_hub(repo_id or target.name, token=kwargs.get("token"))
+    return result
+
+
+def _push_lors_to_hub(original, self: PreTrainedModel, repo_id: str, *args: Any, **kwargs: Any):
+    if not is_lorsified(self) or args:
+        return original(self, repo_id, *args, **kwargs)
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    token = kwargs.get("token")
+    repo_id = api.create_repo(repo_id, private=kwargs.get("private"), token=token, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as folder:
+        self.save_pretrained(folder, max_shard_size=kwargs.get("max_shard_size", "50GB"))
+        write_model_card(self, folder, repo_id=repo_id)
+        return api.upload_folder(
+            repo_id=repo_id, folder_path=folder, token=token, revision=kwargs.get("revision"),
+            commit_message=kwargs.get("commit_message") or "Upload LORS model (lors-hf)",
+            commit_description=kwargs.get("commit_description"), create_pr=kwargs.get("create_pr", False),
+        )
+
+
+def _load_with_lors(original, model: PreTrainedModel, *args: Any, **kwargs: Any):
+    """Wraps ``PreTrainedModel._load_pretrained_model``: clear errors for unreadable LORS checkpoints."""
+    if getattr(model.config, "lors_config", None) is None:
+        return original(model, *args, **kwargs)
+    try:
+        return original(model, *args, **kwargs)
+    except Exception as err:
+        if type(err).__name__ != "SafetensorError" and not isinstance(err, EOFError | OSError):
+            raise
+        files = args[1] if len(args) > 1 else kwargs.get("checkpoint_files")
+        raise ValueError(
+            f"Could not read the LORS checkpoint {files}: {err}. The file is truncated or corrupted; "
+            "save or download it again."
+        ) from err
+
+
+def install() -> None:
+    """Install the load / save / push hooks on ``PreTrainedModel`` (idempotent; done on import)."""
+    if _ORIGINALS:
+        return
+    for name in ("_get_dtype_plan", "_finalize_model_loading", "_load_pretrained_model", "save_pretrained",
+                 "push_to_hub"):
+        _ORIGINALS[name] = getattr(PreTrainedModel, name)
+    get_dtype_plan, finalize = _ORIGINALS["_get_dtype_plan"], _ORIGINALS["_finalize_model_loading"]
+    load, save, push = (_ORIGINALS[k] for k in ("_load_pretrained_model", "save_pretrained", "push_to_hub"))
+
+    @functools.wraps(get_dtype_plan)
+    def _get_dtype_plan(self, *args, **kwargs):
+        _prepare_lors_structure(self)  # right after the (meta) model is built, before any weight is read
+        return get_dtype_plan(self, *args, **kwargs)
+
+    @functools.wraps(load)
+    def _load_pretrained_model(model, *args, **kwargs):
+        return _load_with_lors(load, model, *args, **kwargs)
+
+    @functools.wraps(finalize)
+    def _finalize_model_loading(model, load_config, loading_info, *args, **kwargs):
+        _verify_lors_weights(model, loading_info, getattr(load_config, "pretrained_model_name_or_path", "?"))
+        return finalize(model, load_config, loading_info, *args, **kwargs)
+
+    @functools.wraps(save)
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        return _save_lors_pretrained(save, self, save_directory, *args, **kwargs)
+
+    @functools.wraps(push)
+    def push_to_hub(self, repo_id, *args, **kwargs):
+        return _push_lors_to_hub(push, self, repo_id, *args, **kwargs)
+
+    PreTrainedModel._get_dtype_plan = _get_dtype_plan
+    PreTrainedModel._load_pretrained_model = staticmethod(_load_pretrained_model)
+    PreTrainedModel._finalize_model_loading = staticmethod(_finalize_model_loading)
+    PreTrainedModel.save_pretrained = save_pretrained
+    PreTrainedModel.push_to_hub = push_to_hub
+
+
+def load_lors_config(path: str | os.PathLike) -> LorsConfig | None:
+    """The `LorsConfig` of a saved checkpoint directory (None for a dense checkpoint)."""
+    import json
+
+    data = json.loads((Path(path) / "config.json").read_text())
+    return None if data.get("lors_config") is None else LorsConfig.from_dict(data["lors_config"])
