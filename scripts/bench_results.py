@@ -1,0 +1,42 @@
+"""Shared helper of the benchmark scripts: write one script's section of docs/RESULTS.md.
+
+Each benchmark owns the block between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``; running it
+again replaces only that block, so every figure in the file sits next to the command that printed it.
+
+Example:
+    >>> # update_section("bench_speed", "## Speed\\n...", results_file="docs/RESULTS.md")
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+RESULTS_FILE = Path(__file__).resolve().parent.parent / "docs" / "RESULTS.md"
+HEADER = "# lors-hf results\n\nEvery section below is written by the benchmark script named in it; rerun the command to reproduce.\n"
+
+
+def machine_description() -> str:
+    """One line naming the hardware and software a figure was measured on."""
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {platform.machine()})"
+    import transformers
+
+    return f"{device}, torch {torch.__version__}, transformers {transformers.__version__}"
+
+
+def update_section(name: str, markdown: str, results_file: str | os.PathLike = RESULTS_FILE) -> Path:
+    """Replace (or append) the block of benchmark `name` in the results file and return its path."""
+    path = Path(results_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = path.read_text(encoding="utf-8") if path.exists() else HEADER
+    block = f"<!-- {name}:start -->\n{markdown.strip()}\n<!-- {name}:end -->"
+    pattern = re.compile(rf"<!-- {re.escape(name)}:start -->.*?<!-- {re.escape(name)}:end -->", re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
