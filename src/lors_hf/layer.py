@@ -66,6 +66,9 @@ class LorsLinear(nn.Module):
         self.materialize_above = math.inf if rank == 0 else out_features * in_features * (rank + 1) / (
             rank * (in_features + out_features)
         )
+        # Opt-in inference cache of W_shared + B A (see `set_weight_cache`): dense speed, dense memory.
+        self.cache_weight = False
+        self._cached: tuple[tuple, torch.Tensor] | None = None
 
     def reset_private(self) -> None:
         """The paper's initialisation of the private part: A Kaiming-uniform, B zeros, bias zeros."""
@@ -94,10 +97,19 @@ class LorsLinear(nn.Module):
         weight = self.effective_weight()
         return weight.t() if self.fan_in_fan_out else weight
 
+    def _cached_weight(self) -> torch.Tensor:
+        shared = self.shared.weight
+        key = (shared.data_ptr(), shared._version, self.lors_A._version, self.lors_B._version, shared.dtype)
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, torch.addmm(shared, self.lors_B, self.lors_A))
+        return self._cached[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shared = self.shared.weight
         if self.rank == 0:
             return F.linear(x, shared, self.bias)
+        if self.cache_weight and not torch.is_grad_enabled():
+            return F.linear(x, self._cached_weight(), self.bias)
         tokens = x.numel() // self.in_features
         if tokens > self.materialize_above:
             return F.linear(x, torch.addmm(shared, self.lors_B, self.lors_A), self.bias)
@@ -106,3 +118,21 @@ class LorsLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"bias={self.bias is not None}" + (", fan_in_fan_out=True" if self.fan_in_fan_out else ""))
+
+
+def set_weight_cache(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Cache each layer's ``W_shared + B A`` for inference (no-grad forward passes), or stop caching.
+
+    Decoding then runs exactly the dense model's matmuls (one per projection) at the price of the dense
+    model's weight memory; the cache is rebuilt automatically when a weight changes and is never used
+    while gradients are enabled. Off by default: LORS layers then keep only the compact weights.
+
+    Example:
+        >>> # set_weight_cache(model); model.generate(...); set_weight_cache(model, False)
+    """
+    for module in model.modules():
+        if isinstance(module, LorsLinear):
+            module.cache_weight = enabled
+            if not enabled:
+                module._cached = None
+    return model

@@ -1,0 +1,231 @@
+"""Speed and memory of a LORS model against the same dense model, measured in one run.
+
+A GPT-2-style model (default 8 layers, d=512) is timed dense and lorsified (default: 60% fewer stack
+parameters) on
+- a training step (forward + backward + AdamW step) with batch x seq >= 2k tokens, and its peak memory;
+- a single-token decode step with a KV cache (batch 1, after a prefill).
+Dense and LORS are measured alternately, round after round, and the medians are compared, so a
+noisy machine hits both alike. Targets (issue #2): train <= 1.05x dense, decode <= 1.10x dense.
+
+    python scripts/bench_speed.py                       # CPU, writes the bench_speed section of docs/RESULTS.md
+    python scripts/bench_speed.py --device cuda --bf16  # GPU, bf16 autocast
+    python scripts/bench_speed.py --smoke --results-file /tmp/r.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_results import RESULTS_FILE, machine_description, update_section  # noqa: E402
+
+from lors_hf import LorsConfig, lorsify, parameter_report  # noqa: E402
+from lors_hf.layer import set_weight_cache  # noqa: E402
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=args.layers, n_embd=args.d_model, n_head=args.heads, n_positions=args.seq_len + 64,
+                        vocab_size=args.vocab, bos_token_id=0, eos_token_id=0)
+    dense = GPT2LMHeadModel(config)
+    lors = lorsify(copy.deepcopy(dense), LorsConfig(target_reduction=args.reduction, init="svd"))
+    return {"dense": dense.to(args.device), "lors": lors.to(args.device)}
+
+
+def with_cached_variant(models: dict) -> dict:
+    """Adds "lors_cached": the same LORS model object with the inference weight cache on (decode only)."""
+    return {**models, "lors_cached": models["lors"]}
+
+
+def time_train_steps(models: dict, args: argparse.Namespace) -> tuple[dict, dict]:
+    gen = torch.Generator().manual_seed(1)
+    batch = torch.randint(0, args.vocab, (args.batch_size, args.seq_len), generator=gen).to(args.device)
+    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
+    autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.bf16)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    peak: dict[str, float] = {}
+
+    def step(name: str) -> float:
+        model, optimizer = models[name], optimizers[name]
+        model.train()
+        sync(args.device)
+        start = time.perf_counter()
+        with autocast:
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(args.device)
+        return time.perf_counter() - start
+
+    for name in models:  # warm-up (and peak memory on GPU, one step each from a clean slate)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        for _ in range(args.warmup):
+            step(name)
+        if args.device == "cuda":
+            peak[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    for _ in range(args.rounds):
+        for name in models:
+            times[name].append(step(name))
+    return {n: statistics.median(t) for n, t in times.items()}, peak
+
+
+@torch.no_grad()
+def time_decode_steps(models: dict, args: argparse.Namespace) -> dict:
+    gen = torch.Generator().manual_seed(2)
+    prompt = torch.randint(0, args.vocab, (1, args.prefill), generator=gen).to(args.device)
+    autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.bf16)
+    state = {}
+    for name, model in models.items():
+        model.eval()
+        with autocast:
+            out = model(input_ids=prompt, use_cache=True)
+        state[name] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for round_index in range(args.rounds):
+        for name, model in models.items():
+            set_weight_cache(model, name == "lors_cached")
+            cache, token = state[name]
+            cache = copy.deepcopy(cache) if round_index == 0 else cache
+            sync(args.device)
+            start = time.perf_counter()
+            for _ in range(args.decode_steps):
+                with autocast:
+                    out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            sync(args.device)
+            times[name].append((time.perf_counter() - start) / args.decode_steps)
+            if cache.get_seq_length() > args.prefill + 4 * args.decode_steps:  # keep the context length bounded
+                cache.crop(args.prefill)
+            state[name] = (cache, token)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def cpu_peak_memory(args: argparse.Namespace) -> dict:
+    """Peak RSS growth of one training step per variant, each in a fresh subprocess (CPU has no allocator stats)."""
+    import subprocess
+
+    peaks = {}
+    for name in ("dense", "lors"):
+        cmd = [sys.executable, __file__, "--_memory-probe", name, "--layers", str(args.layers), "--d-model",
+               str(args.d_model), "--heads", str(args.heads), "--batch-size", str(args.batch_size), "--seq-len",
+               str(args.seq_len), "--reduction", str(args.reduction), "--vocab", str(args.vocab)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        peaks[name] = json.loads(out.strip().splitlines()[-1])["peak_mib"]
+    return peaks
+
+
+def memory_probe(args: argparse.Namespace) -> None:
+    import resource
+
+    models = build_models(args)
+    model = models[args._memory_probe]
+    del models
+    batch = torch.randint(0, args.vocab, (args.batch_size, args.seq_len))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(2):
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_mib": (after - before) / 1024}))
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--prefill", type=int, default=128)
+    parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--reduction", type=float, default=0.6)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0 = torch default)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds; for CI")
+    parser.add_argument("--results-file", default=str(RESULTS_FILE))
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--_memory-probe", dest="_memory_probe", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.smoke:
+        args.layers, args.d_model, args.heads, args.vocab, args.batch_size, args.seq_len = 4, 64, 2, 256, 2, 64
+        args.prefill, args.decode_steps, args.rounds, args.warmup = 8, 2, 2, 1
+    if args._memory_probe:
+        memory_probe(args)
+        return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA device is visible")
+    tokens = args.batch_size * args.seq_len
+    models = build_models(args)
+    report = parameter_report(models["lors"]).stacks_total
+    train, peak = time_train_steps(models, args)
+    decode = time_decode_steps(with_cached_variant(models), args)
+    set_weight_cache(models["lors"], False)
+    if args.device == "cpu" and not args.smoke:
+        peak = cpu_peak_memory(args)
+    peak = {name: peak.get(name, 0.0) for name in models}
+    figures = {
+        "model": f"GPT-2 {args.layers} layers, d={args.d_model}, vocab {args.vocab}",
+        "stack_params_dense": report.dense, "stack_params_lors": report.lors,
+        "stack_reduction": report.reduction, "tokens_per_train_step": tokens,
+        "train_step_s": train, "train_ratio": train["lors"] / train["dense"],
+        "decode_step_s": decode, "decode_ratio": decode["lors"] / decode["dense"],
+        "decode_ratio_cached": decode["lors_cached"] / decode["dense"],
+        "peak_train_memory_mib": peak, "memory_ratio": peak["lors"] / peak["dense"] if peak.get("dense") else None,
+        "device": machine_description(), "bf16": args.bf16,
+    }
+    print(json.dumps(figures, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    command = "python scripts/bench_speed.py " + " ".join(sys.argv[1:])
+    mem_kind = "peak CUDA memory allocated" if args.device == "cuda" else "peak RSS growth of 2 steps in a fresh process"
+    markdown = f"""## Speed and memory (`bench_speed`, {'bf16 autocast' if args.bf16 else 'fp32'}, {args.device})
+
+`{command.strip()}` on {figures['device']}
+
+{figures['model']}; stacks {report.dense:,} -> {report.lors:,} parameters ({report.reduction:.1%} fewer).
+Medians of {args.rounds} alternating rounds.
+
+| measure | dense | LORS | LORS / dense | target |
+|---|---|---|---|---|
+| training step ({tokens} tokens), ms | {train['dense']*1e3:.1f} | {train['lors']*1e3:.1f} | {figures['train_ratio']:.3f} | <= 1.05 |
+| decode step (1 token, KV cache), ms | {decode['dense']*1e3:.2f} | {decode['lors']*1e3:.2f} | {figures['decode_ratio']:.3f} | <= 1.10 |
+| decode step, LORS with `set_weight_cache` (dense-size weights), ms | {decode['dense']*1e3:.2f} | {decode['lors_cached']*1e3:.2f} | {figures['decode_ratio_cached']:.3f} | - |
+| training memory ({mem_kind}), MiB | {peak['dense']:.0f} | {peak['lors']:.0f} | {_ratio(figures['memory_ratio'])} | - |
+"""
+    section = "bench_speed_" + args.device + ("_bf16" if args.bf16 else "")
+    path = update_section(section, markdown, args.results_file)
+    print(f"wrote section {section} of {path}")
+
+
+if __name__ == "__main__":
+    main()
