@@ -13,9 +13,15 @@ Mechanism (installed when ``lors_hf`` is imported; no model class changes, no re
   key names (``save_original_format=False``, so DETR / ViT keys are not renamed and Trainer's resume
   restores them), plus one *guard* tensor stored under a dense weight's name with an impossible shape:
   stock transformers, without lors_hf, then refuses the checkpoint with a size-mismatch error instead
-  of silently building a randomly initialised model. The save goes to a temporary folder first and
-  only replaces files of an existing checkpoint once it has fully succeeded; a model card (README.md)
-  is added.
+  of silently building a randomly initialised model. An empty tensor named `GUARD_NOTICE_KEY` goes
+  with it: transformers' error itself only says "size mismatch", but the load report it prints just
+  before lists that key, which tells the reader to install and import lors_hf. The save goes to a
+  temporary folder first and only replaces files of an existing checkpoint once it has fully
+  succeeded (other files in the folder, e.g. a tokenizer's, are kept); a model card (README.md) is
+  added unless the folder already has one.
+- ``load_state_dict`` of a LORS model drops the two guard tensors, so a strict
+  ``model.load_state_dict(safetensors.torch.load_file(...))`` and Trainer's resume see exactly the
+  model's own keys.
 - ``push_to_hub`` uploads the same files, with the LORS model card.
 
 State-dict layout of a LORS model (stable, versioned by ``LorsConfig.format_version``)::
@@ -35,6 +41,8 @@ import os
 import re
 import shutil
 import tempfile
+from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +55,10 @@ from .layer import LorsLinear, SharedWeight
 from .surgery import build_lors_layers, get_lors_config, is_lorsified
 
 GUARD_MESSAGE = b"This is a LORS checkpoint: pip install lors-hf and `import lors_hf` before from_pretrained."
+GUARD_NOTICE_KEY = "LORS_CHECKPOINT.needs_lors_hf.pip_install_lors-hf.then_import_lors_hf_before_from_pretrained"
+"""Name of an empty tensor saved with the guard: stock transformers prints it in its load report."""
 MODEL_CARD = "README.md"
+_HUB_OPTIONS = ("commit_message", "commit_description", "private", "create_pr", "revision", "tags")
 _ORIGINALS: dict[str, Any] = {}
 
 
@@ -57,6 +68,12 @@ def guard_key(model: torch.nn.Module) -> str | None:
         if isinstance(module, LorsLinear):
             return f"{name}.weight"
     return None
+
+
+def guard_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors `save_pretrained` adds to a LORS checkpoint so that stock transformers refuses it."""
+    return {guard_key(model): torch.tensor(list(GUARD_MESSAGE), dtype=torch.uint8),
+            GUARD_NOTICE_KEY: torch.zeros(0, dtype=torch.uint8)}
 
 
 def lors_parameter_names(model: torch.nn.Module) -> set[str]:
@@ -81,11 +98,28 @@ def _prepare_lors_structure(model: PreTrainedModel) -> None:
             "(was config.json edited, or is it loaded into another architecture?)"
         ) from None
     build_lors_layers(model, stacks)
-    key = guard_key(model)
-    ignore = getattr(model, "_keys_to_ignore_on_load_unexpected", None)
-    ignore = set(ignore or ())
-    ignore.add("^" + re.escape(key) + "$")
+    ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    ignore.update("^" + re.escape(key) + "$" for key in guard_tensors(model))
     model._keys_to_ignore_on_load_unexpected = ignore
+
+
+def _lands_on_dense_module(model: torch.nn.Module, key: str) -> bool:
+    """True for a checkpoint LORS weight whose layer exists in `model` but is dense there."""
+    if ".lors_shared." in f".{key}":
+        parent = key.split("lors_shared.", 1)[0].rstrip(".")
+        return not parent or _has_submodule(model, parent)
+    module_name, _, leaf = key.rpartition(".")
+    if leaf not in ("lors_A", "lors_B") or not _has_submodule(model, module_name):
+        return False
+    return not isinstance(model.get_submodule(module_name), LorsLinear)
+
+
+def _has_submodule(model: torch.nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def _verify_lors_weights(model: PreTrainedModel, loading_info: Any, source: Any) -> None:
@@ -108,10 +142,22 @@ def _verify_lors_weights(model: PreTrainedModel, loading_info: Any, source: Any)
             f"{name} is {saved} in the file but lors_config needs {expected} ({len(mismatched)} such weights). "
             "config.json and the weights do not belong together."
         )
+    misplaced = sorted(k for k in loading_info.unexpected_keys if _lands_on_dense_module(model, k))
+    if misplaced:
+        raise ValueError(
+            f"The checkpoint at {source} holds {len(misplaced)} LORS weights of layers that its lors_config "
+            f"leaves dense (e.g. {misplaced[:3]}), whose dense weights would then be left uninitialised: "
+            "config.json and the weights do not belong together."
+        )
 
 
-def write_model_card(model: PreTrainedModel, directory: str | os.PathLike, repo_id: str | None = None) -> Path:
+def write_model_card(
+    model: PreTrainedModel, directory: str | os.PathLike, repo_id: str | None = None, tags: list[str] | None = None
+) -> Path:
     """Write a README.md model card (YAML metadata, parameter report, how to load) for a LORS model.
+
+    `repo_id` is the name the load instructions use (default: `directory`); `base_model` is filled in
+    when ``model.config._name_or_path`` is a Hub name (``org/name``, not a local folder).
 
     Example:
         >>> # write_model_card(model, "out/my-lors-model", repo_id="me/my-lors-model")
@@ -120,11 +166,14 @@ def write_model_card(model: PreTrainedModel, directory: str | os.PathLike, repo_
 
     config = get_lors_config(model)
     report = parameter_report(model)
-    base = getattr(model.config, "_name_or_path", "") or ""
-    base_model = base if re.fullmatch(r"[\w.-]+/[\w.-]+", base) else None
-    name = repo_id or Path(directory).name
+    base = str(getattr(model.config, "_name_or_path", "") or "")
+    is_hub_name = re.fullmatch(r"[\w.-]+/[\w.-]+", base) is not None and not os.path.exists(base)
+    base_model = base if is_hub_name else None
+    name = repo_id or os.fspath(directory)
     auto_class = type(model).__name__
-    lines = ["---", "library_name: transformers", "tags:", "- lors", "- lors-hf", "- low-rank"]
+    all_tags = ["lors", "lors-hf", "low-rank"]
+    all_tags += [t for t in [*(getattr(model, "model_tags", None) or []), *(tags or [])] if t not in all_tags]
+    lines = ["---", "library_name: transformers", "tags:", *(f"- {tag}" for tag in all_tags)]
     if base_model:
         lines.append(f"base_model: {base_model}")
     lines += ["---", "", f"# {name}", "",
@@ -144,21 +193,34 @@ def write_model_card(model: PreTrainedModel, directory: str | os.PathLike, repo_
     return path
 
 
+def _weight_files(variant: str | None) -> re.Pattern:
+    """File names of a transformers safetensors checkpoint of `variant` (single file, shards, index)."""
+    suffix = f".{variant}" if variant else ""
+    return re.compile(rf"model{re.escape(suffix)}(-\d{{5}}-of-\d{{5}})?\.safetensors"
+                      rf"|model\.safetensors\.index{re.escape(suffix)}\.json")
+
+
 def _save_lors_pretrained(original, self: PreTrainedModel, save_directory, *args: Any, **kwargs: Any):
-    if not is_lorsified(self) or args:
+    if not is_lorsified(self):
         return original(self, save_directory, *args, **kwargs)
+    if args:  # e.g. save_pretrained(path, True): bind by name so the LORS handling still applies
+        names = list(inspect.signature(original).parameters)[2:2 + len(args)]
+        for name, value in zip(names, args, strict=True):
+            if name in kwargs:
+                raise TypeError(f"save_pretrained() got multiple values for argument {name!r}")
+            kwargs[name] = value
     if not kwargs.get("is_main_process", True):
         return original(self, save_directory, **kwargs)
     if os.path.isfile(save_directory):
         raise ValueError(f"save_pretrained: {save_directory} is a file; give a directory.")
     push = kwargs.pop("push_to_hub", False)
     repo_id = kwargs.pop("repo_id", None)
+    hub_options = {name: kwargs.pop(name) for name in _HUB_OPTIONS if name in kwargs}
     if "save_original_format" in inspect.signature(original).parameters:
         kwargs["save_original_format"] = False  # native key names: no renaming, exact Trainer resume
     state_dict = kwargs.get("state_dict")
     state_dict = dict(self.state_dict() if state_dict is None else state_dict)
-    key = guard_key(self)
-    state_dict[key] = torch.tensor(list(GUARD_MESSAGE), dtype=torch.uint8)
+    state_dict.update(guard_tensors(self))
     kwargs["state_dict"] = state_dict
     target = Path(save_directory)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -166,19 +228,25 @@ def _save_lors_pretrained(original, self: PreTrainedModel, save_directory, *args
     try:
         result = original(self, staging, **kwargs)
         if not (target / MODEL_CARD).exists():
-            write_model_card(self, staging, repo_id=repo_id)
+            write_model_card(self, staging, repo_id=repo_id or os.fspath(save_directory))
         target.mkdir(exist_ok=True)
-        written = {p.name for p in staging.iterdir()}
-        for stale in target.glob("model*.safetensors*"):
-            if stale.name not in written:
-                stale.unlink()
-        # config.json last: a crash in between leaves old config + new weights, which loading refuses.
-        for path in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
-            os.replace(path, target / path.name)
+        weight_files = _weight_files(kwargs.get("variant"))
+        stale = [p for p in target.iterdir() if weight_files.fullmatch(p.name) and not (staging / p.name).exists()]
+        # New weights first, then old shards out, config.json last: an interruption in between leaves
+        # the old config with the new weights, which loading checks against each other.
+        config = staging / "config.json"
+        for path in staging.iterdir():
+            if path != config:
+                os.replace(path, target / path.name)
+        for old in stale:
+            old.unlink()
+        if config.exists():
+            os.replace(config, target / config.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if push:
-        self.push_to_hub(repo_id or target.name, token=kwargs.get("token"))
+        self.push_to_hub(repo_id or target.name, token=kwargs.get("token"),
+                         max_shard_size=kwargs.get("max_shard_size", "50GB"), **hub_options)
     return result
 
 
@@ -191,8 +259,9 @@ def _push_lors_to_hub(original, self: PreTrainedModel, repo_id: str, *args: Any,
     token = kwargs.get("token")
     repo_id = api.create_repo(repo_id, private=kwargs.get("private"), token=token, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as folder:
-        self.save_pretrained(folder, max_shard_size=kwargs.get("max_shard_size", "50GB"))
-        write_model_card(self, folder, repo_id=repo_id)
+        self.save_pretrained(folder, max_shard_size=kwargs.get("max_shard_size") or "50GB")
+        tags = kwargs.get("tags")
+        write_model_card(self, folder, repo_id=repo_id, tags=[tags] if isinstance(tags, str) else tags)
         return api.upload_folder(
             repo_id=repo_id, folder_path=folder, token=token, revision=kwargs.get("revision"),
             commit_message=kwargs.get("commit_message") or "Upload LORS model (lors-hf)",
@@ -216,15 +285,29 @@ def _load_with_lors(original, model: PreTrainedModel, *args: Any, **kwargs: Any)
         ) from err
 
 
+def _without_guard_tensors(model: PreTrainedModel, state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`state_dict` less the guard tensors `save_pretrained` added (for ``load_state_dict``)."""
+    guards = {guard_key(model), GUARD_NOTICE_KEY}
+    if None in guards or not isinstance(state_dict, Mapping) or not guards & state_dict.keys():
+        return state_dict  # a dense model, or no guard to drop
+    kept = OrderedDict((k, v) for k, v in state_dict.items()
+                       if not (k in guards and isinstance(v, torch.Tensor) and v.dtype == torch.uint8))
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        kept._metadata = metadata
+    return kept
+
+
 def install() -> None:
     """Install the load / save / push hooks on ``PreTrainedModel`` (idempotent; done on import)."""
     if _ORIGINALS:
         return
     for name in ("_get_dtype_plan", "_finalize_model_loading", "_load_pretrained_model", "save_pretrained",
-                 "push_to_hub"):
+                 "push_to_hub", "load_state_dict"):
         _ORIGINALS[name] = getattr(PreTrainedModel, name)
     get_dtype_plan, finalize = _ORIGINALS["_get_dtype_plan"], _ORIGINALS["_finalize_model_loading"]
     load, save, push = (_ORIGINALS[k] for k in ("_load_pretrained_model", "save_pretrained", "push_to_hub"))
+    load_state_dict = _ORIGINALS["load_state_dict"]
 
     @functools.wraps(get_dtype_plan)
     def _get_dtype_plan(self, *args, **kwargs):
@@ -248,7 +331,12 @@ def install() -> None:
     def push_to_hub(self, repo_id, *args, **kwargs):
         return _push_lors_to_hub(push, self, repo_id, *args, **kwargs)
 
+    @functools.wraps(load_state_dict)
+    def _load_state_dict(self, state_dict, *args, **kwargs):
+        return load_state_dict(self, _without_guard_tensors(self, state_dict), *args, **kwargs)
+
     PreTrainedModel._get_dtype_plan = _get_dtype_plan
+    PreTrainedModel.load_state_dict = _load_state_dict
     PreTrainedModel._load_pretrained_model = staticmethod(_load_pretrained_model)
     PreTrainedModel._finalize_model_loading = staticmethod(_finalize_model_loading)
     PreTrainedModel.save_pretrained = save_pretrained

@@ -1,0 +1,154 @@
+"""``push_to_hub`` of a LORS model to the local Hub (tests/hub_server.py), then ``from_pretrained``
+from the Hub in a fresh process.
+
+Clients run in subprocesses so that ``HF_ENDPOINT`` is set before huggingface_hub is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from tiny_models import build
+
+from lors_hf import lorsify, write_model_card
+from lors_hf.persistence import GUARD_MESSAGE
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO = "me/lors-bert"
+SAVE_AND_PUSH_REPO = "me/lors-bert-via-save"
+BASE_MODEL = "org/tiny-bert"
+
+PUSH_SCRIPT = r"""
+import json, sys
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+import lors_hf
+from tiny_models import build, main_output
+
+work, repo, save_repo, base = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+model, inputs = build("bert")
+lors_hf.lorsify(model, rank=[1, 2, 3])
+generator = torch.Generator().manual_seed(7)
+with torch.no_grad():
+    for parameter in model.parameters():
+        parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+model.config._name_or_path = base
+commit = model.push_to_hub(repo, commit_message="Upload a LORS model", tags=["demo"])
+model.save_pretrained(work / "local", push_to_hub=True, repo_id=save_repo, commit_message="via save_pretrained")
+with torch.no_grad():
+    torch.save({"inputs": inputs, "output": main_output(model(**inputs))}, work / "expected.pt")
+report = lors_hf.parameter_report(model)
+print(json.dumps({
+    "commit": commit.oid,
+    "lors_config": model.config.lors_config,
+    "report": str(report),
+    "lors_parameters": report.total.lors,
+    "dense_parameters": report.total.dense,
+    "state_bytes": sum(t.numel() * t.element_size() for t in model.state_dict().values()),
+}))
+"""
+
+PULL_SCRIPT = r"""
+import json, sys
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+import lors_hf
+from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
+from tiny_models import main_output
+
+work, repo = Path(sys.argv[1]), sys.argv[2]
+expected = torch.load(work / "expected.pt")
+results = {}
+for loader in (AutoModelForSequenceClassification, BertForSequenceClassification):
+    model = loader.from_pretrained(repo).eval()
+    with torch.no_grad():
+        out = main_output(model(**expected["inputs"]))
+    results[loader.__name__] = {"lorsified": lors_hf.is_lorsified(model), "equal": torch.equal(out, expected["output"])}
+print(json.dumps(results))
+"""
+
+
+def _client_env(endpoint: str, home: Path) -> dict[str, str]:
+    """Environment for a client subprocess that talks only to the local Hub at `endpoint`."""
+    proxies = {"http_proxy", "https_proxy", "all_proxy"}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_")) and k.lower() not in proxies}
+    env.update(HF_ENDPOINT=endpoint, HF_HUB_OFFLINE="0", HF_TOKEN="dummy", HF_HUB_DISABLE_TELEMETRY="1",
+               HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HOME=str(home), NO_PROXY="127.0.0.1,localhost",
+               no_proxy="127.0.0.1,localhost",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])))
+    return env
+
+
+def _run(script: str, env: dict[str, str], *args: str) -> dict:
+    """Run `script` in a fresh interpreter; return the JSON it prints last."""
+    proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, f"client failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _front_matter(readme: bytes) -> dict:
+    text = readme.decode()
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n", 2)[1])
+
+
+@pytest.mark.slow
+def test_push_to_hub_then_from_pretrained(local_hub, tmp_path):
+    pushed = _run(PUSH_SCRIPT, _client_env(local_hub.endpoint, tmp_path / "home-push"),
+                  str(tmp_path), REPO, SAVE_AND_PUSH_REPO, BASE_MODEL)
+
+    files = local_hub.files(REPO, revision=pushed["commit"])
+    assert {"config.json", "model.safetensors", "README.md"} <= set(files)
+    assert json.loads(files["config.json"])["lors_config"] == pushed["lors_config"]
+
+    weights = files["model.safetensors"]  # compact: the LORS parameters and the guard, nothing dense
+    (header_length,) = struct.unpack("<Q", weights[:8])
+    header = json.loads(weights[8 : 8 + header_length])
+    data_bytes = len(weights) - 8 - header_length
+    assert data_bytes == pushed["state_bytes"] + len(GUARD_MESSAGE)
+    assert abs(data_bytes - 4 * pushed["lors_parameters"]) <= 0.01 * 4 * pushed["lors_parameters"]
+    assert pushed["lors_parameters"] < 0.8 * pushed["dense_parameters"]
+    assert "bert.encoder.lors_shared.layer.attention.self.query.weight" in header
+
+    readme = files["README.md"]
+    meta = _front_matter(readme)
+    assert meta["library_name"] == "transformers"
+    assert {"lors", "demo"} <= set(meta["tags"])
+    assert meta["base_model"] == BASE_MODEL
+    card = readme.decode()
+    assert pushed["report"] in card  # the parameter report
+    assert "import lors_hf" in card and f'from_pretrained("{REPO}")' in card  # how to load
+    assert local_hub.commits(REPO)[0]["title"] == "Upload a LORS model"
+
+    via_save = local_hub.files(SAVE_AND_PUSH_REPO)
+    assert {"config.json", "model.safetensors", "README.md"} <= set(via_save)
+    assert via_save["model.safetensors"] == weights
+    assert local_hub.commits(SAVE_AND_PUSH_REPO)[0]["title"] == "via save_pretrained"
+    assert (tmp_path / "local" / "model.safetensors").read_bytes() == weights
+
+    pulled = _run(PULL_SCRIPT, _client_env(local_hub.endpoint, tmp_path / "home-pull"), str(tmp_path), REPO)
+    assert pulled == {loader: {"lorsified": True, "equal": True}
+                      for loader in ("AutoModelForSequenceClassification", "BertForSequenceClassification")}
+
+
+def test_model_card_names_a_base_model_only_for_hub_names(tmp_path, monkeypatch):
+    model, _ = build("bert")
+    lorsify(model, rank=2)
+    monkeypatch.chdir(tmp_path)
+    Path("my", "model").mkdir(parents=True)  # a local folder that looks like a Hub name
+    for name_or_path, expected in [(BASE_MODEL, BASE_MODEL), ("my/model", None), (str(tmp_path), None), ("", None)]:
+        model.config._name_or_path = name_or_path
+        card = write_model_card(model, tmp_path, repo_id="me/card")
+        assert _front_matter(card.read_bytes()).get("base_model") == expected, name_or_path
+    assert 'from_pretrained("me/card")' in card.read_text()

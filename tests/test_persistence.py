@@ -1,0 +1,557 @@
+"""Saving and reloading LORS models (issue "Save, reload and push to the Hub"; the Hub part is in
+test_hub_push.py).
+
+Fresh-process checks run in subprocesses, started together by one fixture: one process imports
+lors_hf and reloads every family; the other cannot import lors_hf at all (a meta-path finder in a
+``sitecustomize`` refuses it) and plays stock transformers: it must refuse the LORS checkpoints and
+load the merged dense ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from tiny_models import FAMILIES, build, main_output
+
+from lors_hf import LorsConfig, is_lorsified, lorsify, merge_and_unload, parameter_report
+from lors_hf.layer import LorsLinear
+from lors_hf.persistence import GUARD_MESSAGE, GUARD_NOTICE_KEY, guard_key
+
+TESTS_DIR = Path(__file__).resolve().parent
+RANKS = [1, 2, 3]  # one per layer of the tiny models' stacks: a mix-up of layers changes shapes
+AUTO_CLASSES = {
+    "bert": "AutoModelForSequenceClassification",
+    "gpt2": "AutoModelForCausalLM",
+    "detr": "AutoModelForObjectDetection",
+    "llama": "AutoModelForCausalLM",
+    "vit": "AutoModelForImageClassification",
+    "t5": "AutoModelForSeq2SeqLM",
+    "whisper": "AutoModelForSpeechSeq2Seq",
+}
+STOCK_REFUSAL_FAMILIES = ("bert", "detr", "gpt2", "vit")
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+@contextmanager
+def one_thread():
+    """Reference outputs are computed with one thread, like the subprocesses (same reduction order)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def perturbed_lors_model(family: str, seed: int = 0, layers: int = 3, ranks=RANKS):
+    """A lorsified tiny model whose every parameter is moved off its init (B != 0, biases != 0)."""
+    model, inputs = build(family, seed=seed, layers=layers)
+    lorsify(model, LorsConfig(rank=list(ranks)))
+    generator = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return model, inputs
+
+
+def output(model, inputs) -> torch.Tensor:
+    with torch.no_grad(), one_thread():
+        return main_output(model(**inputs))
+
+
+def safetensors_header(path: Path) -> tuple[dict, int]:
+    """The header of a .safetensors file (without ``__metadata__``) and the size of its data section."""
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    header.pop("__metadata__", None)
+    return header, len(raw) - 8 - length
+
+
+def file_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def staging_leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}.saving-")]
+
+
+def load(folder: Path, family: str = "bert", **kwargs):
+    return getattr(transformers, AUTO_CLASSES[family]).from_pretrained(folder, **kwargs).eval()
+
+
+# ------------------------------------------------------------------------------ shared checkpoints
+
+
+@pytest.fixture(scope="module")
+def saved_families(tmp_path_factory) -> Path:
+    """For every family: a LORS checkpoint, the merged dense checkpoint, inputs and reference outputs."""
+    root = tmp_path_factory.mktemp("families")
+    manifest = {}
+    for family in FAMILIES:
+        folder = root / family
+        model, inputs = perturbed_lors_model(family)
+        model.save_pretrained(folder / "lors")
+        torch.save(inputs, folder / "inputs.pt")
+        torch.save(output(model, inputs), folder / "lors_output.pt")
+        manifest[family] = {
+            "auto": AUTO_CLASSES[family],
+            "cls": type(model).__name__,
+            "lors_layers": sum(isinstance(m, LorsLinear) for m in model.modules()),
+            "lors_config": model.config.lors_config,
+        }
+        merge_and_unload(model).save_pretrained(folder / "dense")
+        torch.save(output(model, inputs), folder / "merged_output.pt")
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+RELOAD_SCRIPT = r"""
+import json, sys
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+import lors_hf
+import transformers
+from lors_hf.layer import LorsLinear
+from tiny_models import main_output
+
+work = Path(sys.argv[1])
+manifest = json.loads((work / "manifest.json").read_text())
+results = {}
+for family, info in manifest.items():
+    folder = work / family
+    inputs, reference = torch.load(folder / "inputs.pt"), torch.load(folder / "lors_output.pt")
+    results[family] = {}
+    for loader in (info["auto"], info["cls"]):
+        model = getattr(transformers, loader).from_pretrained(folder / "lors").eval()
+        with torch.no_grad():
+            out = main_output(model(**inputs))
+        results[family][loader] = {
+            "class": type(model).__name__,
+            "equal": torch.equal(out, reference),
+            "max_abs_diff": (out - reference).abs().max().item(),
+            "lors_layers": sum(isinstance(m, LorsLinear) for m in model.modules()),
+            "lors_config": model.config.lors_config,
+        }
+print(json.dumps(results))
+"""
+
+STOCK_SCRIPT = r"""
+import io, json, logging, sys
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+try:
+    import lors_hf
+    import_error = None
+except ImportError as err:
+    import_error = str(err)
+import transformers
+from tiny_models import main_output
+
+work, refusal_families = Path(sys.argv[1]), sys.argv[2].split(",")
+manifest = json.loads((work / "manifest.json").read_text())
+log = io.StringIO()
+logging.getLogger("transformers").addHandler(logging.StreamHandler(log))
+results = {"import_error": import_error}
+for family, info in manifest.items():
+    folder = work / family
+    auto = getattr(transformers, info["auto"])
+    entry = results[family] = {}
+    if family in refusal_families:
+        log.seek(0)
+        log.truncate()
+        try:
+            auto.from_pretrained(folder / "lors")
+            entry["refused"] = None
+        except Exception as err:
+            entry["refused"] = {"type": type(err).__name__, "message": str(err), "printed": log.getvalue()}
+    inputs = torch.load(folder / "inputs.pt")
+    model, info = auto.from_pretrained(folder / "dense", output_loading_info=True)
+    with torch.no_grad():
+        out = main_output(model.eval()(**inputs))
+    merged, lors = torch.load(folder / "merged_output.pt"), torch.load(folder / "lors_output.pt")
+    entry["dense"] = {
+        "class": type(model).__name__,
+        "has_lors_config": hasattr(model.config, "lors_config"),
+        "loading_info": {k: sorted(map(str, v)) for k, v in info.items()},
+        "equal_to_merged": torch.equal(out, merged),
+        "max_abs_diff_to_lors": (out - lors).abs().max().item(),
+        "lors_scale": lors.abs().max().item(),
+    }
+results["lors_hf_in_sys_modules"] = any(name.split(".")[0] == "lors_hf" for name in sys.modules)
+print(json.dumps(results))
+"""
+
+BLOCK_LORS_HF = '''
+import sys
+
+
+class BlockLorsHf:
+    """Meta-path finder that makes lors_hf unimportable: this process is stock transformers only."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "lors_hf" or name.startswith("lors_hf."):
+            raise ImportError("lors_hf is blocked in this process")
+        return None
+
+
+sys.meta_path.insert(0, BlockLorsHf())
+'''
+
+
+def _env(*paths: Path) -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="warning")
+    env["PYTHONPATH"] = os.pathsep.join([*map(str, paths), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+@pytest.fixture(scope="module")
+def fresh_processes(saved_families, tmp_path_factory) -> dict[str, dict]:
+    """Run the lors_hf reload process and the stock-transformers process side by side."""
+    blocker = tmp_path_factory.mktemp("no_lors_hf")
+    (blocker / "sitecustomize.py").write_text(BLOCK_LORS_HF)
+    commands = {
+        "lors_hf": ([sys.executable, "-c", RELOAD_SCRIPT, str(saved_families)], _env(TESTS_DIR)),
+        "stock": ([sys.executable, "-c", STOCK_SCRIPT, str(saved_families), ",".join(STOCK_REFUSAL_FAMILIES)],
+                  _env(blocker, TESTS_DIR)),
+    }
+    running = {name: subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for name, (cmd, env) in commands.items()}
+    results = {}
+    for name, process in running.items():
+        stdout, stderr = process.communicate(timeout=400)
+        assert process.returncode == 0, f"{name} process failed:\n{stdout[-3000:]}\n{stderr[-6000:]}"
+        results[name] = json.loads(stdout.strip().splitlines()[-1])
+    return results
+
+
+# ------------------------------------------------------------------------- 1. file size and layout
+
+
+@pytest.mark.parametrize("family", ["bert", "vit"])
+def test_saved_file_holds_exactly_the_lors_parameters(family, tmp_path):
+    model, _ = perturbed_lors_model(family)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["lors_config"] == model.config.lors_config
+    assert LorsConfig.from_dict(config["lors_config"]).rank  # a valid, resolved plan
+
+    header, data_bytes = safetensors_header(tmp_path / "model.safetensors")
+    state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert data_bytes == state_bytes + len(GUARD_MESSAGE)  # + the guard; the notice tensor is empty
+    assert max(end for entry in header.values() for end in entry["data_offsets"]) == data_bytes
+    report = parameter_report(model)
+    assert report.total.lors < 0.8 * report.total.dense
+    assert abs(data_bytes - 4 * report.total.lors) <= 0.01 * 4 * report.total.lors
+
+
+def test_state_dict_layout_is_stable(tmp_path):
+    model, _ = perturbed_lors_model("bert", layers=4, ranks=[1, 2, 3, 4])
+    model.save_pretrained(tmp_path)
+    header, _ = safetensors_header(tmp_path / "model.safetensors")
+    assert set(header) == set(model.state_dict()) | {guard_key(model), GUARD_NOTICE_KEY}
+
+    query = "bert.encoder.layer.{}.attention.self.query"
+    assert header["bert.encoder.lors_shared.layer.attention.self.query.weight"]["shape"] == [32, 32]
+    assert header["bert.encoder.lors_shared.layer.intermediate.dense.weight"]["shape"] == [64, 32]
+    assert header[query.format(3) + ".lors_A"]["shape"] == [4, 32]
+    assert header[query.format(3) + ".lors_B"]["shape"] == [32, 4]
+    assert header[query.format(0) + ".lors_A"]["shape"] == [1, 32]
+    assert header[query.format(2) + ".bias"]["shape"] == [32]
+    assert all(header[query.format(i) + ".lors_A"]["dtype"] == "F32" for i in range(4))
+    assert not any(query.format(i) + ".weight" in header for i in range(1, 4))  # no dense weights
+
+    guard = query.format(0) + ".weight"  # the guard: a dense weight name, an impossible shape
+    assert guard_key(model) == guard
+    assert header[guard]["dtype"] == "U8" and header[guard]["shape"] == [len(GUARD_MESSAGE)]
+    assert load_file(tmp_path / "model.safetensors")[guard].numpy().tobytes() == GUARD_MESSAGE
+    assert header[GUARD_NOTICE_KEY]["shape"] == [0] and "lors_hf" in GUARD_NOTICE_KEY
+
+
+def test_strict_load_state_dict_of_a_checkpoint_file(tmp_path):
+    model, inputs = perturbed_lors_model("bert")
+    model.save_pretrained(tmp_path)
+    other, _ = perturbed_lors_model("bert", seed=1)
+    assert not torch.equal(output(other, inputs), output(model, inputs))
+    result = other.load_state_dict(load_file(tmp_path / "model.safetensors"))  # strict: guards dropped
+    assert not result.missing_keys and not result.unexpected_keys
+    assert torch.equal(output(other, inputs), output(model, inputs))
+
+
+def test_positional_save_arguments_keep_the_lors_layout(tmp_path):
+    model, _ = perturbed_lors_model("vit")
+    model.save_pretrained(tmp_path, True)  # is_main_process passed positionally
+    header, _ = safetensors_header(tmp_path / "model.safetensors")
+    assert set(header) == set(model.state_dict()) | {guard_key(model), GUARD_NOTICE_KEY}
+
+
+# ---------------------------------------------------------------------- 2. reload in a fresh process
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fresh_process_reload_is_bitwise_identical(family, fresh_processes, saved_families):
+    info = json.loads((saved_families / "manifest.json").read_text())[family]
+    loaded = fresh_processes["lors_hf"][family]
+    assert set(loaded) == {info["auto"], info["cls"]}
+    for loader, result in loaded.items():
+        assert result["class"] == info["cls"], loader
+        assert result["lors_layers"] == info["lors_layers"] > 0, loader
+        assert result["lors_config"] == info["lors_config"], loader
+        assert result["equal"], f"{loader}: outputs differ by {result['max_abs_diff']}"
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_load_in_bfloat16(family, saved_families):
+    folder = saved_families / family
+    model = load(folder / "lors", family, dtype=torch.bfloat16)
+    assert is_lorsified(model)
+    saved = load_file(folder / "lors" / "model.safetensors")
+    state = model.state_dict()
+    lors_keys = [k for k in state if k.endswith(("lors_A", "lors_B")) or ".lors_shared." in k]
+    assert lors_keys and all(state[k].dtype == torch.bfloat16 for k in lors_keys)
+    assert all(torch.equal(state[k], saved[k].to(torch.bfloat16)) for k in lors_keys)
+    inputs, reference = torch.load(folder / "inputs.pt"), torch.load(folder / "lors_output.pt")
+    out = output(model, inputs).float()
+    assert torch.isfinite(out).all()
+    assert (out - reference).abs().max() <= 0.02 * reference.abs().max() + 0.01  # bf16 rounding only
+
+
+# ------------------------------------------------------------- 3 and 6. stock transformers, no lors_hf
+
+
+@pytest.mark.slow
+def test_stock_process_cannot_import_lors_hf(fresh_processes):
+    stock = fresh_processes["stock"]
+    assert stock["import_error"] and "blocked" in stock["import_error"]
+    assert not stock["lors_hf_in_sys_modules"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", STOCK_REFUSAL_FAMILIES)
+def test_stock_transformers_refuses_a_lors_checkpoint(family, fresh_processes):
+    refused = fresh_processes["stock"][family]["refused"]
+    assert refused is not None, "stock transformers loaded a LORS checkpoint without lors_hf"
+    assert refused["type"] == "RuntimeError" and "mismatch" in refused["message"]
+    # transformers' exception text is its own; the load report it prints just before names lors_hf.
+    assert GUARD_NOTICE_KEY in refused["printed"] and "MISMATCH" in refused["printed"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merged_checkpoint_loads_in_stock_transformers(family, fresh_processes, saved_families):
+    dense = fresh_processes["stock"][family]["dense"]
+    assert dense["class"] == json.loads((saved_families / "manifest.json").read_text())[family]["cls"]
+    assert not dense["has_lors_config"]
+    assert dense["loading_info"]["missing_keys"] == [] and dense["loading_info"]["mismatched_keys"] == []
+    assert dense["loading_info"]["unexpected_keys"] == []
+    assert dense["equal_to_merged"]
+    assert dense["max_abs_diff_to_lors"] <= 1e-5 * max(1.0, dense["lors_scale"])
+
+
+# ------------------------------------------------------------------------- 4. Trainer checkpoints
+
+
+def _training_examples(family: str, count: int = 4) -> list[dict]:
+    generator = torch.Generator().manual_seed(0)
+    examples = []
+    for _ in range(count):
+        if family == "bert":
+            example = {"input_ids": torch.randint(0, 99, (12,), generator=generator),
+                       "labels": torch.randint(0, 2, (), generator=generator)}
+        elif family == "vit":
+            example = {"pixel_values": torch.randn(3, 16, 16, generator=generator),
+                       "labels": torch.randint(0, 3, (), generator=generator)}
+        else:  # detr
+            example = {"pixel_values": torch.randn(3, 64, 64, generator=generator),
+                       "labels": {"class_labels": torch.randint(0, 3, (2,), generator=generator),
+                                  "boxes": 0.25 + 0.5 * torch.rand(2, 4, generator=generator)}}
+        examples.append(example)
+    return examples
+
+
+def _collate(examples: list[dict]) -> dict:
+    batch = {k: torch.stack([e[k] for e in examples]) for k in examples[0] if k != "labels"}
+    labels = [e["labels"] for e in examples]
+    batch["labels"] = labels if isinstance(labels[0], dict) else torch.stack(labels)
+    return batch
+
+
+@contextmanager
+def captured_transformers_warnings():
+    records: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["detr", "vit", "bert"])
+def test_trainer_checkpoint_resume_restores_every_lors_weight(family, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=2, save_strategy="steps", save_steps=2,
+        per_device_train_batch_size=2, learning_rate=1e-2, report_to=[], use_cpu=True, disable_tqdm=True,
+        logging_strategy="no", dataloader_num_workers=0, seed=0,
+    )
+    model, _ = perturbed_lors_model(family)
+    model.train()
+    Trainer(model=model, args=args, train_dataset=_training_examples(family), data_collator=_collate).train()
+
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    saved = load_file(checkpoint / "model.safetensors")
+    assert set(saved) == set(model.state_dict()) | {guard_key(model), GUARD_NOTICE_KEY}  # native names
+    assert json.loads((checkpoint / "config.json").read_text())["lors_config"] == model.config.lors_config
+    assert staging_leftovers(checkpoint) == []
+
+    fresh, _ = perturbed_lors_model(family, seed=1)
+    lors_keys = [k for k in fresh.state_dict() if k.endswith(("lors_A", "lors_B")) or ".lors_shared." in k]
+    assert not all(torch.equal(fresh.state_dict()[k], saved[k]) for k in lors_keys)
+    fresh.train()
+    resumed = Trainer(model=fresh, args=args, train_dataset=_training_examples(family), data_collator=_collate)
+    with captured_transformers_warnings() as warnings:
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+    state = fresh.state_dict()
+    assert set(state) | {guard_key(fresh), GUARD_NOTICE_KEY} == set(saved)
+    different = [k for k in state if not torch.equal(state[k], saved[k])]
+    assert different == []
+    assert not [w for w in warnings if "missing keys" in w or "unexpected keys" in w], warnings
+
+
+# ------------------------------------------------------------------------ 7. bad and damaged input
+
+
+def _edit_lors_config(edit):
+    def mutate(folder: Path) -> None:
+        config = json.loads((folder / "config.json").read_text())
+        edit(config["lors_config"])
+        (folder / "config.json").write_text(json.dumps(config))
+    return mutate
+
+
+def _rewrite_bytes(edit):
+    def mutate(folder: Path) -> None:
+        path = folder / "model.safetensors"
+        path.write_bytes(edit(bytearray(path.read_bytes())))
+    return mutate
+
+
+def _first_group(lors_config: dict) -> str:
+    return sorted(lors_config["rank"])[0]
+
+
+def _drop_tensor(folder: Path) -> None:
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    del tensors["bert.encoder.layer.1.attention.self.key.lors_A"]
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _set(buffer: bytearray, start: int, data: bytes) -> bytearray:
+    buffer[start : start + len(data)] = data
+    return buffer
+
+
+DAMAGE = {
+    "truncated_weights": (_rewrite_bytes(lambda b: b[: len(b) * 2 // 3]), "truncated or corrupted"),
+    "header_not_utf8": (_rewrite_bytes(lambda b: _set(b, 20, b"\xff" * 8)), "truncated or corrupted"),
+    "header_not_json": (_rewrite_bytes(lambda b: _set(b, 8, b"[")), "truncated or corrupted"),
+    "header_length_too_large": (_rewrite_bytes(lambda b: _set(b, 0, struct.pack("<Q", 1 << 40))),
+                                "truncated or corrupted"),
+    "ranks_edited": (_edit_lors_config(lambda c: c["rank"].update({_first_group(c): [2, 3, 4]})),
+                     "do not match its lors_config"),
+    "rank_list_of_wrong_length": (_edit_lors_config(lambda c: c["rank"].update({_first_group(c): [1, 2]})),
+                                  "does not fit"),
+    "target_modules_edited": (_edit_lors_config(lambda c: c.update(target_modules=["query"])), "leaves dense"),
+    "lors_weight_missing": (_drop_tensor, "lacks 1 LORS weights"),
+    "unknown_field_from_newer_version": (_edit_lors_config(lambda c: c.update(sparsity_mask=True)), "upgrade"),
+    "newer_format_version": (_edit_lors_config(lambda c: c.update(format_version=99)), "upgrade"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_checkpoint_is_a_clear_error(damage, saved_families, tmp_path):
+    mutate, message = DAMAGE[damage]
+    folder = tmp_path / "ckpt"
+    shutil.copytree(saved_families / "bert" / "lors", folder)
+    mutate(folder)
+    before = file_bytes(folder)
+    with pytest.raises(ValueError, match=message):
+        load(folder)
+    assert file_bytes(folder) == before  # a failed load touches nothing
+
+
+def _fail_half_way_through_writing(tensors, filename, metadata=None):
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    Path(filename).write_bytes(data[: len(data) // 2])
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("failure", ["weights_write", "config_not_serialisable"])
+def test_failed_save_keeps_the_previous_checkpoint(failure, monkeypatch, tmp_path):
+    folder = tmp_path / "ckpt"
+    model, inputs = perturbed_lors_model("bert")
+    model.save_pretrained(folder)
+    (folder / "vocab.txt").write_text("[PAD]\n[UNK]\nhello\n")
+    before, expected = file_bytes(folder), output(model, inputs)
+
+    newer, _ = perturbed_lors_model("bert", seed=1)
+    if failure == "weights_write":
+        monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", _fail_half_way_through_writing)
+        error = OSError
+    else:
+        newer.config.not_serialisable = object()
+        error = TypeError
+    with pytest.raises(error):
+        newer.save_pretrained(folder)
+
+    assert file_bytes(folder) == before
+    assert staging_leftovers(folder) == []
+    assert torch.equal(output(load(folder), inputs), expected)
+
+
+def test_save_into_an_existing_folder(tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    others = {"vocab.txt": b"[PAD]\n[UNK]\nhello\n", "tokenizer_config.json": b'{"do_lower_case": true}',
+              "README.md": b"# my own card\n", "model.fp16.safetensors": b"another variant"}
+    for name, data in others.items():
+        (folder / name).write_bytes(data)
+
+    first, inputs = perturbed_lors_model("bert")
+    first.save_pretrained(folder, max_shard_size="20KB")
+    assert (folder / "model.safetensors.index.json").exists()
+    second, _ = perturbed_lors_model("bert", seed=1)
+    second.save_pretrained(folder)  # sharded -> single file: the old shards and index must go
+    names = {p.name for p in folder.iterdir()}
+    assert names == set(others) | {"config.json", "model.safetensors"}
+    assert torch.equal(output(load(folder), inputs), output(second, inputs))
+
+    first.save_pretrained(folder, max_shard_size="20KB")  # single -> sharded: the single file must go
+    assert "model.safetensors" not in {p.name for p in folder.iterdir()}
+    assert torch.equal(output(load(folder), inputs), output(first, inputs))
+    assert {name: (folder / name).read_bytes() for name in others} == others
+    assert staging_leftovers(folder) == []
