@@ -172,6 +172,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds; for CI")
     parser.add_argument("--results-file", default=str(RESULTS_FILE))
     parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--tag", default="", help="suffix of the results section (several sizes side by side)")
     parser.add_argument("--_memory-probe", dest="_memory_probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -222,7 +223,7 @@ Medians of {args.rounds} alternating rounds.
 | decode step, LORS with `set_weight_cache` (dense-size weights), ms | {decode['dense']*1e3:.2f} | {decode['lors_cached']*1e3:.2f} | {figures['decode_ratio_cached']:.3f} | - |
 | training memory ({mem_kind}), MiB | {peak['dense']:.0f} | {peak['lors']:.0f} | {_ratio(figures['memory_ratio'])} | - |
 """
-    section = "bench_speed_" + args.device + ("_bf16" if args.bf16 else "")
+    section = "bench_speed_" + args.device + ("_bf16" if args.bf16 else "") + (f"_{args.tag}" if args.tag else "")
     path = update_section(section, markdown, args.results_file)
     print(f"wrote section {section} of {path}")
 
