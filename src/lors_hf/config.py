@@ -68,6 +68,10 @@ class LorsConfig:
             )
         if self.rank is None and self.target_reduction is None:
             self.rank = 32
+        if isinstance(self.rank, tuple):  # per-layer ranks are lists, so that the JSON round trip is exact
+            self.rank = list(self.rank)
+        elif isinstance(self.rank, dict):
+            self.rank = {k: list(v) if isinstance(v, tuple) else v for k, v in self.rank.items()}
         if self.rank is not None:
             if isinstance(self.rank, dict):
                 if not self.rank:

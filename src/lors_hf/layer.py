@@ -72,7 +72,8 @@ class LorsLinear(nn.Module):
 
     def reset_private(self) -> None:
         """The paper's initialisation of the private part: A Kaiming-uniform, B zeros, bias zeros."""
-        nn.init.kaiming_uniform_(self.lors_A, a=math.sqrt(5))
+        if self.rank > 0:  # kaiming_uniform_ warns on the empty (0, in) tensor of rank 0
+            nn.init.kaiming_uniform_(self.lors_A, a=math.sqrt(5))
         nn.init.zeros_(self.lors_B)
         if self.bias is not None:
             nn.init.zeros_(self.bias)

@@ -47,8 +47,9 @@ class ParameterReport:
 
     def __str__(self) -> str:
         lines = [f"{'stack':<34} {'layers':>6} {'dense':>13} {'LORS':>13} {'reduction':>9}"]
-        for r in [*self.stacks, self.stacks_total, self.total]:
-            if r is self.stacks_total or r is self.total:
+        totals = [self.stacks_total, self.total]  # stacks_total builds a new row on each access
+        for r in [*self.stacks, *totals]:
+            if any(r is total for total in totals):
                 lines.append("-" * len(lines[0]))
             lines.append(f"{r.name:<34} {r.layers:>6} {r.dense:>13,} {r.lors:>13,} {r.reduction:>9.1%}")
         return "\n".join(lines)

@@ -1,0 +1,206 @@
+"""Discovery: the stacks of every supported family, their projection groups, PEFT-style targeting."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lors_hf import LorsConfig, LorsLinear, lorsify
+from lors_hf.discovery import find_groups, find_stacks, plan_ranks
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_models import FAMILIES, build  # noqa: E402
+
+ATTENTION = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+EXPECTED_STACKS = {
+    "bert": {"bert.encoder.layer": ["attention.self.query", "attention.self.key", "attention.self.value",
+                                    "attention.output.dense", "intermediate.dense", "output.dense"]},
+    "gpt2": {"transformer.h": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]},
+    "detr": {
+        "model.encoder.layers": [*ATTENTION, "self_attn.o_proj", "mlp.fc1", "mlp.fc2"],
+        "model.decoder.layers": [*ATTENTION, "self_attn.o_proj", "encoder_attn.q_proj", "encoder_attn.k_proj",
+                                 "encoder_attn.v_proj", "encoder_attn.o_proj", "mlp.fc1", "mlp.fc2"],
+    },
+    "llama": {"model.layers": [*ATTENTION, "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]},
+    "vit": {"vit.layers": ["attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj",
+                           "mlp.fc1", "mlp.fc2"]},
+    "t5": {
+        "encoder.block": [f"layer.0.SelfAttention.{p}" for p in "qkvo"]
+        + ["layer.1.DenseReluDense.wi", "layer.1.DenseReluDense.wo"],
+        "decoder.block": [f"layer.0.SelfAttention.{p}" for p in "qkvo"]
+        + [f"layer.1.EncDecAttention.{p}" for p in "qkvo"]
+        + ["layer.2.DenseReluDense.wi", "layer.2.DenseReluDense.wo"],
+    },
+    "whisper": {
+        "model.encoder.layers": [*ATTENTION, "self_attn.out_proj", "fc1", "fc2"],
+        "model.decoder.layers": [*ATTENTION, "self_attn.out_proj", "encoder_attn.q_proj", "encoder_attn.k_proj",
+                                 "encoder_attn.v_proj", "encoder_attn.out_proj", "fc1", "fc2"],
+    },
+}
+
+
+def _groups(stacks):
+    return {stack.name: [group.relative_name for group in stack.groups] for stack in stacks}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_has_its_stacks_and_projection_groups(family):
+    model, _ = build(family, layers=3)
+    stacks = plan_ranks(model, LorsConfig(rank=2))
+    found = _groups(stacks)
+    assert {name: sorted(groups) for name, groups in found.items()} == {
+        name: sorted(groups) for name, groups in EXPECTED_STACKS[family].items()
+    }
+    for stack in stacks:
+        assert len(stack.blocks) == 3
+        assert stack.blocks is model.get_submodule(stack.name)
+        for group in stack.groups:
+            assert group.layer_indices == [0, 1, 2] and group.ranks == [2, 2, 2]
+            module = stack.blocks[0].get_submodule(group.relative_name)
+            expected_out = module.nf if isinstance(module, Conv1D) else module.out_features
+            assert (group.out_features, group.in_features) == (expected_out, module.weight.numel() // expected_out)
+
+
+def test_encoder_and_decoder_stacks_are_separate_sharing_groups():
+    model, _ = build("whisper")
+    lorsify(model, rank=2)
+    encoder_fc1 = model.model.encoder.layers[0].fc1
+    decoder_fc1 = model.model.decoder.layers[0].fc1
+    assert encoder_fc1.shared is not decoder_fc1.shared
+    assert encoder_fc1.shared is model.model.encoder.layers[2].fc1.shared
+    assert encoder_fc1.shared is model.get_submodule("model.encoder.lors_shared.layers.fc1")
+    assert decoder_fc1.shared is model.get_submodule("model.decoder.lors_shared.layers.fc1")
+
+
+def test_t5_block_zero_relative_attention_bias_is_left_alone():
+    model, _ = build("t5")
+    for stack in (model.encoder.block, model.decoder.block):
+        assert stack[0].layer[0].SelfAttention.has_relative_attention_bias
+    before = {name: module.relative_attention_bias.weight.detach().clone()
+              for name, module in model.named_modules() if getattr(module, "has_relative_attention_bias", False)}
+    assert len(before) == 2
+    lorsify(model, rank=2, init="svd")
+    for name, weight in before.items():
+        bias = model.get_submodule(name).relative_attention_bias
+        assert type(bias) is nn.Embedding
+        torch.testing.assert_close(bias.weight, weight, rtol=0, atol=0)
+    shared_names = [name for name, _ in model.named_parameters() if "lors_shared" in name]
+    assert shared_names and not any("relative_attention_bias" in name for name in shared_names)
+
+
+def test_gpt2_conv1d_projections_are_included():
+    model, _ = build("gpt2")
+    c_attn = model.transformer.h[0].attn.c_attn
+    assert isinstance(c_attn, Conv1D) and c_attn.weight.shape == (32, 96)
+    stacks = plan_ranks(model, LorsConfig(rank=3))
+    group = next(g for g in stacks[0].groups if g.relative_name == "attn.c_attn")
+    assert (group.out_features, group.in_features) == (96, 32)  # (out, in) whatever the storage
+    lorsify(model, rank=3)
+    layer = model.transformer.h[1].attn.c_attn
+    assert isinstance(layer, LorsLinear) and layer.fan_in_fan_out
+    assert layer.shared.weight.shape == (96, 32) and layer.weight.shape == (32, 96)
+
+
+def test_llama_gqa_key_value_projections_are_grouped_by_their_own_smaller_shape():
+    model, _ = build("llama")
+    stacks = plan_ranks(model, LorsConfig(rank="full"))
+    shapes = {group.relative_name: (group.out_features, group.in_features) for group in stacks[0].groups}
+    assert shapes["self_attn.q_proj"] == (32, 32)
+    assert shapes["self_attn.k_proj"] == shapes["self_attn.v_proj"] == (16, 32)
+    full = {group.relative_name: group.ranks for group in stacks[0].groups}
+    assert full["self_attn.k_proj"] == [16, 16, 16] and full["self_attn.q_proj"] == [32, 32, 32]
+    lorsify(model, rank=4)
+    k_proj, v_proj = model.model.layers[2].self_attn.k_proj, model.model.layers[2].self_attn.v_proj
+    assert k_proj.shared.weight.shape == v_proj.shared.weight.shape == (16, 32)
+    assert k_proj.shared is not v_proj.shared
+
+
+def test_target_modules_as_a_list_matches_name_suffixes():
+    model, _ = build("bert")
+    stacks = plan_ranks(model, LorsConfig(rank=2, target_modules=["query", "self.value"]))
+    assert _groups(stacks) == {"bert.encoder.layer": ["attention.self.query", "attention.self.value"]}
+    # a suffix is a whole name component: "uery" is not a module name
+    with pytest.raises(ValueError, match="leave no projection"):
+        plan_ranks(model, LorsConfig(rank=2, target_modules=["uery"]))
+
+
+def test_target_modules_as_a_regex_is_matched_in_full_against_the_module_path():
+    model, _ = build("whisper")
+    stacks = plan_ranks(model, LorsConfig(rank=2, target_modules=r".*decoder.*(q|v)_proj"))
+    assert _groups(stacks) == {"model.decoder.layers": ["self_attn.v_proj", "self_attn.q_proj",
+                                                        "encoder_attn.v_proj", "encoder_attn.q_proj"]}
+    # full match, not search: "q_proj" alone matches no full path
+    with pytest.raises(ValueError, match="leave no projection"):
+        plan_ranks(model, LorsConfig(rank=2, target_modules=r"q_proj"))
+
+
+def test_exclude_modules_keeps_matching_projections_dense():
+    model, _ = build("bert")
+    stacks = plan_ranks(model, LorsConfig(rank=2, exclude_modules=["output.dense"]))
+    assert _groups(stacks) == {"bert.encoder.layer": ["attention.self.query", "attention.self.key",
+                                                      "attention.self.value", "intermediate.dense"]}
+    stacks = plan_ranks(model, LorsConfig(rank=2, target_modules=["query", "key"], exclude_modules=r".*key"))
+    assert _groups(stacks) == {"bert.encoder.layer": ["attention.self.query"]}
+
+
+def test_excluding_one_layer_leaves_the_others_sharing():
+    model, _ = build("bert")
+    config = LorsConfig(rank=2, target_modules=["query"], exclude_modules=["bert.encoder.layer.1.attention.self.query"])
+    (stack,) = plan_ranks(model, config)
+    assert stack.groups[0].layer_indices == [0, 2]
+    lorsify(model, config)
+    layers = model.bert.encoder.layer
+    assert type(layers[1].attention.self.query) is nn.Linear
+    assert layers[0].attention.self.query.shared is layers[2].attention.self.query.shared
+
+
+def test_a_group_needs_two_layers():
+    model, _ = build("bert")
+    config = LorsConfig(rank=2, target_modules=r"bert\.encoder\.layer\.0\.attention\.self\.query")
+    with pytest.raises(ValueError, match="two or more layers.*attention.self.query"):
+        plan_ranks(model, config)
+
+
+def test_module_lists_that_are_not_stacks_are_ignored():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            repeated = Block()
+            self.repeated = nn.ModuleList([repeated, repeated])  # already shared
+            self.mixed = nn.ModuleList([Block(), nn.Sequential(nn.Linear(4, 4))])  # different classes
+            self.bare = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])  # projections, not blocks
+            self.empty = nn.ModuleList([nn.ReLU(), nn.ReLU()])  # nothing to share
+            self.single = nn.ModuleList([Block()])
+            self.real = nn.ModuleList([Block(), Block(), Block()])
+
+    assert [stack.name for stack in find_stacks(Holder())] == ["real"]
+
+
+def test_the_outer_stack_wins_over_stacks_nested_inside_it():
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.heads = nn.ModuleList([nn.Sequential(nn.Linear(4, 4)) for _ in range(2)])
+
+    outer = nn.Module()
+    outer.layers = nn.ModuleList([Inner(), Inner()])
+    (stack,) = find_groups(outer, LorsConfig(rank=1))
+    assert stack.name == "layers"
+    assert [group.relative_name for group in stack.groups] == ["heads.0.0", "heads.1.0"]
+
+
+def test_rank_dict_first_match_wins_and_per_layer_lists_follow_the_layers():
+    model, _ = build("bert", layers=3)
+    config = LorsConfig(rank={r"attention\.self": [1, 2, 3], r"intermediate": "full", r".*": 5})
+    ranks = {group.relative_name: group.ranks for group in plan_ranks(model, config)[0].groups}
+    assert ranks["attention.self.query"] == [1, 2, 3]
+    assert ranks["intermediate.dense"] == [32, 32, 32]
+    assert ranks["output.dense"] == ranks["attention.output.dense"] == [5, 5, 5]

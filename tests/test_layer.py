@@ -1,0 +1,142 @@
+"""LorsLinear and SharedWeight: both forward paths, rank 0, the `weight` property, scratch init."""
+
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lors_hf import LorsLinear, SharedWeight, lorsify
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_models import build  # noqa: E402
+
+
+def _layer(out_features=12, in_features=7, rank=3, bias=True, fan_in_fan_out=False, seed=0):
+    torch.manual_seed(seed)
+    shared = SharedWeight(out_features, in_features)
+    nn.init.normal_(shared.weight)
+    layer = LorsLinear(shared, rank, bias=bias, fan_in_fan_out=fan_in_fan_out)
+    with torch.no_grad():
+        for param in layer.parameters():
+            param.normal_()
+    return layer
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(4, 7), (2, 5, 7), (1, 1, 7)])
+def test_materialised_and_factored_paths_agree(shape, bias):
+    layer = _layer(bias=bias)
+    x = torch.randn(*shape)
+    expected = x @ (layer.shared.weight + layer.lors_B @ layer.lors_A).T
+    if bias:
+        expected = expected + layer.bias
+    layer.materialize_above = 0  # every input materialises W_shared + B A
+    materialised = layer(x)
+    layer.materialize_above = math.inf  # every input takes x W^T + (x A^T) B^T
+    factored = layer(x)
+    assert materialised.shape == (*shape[:-1], 12)
+    torch.testing.assert_close(materialised, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(factored, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_both_paths_give_the_same_gradients():
+    x = torch.randn(3, 5, 7)
+    grads = []
+    for threshold in (0, math.inf):
+        layer = _layer()
+        layer.materialize_above = threshold
+        layer(x).pow(2).sum().backward()
+        grads.append([layer.shared.weight.grad, layer.lors_A.grad, layer.lors_B.grad, layer.bias.grad])
+    for materialised, factored in zip(*grads, strict=True):
+        assert materialised.abs().sum() > 0
+        torch.testing.assert_close(materialised, factored, rtol=1e-4, atol=1e-4)
+
+
+def test_default_threshold_picks_factored_path_for_few_tokens_and_materialises_for_many(monkeypatch):
+    layer = _layer(out_features=64, in_features=64, rank=2)
+    assert 1 < layer.materialize_above < 1000
+    materialised = []
+    original_addmm = torch.addmm
+
+    def counting_addmm(*args, **kwargs):
+        materialised.append(1)
+        return original_addmm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "addmm", counting_addmm)
+    layer(torch.randn(1, 64))
+    assert not materialised
+    layer(torch.randn(1000, 64))
+    assert len(materialised) == 1
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_rank_zero_is_the_shared_weight_plus_private_bias(bias):
+    layer = _layer(rank=0, bias=bias)
+    assert layer.lors_A.shape == (0, 7) and layer.lors_B.shape == (12, 0)
+    x = torch.randn(2, 3, 7)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.shared.weight, layer.bias), rtol=0, atol=0)
+    assert layer.effective_weight() is layer.shared.weight
+
+
+def test_weight_property_follows_the_replaced_modules_layout():
+    linear_like = _layer(out_features=12, in_features=7, fan_in_fan_out=False)
+    conv_like = _layer(out_features=12, in_features=7, fan_in_fan_out=True)
+    assert linear_like.weight.shape == nn.Linear(7, 12).weight.shape == (12, 7)
+    assert conv_like.weight.shape == Conv1D(12, 7).weight.shape == (7, 12)
+    torch.testing.assert_close(conv_like.weight, conv_like.effective_weight().T)
+    expected = conv_like.shared.weight + conv_like.lors_B @ conv_like.lors_A
+    torch.testing.assert_close(conv_like.effective_weight(), expected)
+    # the Conv1D maths is x @ weight + bias, the Linear maths x @ weight.T + bias: same outputs
+    x = torch.randn(4, 7)
+    torch.testing.assert_close(conv_like(x), x @ conv_like.weight + conv_like.bias, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_weight_is_not_a_registered_submodule_of_the_layer():
+    layer = _layer()
+    names = {name for name, _ in layer.named_parameters()}
+    assert names == {"lors_A", "lors_B", "bias"}
+    assert "shared" not in dict(layer.named_modules())
+    assert "shared.weight" not in layer.state_dict()
+
+
+def test_reset_private_is_the_papers_init():
+    layer = _layer(rank=4)
+    layer.reset_private()
+    assert torch.count_nonzero(layer.lors_B) == 0
+    assert torch.count_nonzero(layer.bias) == 0
+    assert torch.count_nonzero(layer.lors_A) == layer.lors_A.numel()
+    bound = 1 / math.sqrt(layer.in_features)  # kaiming_uniform(a=sqrt(5)) bound
+    assert layer.lors_A.abs().max() <= bound + 1e-6
+
+
+def test_rank_zero_scratch_init_warns_nothing():
+    model, _ = build("bert")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lorsify(model, rank=0, init="scratch")
+    assert {layer.rank for layer in model.modules() if isinstance(layer, LorsLinear)} == {0}
+
+
+def test_scratch_init_starts_every_layer_equal_to_the_shared_weight():
+    model, inputs = build("bert", layers=3)
+    first_query = model.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
+    biases = [block.attention.self.query.bias.detach().clone() for block in model.bert.encoder.layer]
+    lorsify(model, rank=4, init="scratch")
+    layers = [module for module in model.modules() if isinstance(module, LorsLinear)]
+    assert len(layers) == 6 * 3
+    for layer in layers:
+        assert torch.count_nonzero(layer.lors_B) == 0
+        assert torch.count_nonzero(layer.lors_A) > 0  # A is Kaiming, so B's gradient is nonzero
+        torch.testing.assert_close(layer.effective_weight(), layer.shared.weight, rtol=0, atol=0)
+    queries = [block.attention.self.query for block in model.bert.encoder.layer]
+    torch.testing.assert_close(queries[0].shared.weight, first_query, rtol=0, atol=0)
+    for query, bias in zip(queries, biases, strict=True):
+        torch.testing.assert_close(query.bias, bias, rtol=0, atol=0)
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()
