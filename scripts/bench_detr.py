@@ -1,0 +1,489 @@
+#!/usr/bin/env python
+"""The paper's kind of model: DETR trained from scratch on a Fashion-MNIST detection set, dense against LORS.
+
+Both variants start from the same random DETR (ResNet backbone from a small ``ResNetConfig``, no timm, no
+download). The LORS variant shares its encoder's and its decoder's projections across layers with
+``lorsify`` (``init="scratch"``, the paper's init), each stack at the largest uniform private rank that
+removes at least 70% of its parameters. Both are trained with the same batches, optimiser and schedule,
+then scored by COCO mAP (``pycocotools.COCOeval``) on the validation images.
+
+Data: ``lors_hf.assets.make_detection_set`` pastes 1-4 real Fashion-MNIST items (10 classes) on black
+128x128 canvases and writes COCO json + PNGs (cached under ``--data-dir``). Training uses a plain tensor
+pipeline (random horizontal flips), and DETR's own loss (Hungarian matching, auxiliary decoder losses).
+
+Usage:
+    HF_HUB_OFFLINE=1 python scripts/bench_detr.py                      # CPU default (~20 min)
+    HF_HUB_OFFLINE=1 python scripts/bench_detr.py --preset gpu --device cuda --bf16   # ~6 min on an H100
+    HF_HUB_OFFLINE=1 python scripts/bench_detr.py --smoke --results-file /tmp/r.md    # seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import math
+import os
+import shlex
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+from bench_results import RESULTS_FILE, machine_description, update_section
+from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
+from transformers.utils import logging as hf_logging
+
+from lors_hf import LorsConfig, lorsify, parameter_report
+from lors_hf.assets import FASHION_MNIST_CLASSES, make_detection_set
+from lors_hf.discovery import plan_ranks
+
+SECTION = "bench_detr"  # "bench_detr_gpu" for a --device cuda run, so CPU and GPU figures coexist
+STACKS = ("encoder", "decoder")
+
+PRESETS: dict[str, dict] = {
+    # 2 shared CPU cores, 1 thread: ~0.5 s per step of 16 images -> about 20 minutes for both variants.
+    "cpu": {"steps": 900, "batch_size": 16, "num_train": 4000, "num_val": 500, "lr": 3e-4},
+    # One H100/H200, bf16: 0.09-0.13 s per step of 64 for dense, ~10% more for LORS (measured on two H200s:
+    # launch- and matcher-bound, not FLOP-bound), data generation ~20 s -> about 6 minutes for both variants.
+    "gpu": {"steps": 1100, "batch_size": 64, "num_train": 10000, "num_val": 1000, "lr": 3e-4},
+    "smoke": {"steps": 3, "batch_size": 4, "num_train": 16, "num_val": 8, "lr": 3e-4},
+}
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class DetectionTensors:
+    """A COCO split as tensors: grayscale images, padded normalised ``(cx, cy, w, h)`` boxes and classes."""
+
+    images: torch.Tensor  # (N, H, W) uint8; the set's RGB PNGs are gray, channels are restored at batch time
+    boxes: torch.Tensor  # (N, max_objects, 4) float, zero padded
+    classes: torch.Tensor  # (N, max_objects) long
+    counts: list[int]
+    image_ids: list[int]
+    annotation_file: str
+
+    def to(self, device: torch.device) -> DetectionTensors:
+        return DetectionTensors(self.images.to(device), self.boxes.to(device), self.classes.to(device), self.counts,
+                                self.image_ids, self.annotation_file)
+
+
+def load_split(annotation_file: str, image_dir: str) -> DetectionTensors:
+    """Read one split written by `make_detection_set` into `DetectionTensors`.
+
+    Example:
+        >>> split = load_split("data/det/val.json", "data/det/images")  # doctest: +SKIP
+        >>> split.images.shape  # doctest: +SKIP
+        torch.Size([500, 128, 128])
+    """
+    from PIL import Image
+
+    coco = json.loads(Path(annotation_file).read_text(encoding="utf-8"))
+    per_image: dict[int, list[dict]] = {image["id"]: [] for image in coco["images"]}
+    for annotation in coco["annotations"]:
+        per_image[annotation["image_id"]].append(annotation)
+    most = max(1, max(len(v) for v in per_image.values()))
+    images, counts, image_ids = [], [], []
+    boxes = torch.zeros(len(coco["images"]), most, 4)
+    classes = torch.zeros(len(coco["images"]), most, dtype=torch.long)
+    for i, image in enumerate(coco["images"]):
+        with Image.open(Path(image_dir) / image["file_name"]) as pil:
+            images.append(torch.from_numpy(np.asarray(pil.convert("L"), dtype=np.uint8).copy()))
+        width, height = image["width"], image["height"]
+        for j, annotation in enumerate(per_image[image["id"]]):
+            x, y, w, h = annotation["bbox"]
+            boxes[i, j] = torch.tensor([(x + w / 2) / width, (y + h / 2) / height, w / width, h / height])
+            classes[i, j] = annotation["category_id"]
+        counts.append(len(per_image[image["id"]]))
+        image_ids.append(image["id"])
+    return DetectionTensors(torch.stack(images), boxes, classes, counts, image_ids, annotation_file)
+
+
+def prepare_data(data_dir: Path, num_train: int, num_val: int, seed: int) -> tuple[DetectionTensors, DetectionTensors, float]:
+    """Generate (or reuse) the detection set in `data_dir` and load both splits; returns the seconds it took."""
+    start = time.perf_counter()
+    key = hashlib.sha1(f"{num_train}-{num_val}-{seed}-128-4-10".encode()).hexdigest()[:10]
+    out = data_dir / f"fashion_det_{num_train}_{num_val}_{key}"
+    done = out / "COMPLETE"
+    if not done.is_file():
+        paths = make_detection_set(out, num_train=num_train, num_val=num_val, canvas=128, max_objects=4, seed=seed)
+        done.write_text(json.dumps(paths), encoding="utf-8")
+    paths = json.loads(done.read_text(encoding="utf-8"))
+    train = load_split(paths["train"], paths["images"])
+    val = load_split(paths["val"], paths["images"])
+    return train, val, time.perf_counter() - start
+
+
+class BatchMaker:
+    """Random training batches on the device: pixel tensors and DETR labels, with random horizontal flips."""
+
+    def __init__(self, data: DetectionTensors, batch_size: int, seed: int, mean: float, std: float) -> None:
+        self.data, self.batch_size, self.mean, self.std = data, batch_size, mean, std
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        device = self.data.images.device
+        index = torch.randint(len(self.data.counts), (self.batch_size,), generator=self.generator)
+        flip = (torch.rand(self.batch_size, generator=self.generator) < 0.5).to(device)
+        index_device = index.to(device)
+        pixels = normalize(self.data.images[index_device], self.mean, self.std)
+        pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+        boxes = self.data.boxes[index_device]
+        centre_x = torch.where(flip[:, None], 1 - boxes[..., 0], boxes[..., 0])
+        boxes = torch.cat([centre_x[..., None], boxes[..., 1:]], dim=-1)
+        classes = self.data.classes[index_device]
+        labels = [{"class_labels": classes[b, :n], "boxes": boxes[b, :n]}
+                  for b, n in enumerate(self.data.counts[i] for i in index.tolist())]
+        return pixels, labels
+
+
+def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """``(B, H, W)`` uint8 gray -> ``(B, 3, H, W)`` float, standardised."""
+    pixels = (images.float() / 255 - mean) / std
+    return pixels[:, None].expand(-1, 3, -1, -1)
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+def detr_config(d_model: int, layers: int, queries: int, num_labels: int) -> DetrConfig:
+    """A from-scratch DETR: ResNet backbone (3 basic stages, stride 16), `layers` encoder and decoder layers."""
+    backbone = ResNetConfig(num_channels=3, embedding_size=d_model // 4, hidden_sizes=[d_model // 4, d_model // 2, d_model],
+                            depths=[1, 1, 1], layer_type="basic", out_features=["stage3"])
+    return DetrConfig(backbone_config=backbone, use_timm_backbone=False, use_pretrained_backbone=False,
+                      d_model=d_model, encoder_layers=layers, decoder_layers=layers,
+                      encoder_attention_heads=max(1, d_model // 32), decoder_attention_heads=max(1, d_model // 32),
+                      encoder_ffn_dim=4 * d_model, decoder_ffn_dim=4 * d_model, num_queries=queries,
+                      num_labels=num_labels, auxiliary_loss=True, dropout=0.0)
+
+
+def stack_ranks(model: DetrForObjectDetection, reduction: float) -> dict[str, int]:
+    """The largest uniform private rank per stack (encoder, decoder) that removes `reduction` of its parameters."""
+    ranks = {}
+    for stack in STACKS:
+        planned = plan_ranks(model, LorsConfig(target_reduction=reduction, target_modules=rf"model\.{stack}\.layers\..*"))
+        ranks[stack] = planned[0].groups[0].ranks[0]
+    return ranks
+
+
+def build_model(variant: str, args: argparse.Namespace, seed: int) -> DetrForObjectDetection:
+    """Dense DETR or its LORS version (same random init before lorsify); the backbone is made trainable.
+
+    transformers' DETR freezes backbone parameters whose names lack ``stage.1``..``stage.3`` (a timm-era
+    rule that matches no parameter of a transformers ResNet, whose stages are ``stages.N``), which
+    freezes the whole randomly initialised backbone: from scratch it must train, so it is unfrozen.
+    """
+    torch.manual_seed(seed)
+    model = DetrForObjectDetection(detr_config(args.d_model, args.layers, args.queries, len(FASHION_MNIST_CLASSES)))
+    model.model.unfreeze_backbone()
+    if variant == "lors":
+        ranks = stack_ranks(model, args.reduction)
+        lorsify(model, rank={rf"^model\.{stack}\.": rank for stack, rank in ranks.items()}, init="scratch")
+    return model
+
+
+def detr_outputs(model: DetrForObjectDetection, pixels: torch.Tensor):
+    """Final logits/boxes and the per-decoder-layer ones (for the auxiliary losses), as the model computes them."""
+    outputs = model.model(pixel_values=pixels)
+    logits = model.class_labels_classifier(outputs.last_hidden_state)
+    boxes = model.bbox_predictor(outputs.last_hidden_state).sigmoid()
+    intermediate = outputs.intermediate_hidden_states
+    aux_logits = model.class_labels_classifier(intermediate)
+    aux_boxes = model.bbox_predictor(intermediate).sigmoid()
+    return logits, boxes, aux_logits, aux_boxes
+
+
+def detr_loss(model: DetrForObjectDetection, pixels: torch.Tensor, labels: list[dict], bf16: bool) -> torch.Tensor:
+    """DETR's loss; the network runs under bf16 autocast if asked, the matching and loss in fp32."""
+    with torch.autocast(device_type=pixels.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits, boxes, aux_logits, aux_boxes = detr_outputs(model, pixels)
+    loss, _, _ = model.loss_function(logits.float(), labels, pixels.device, boxes.float(), model.config,
+                                     aux_logits.float(), aux_boxes.float())
+    return loss
+
+
+# ------------------------------------------------------------------------------------- train / eval
+
+
+@dataclass
+class VariantResult:
+    variant: str
+    ranks: dict[str, str]
+    params: dict[str, tuple[int, int]]  # stack -> (dense, now); "model" for the whole model
+    metrics: dict[str, float]
+    train_seconds: float
+    eval_seconds: float
+    losses: list[float] = field(default_factory=list)
+
+
+def lr_at(step: int, steps: int, warmup: int, peak: float) -> float:
+    """Linear warmup, then cosine decay to 10% of `peak`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def predict(model: DetrForObjectDetection, data: DetectionTensors, mean: float, std: float, bf16: bool,
+            batch_size: int = 64) -> list[dict]:
+    """COCO-format detections (every query, its best non-background class) for every image of `data`."""
+    model.eval()
+    detections = []
+    height, width = data.images.shape[-2:]
+    for start in range(0, len(data.counts), batch_size):
+        pixels = normalize(data.images[start : start + batch_size], mean, std)
+        with torch.autocast(device_type=pixels.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits, boxes, _, _ = detr_outputs(model, pixels)
+        scores, classes = logits.float().softmax(-1)[..., :-1].max(-1)
+        boxes = boxes.float()
+        xywh = torch.stack([(boxes[..., 0] - boxes[..., 2] / 2) * width, (boxes[..., 1] - boxes[..., 3] / 2) * height,
+                            boxes[..., 2] * width, boxes[..., 3] * height], dim=-1).cpu().tolist()
+        scores, classes = scores.cpu().tolist(), classes.cpu().tolist()
+        for b, image_id in enumerate(data.image_ids[start : start + batch_size]):
+            for q in range(len(scores[b])):
+                detections.append({"image_id": image_id, "category_id": classes[b][q], "bbox": xywh[b][q],
+                                   "score": scores[b][q]})
+    model.train()
+    return detections
+
+
+def coco_map(annotation_file: str, detections: list[dict]) -> dict[str, float]:
+    """COCOeval bbox metrics: AP (0.50:0.95), AP50, AP75, AP small/medium/large, AR@10."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        ground_truth = COCO(annotation_file)
+        evaluator = COCOeval(ground_truth, ground_truth.loadRes(detections), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    names = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "AR@1", "AR@10")
+    return {name: float(evaluator.stats[i]) for i, name in enumerate(names)}
+
+
+def count_params(model: DetrForObjectDetection) -> dict[str, tuple[int, int]]:
+    report = parameter_report(model)
+    counts = {}
+    for row in report.stacks:
+        stack = next(s for s in STACKS if f".{s}." in f".{row.name}.")
+        counts[stack] = (row.dense, row.lors)
+    counts["model"] = (report.total.dense, report.total.lors)
+    return counts
+
+
+def run_variant(variant: str, train: DetectionTensors, val: DetectionTensors, args: argparse.Namespace,
+                mean: float, std: float) -> VariantResult:
+    """Train one variant for ``args.steps`` steps and evaluate it (COCO mAP on the validation split)."""
+    device = torch.device(args.device)
+    model = build_model(variant, args, args.seed).to(device)
+    model.train()
+    ranks = {}
+    if variant == "lors":  # the resolved per-layer ranks lorsify recorded, one value per stack
+        for group, per_layer in model.config.lors_config["rank"].items():
+            stack = next(s for s in STACKS if f".{s}." in group.replace("\\", ""))
+            ranks[stack] = ",".join(str(r) for r in sorted(set(per_layer)))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=args.weight_decay)
+    batches = BatchMaker(train, args.batch_size, seed=1000 + args.seed, mean=mean, std=std)
+    warmup = max(1, int(0.05 * args.steps))
+    losses: list[torch.Tensor] = []
+    start = time.perf_counter()
+    for step in range(args.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args.steps, warmup, args.lr)
+        pixels, labels = batches()
+        loss = detr_loss(model, pixels, labels, args.bf16)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            recent = torch.stack(losses[-args.log_every:]).mean().item()
+            print(f"  [{variant}] step {step + 1}/{args.steps} loss {recent:.3f} ({time.perf_counter() - start:.0f} s)",
+                  flush=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    train_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    metrics = coco_map(val.annotation_file, predict(model, val, mean, std, args.bf16))
+    eval_seconds = time.perf_counter() - start
+    return VariantResult(variant, ranks, count_params(model), metrics, train_seconds, eval_seconds,
+                         torch.stack(losses).float().cpu().tolist())
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+def save_plots(results: list[VariantResult], out_dir: Path, steps: int, prefix: str = SECTION) -> list[str]:
+    """Training-loss curves and the mAP bars; returns the PNG file names (written in `out_dir`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    k = max(1, steps // 30)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for result in results:
+        curve = np.convolve(result.losses, np.ones(k) / k, mode="valid")
+        left.plot(np.arange(k, len(result.losses) + 1), curve, label=result.variant)
+    left.set_xlabel("step")
+    left.set_ylabel(f"DETR training loss ({k}-step average)")
+    left.grid(alpha=0.3)
+    left.legend()
+    names = ("AP", "AP50", "AP75")
+    width = 0.8 / len(results)
+    for i, result in enumerate(results):
+        right.bar(np.arange(len(names)) + i * width, [100 * result.metrics[n] for n in names], width, label=result.variant)
+    right.set_xticks(np.arange(len(names)) + width * (len(results) - 1) / 2, names)
+    right.set_ylabel("COCO metric on the validation set (%)")
+    right.legend()
+    right.grid(alpha=0.3, axis="y")
+    fig.suptitle("DETR from scratch on Fashion-MNIST detection: dense vs LORS")
+    fig.tight_layout()
+    name = f"{prefix}.png"
+    fig.savefig(out_dir / name, dpi=110)
+    plt.close(fig)
+    return [name]
+
+
+def render_markdown(results: list[VariantResult], args: argparse.Namespace, train: DetectionTensors,
+                    val: DetectionTensors, data_seconds: float, plots: list[str], command: str, wall: float) -> str:
+    """The ``bench_detr`` section of RESULTS.md."""
+    by_name = {r.variant: r for r in results}
+    device_line = f"device {args.device}{', bf16 autocast' if args.bf16 else ', fp32'}"
+    if args.device == "cpu":
+        device_line += f", {torch.get_num_threads()} torch CPU thread(s) (the CPU is shared with other jobs: times are noisy)"
+    lines = [
+        "## DETR from scratch on a Fashion-MNIST detection set (`scripts/bench_detr.py`)"
+        + (" on GPU" if args.device != "cpu" else ""),
+        "",
+        f"Machine: {machine_description()}; {device_line}. Total wall time {wall / 60:.1f} min "
+        f"(data generation and loading {data_seconds:.0f} s).",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"Setup: `DetrForObjectDetection` from a config: ResNet backbone (basic blocks, stages "
+        f"{args.d_model // 4}/{args.d_model // 2}/{args.d_model} channels, stride 16, trained from scratch, "
+        f"frozen-identity BatchNorm as DETR builds it), d_model {args.d_model}, {args.layers} encoder + {args.layers} "
+        f"decoder layers, {args.queries} queries, auxiliary decoding losses, no dropout. Data: "
+        f"`make_detection_set` with {len(train.counts):,} train / {len(val.counts):,} val images (128x128, 1-4 "
+        f"Fashion-MNIST items of 10 classes, {sum(train.counts):,} / {sum(val.counts):,} boxes), random horizontal flips. "
+        f"Same batches, AdamW lr {args.lr} (weight decay {args.weight_decay}), 5% warmup then cosine to 10%, gradient "
+        f"clipping {args.clip}, {args.steps} steps x {args.batch_size} images "
+        f"({args.steps * args.batch_size / len(train.counts):.1f} epochs), seed {args.seed}. "
+        f"LORS: `lorsify(init=\"scratch\")` of the encoder and the decoder, each at the largest uniform private rank "
+        f"removing >= {args.reduction:.0%} of its stack's parameters. mAP: pycocotools COCOeval (bbox) on the val set, "
+        "every query's best class as a detection.",
+        "",
+        "| variant | decoder params | encoder params | model params | private rank (enc/dec) | AP | AP50 | AP75 | "
+        "AR@10 | final loss | train time | s / step |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for result in results:
+        dec_dense, dec_now = result.params["decoder"]
+        enc_dense, enc_now = result.params["encoder"]
+        ranks = f"{result.ranks['encoder']}/{result.ranks['decoder']}" if result.ranks else "-"
+        final_loss = float(np.mean(result.losses[-max(1, args.steps // 20):]))
+        m = result.metrics
+        lines.append(
+            f"| {result.variant} | {dec_now:,} ({dec_now / dec_dense - 1:+.1%}) | {enc_now:,} ({enc_now / enc_dense - 1:+.1%}) | "
+            f"{result.params['model'][1]:,} | {ranks} | {100 * m['AP']:.2f} | {100 * m['AP50']:.2f} | {100 * m['AP75']:.2f} | "
+            f"{100 * m['AR@10']:.2f} | {final_loss:.3f} | {result.train_seconds / 60:.1f} min | "
+            f"{result.train_seconds / args.steps:.3f} |"
+        )
+    if "dense" in by_name and "lors" in by_name:
+        dense, lors = by_name["dense"].metrics, by_name["lors"].metrics
+        lines += ["", f"LORS minus dense: AP {100 * (lors['AP'] - dense['AP']):+.2f}, AP50 {100 * (lors['AP50'] - dense['AP50']):+.2f} "
+                  "points (one seed: run-to-run noise was not measured)."]
+    lines += ["", *[f"![{name}]({name})" for name in plots]]
+    return "\n".join(lines)
+
+
+def section_name(args: argparse.Namespace) -> str:
+    """The RESULTS.md section (and plot-name prefix) of this run: CPU and CUDA runs keep separate sections."""
+    return SECTION if args.device == "cpu" else f"{SECTION}_gpu"
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                        help="default steps/batch/data sizes (explicit flags override them)")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--num-train", type=int)
+    parser.add_argument("--num-val", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--clip", type=float, default=0.1, help="gradient-norm clipping (DETR's 0.1)")
+    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=6, help="encoder layers = decoder layers")
+    parser.add_argument("--queries", type=int, default=10)
+    parser.add_argument("--reduction", type=float, default=0.7, help="LORS: fraction of each stack's parameters removed")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the network (loss in fp32)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: on the shared 2-core box two OpenMP threads ran up to 17x slower)")
+    parser.add_argument("--data-dir", default=os.environ.get("LORS_DETR_DATA", "/tmp/lors_detr_data"))
+    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--smoke", action="store_true", help="a tiny run in seconds (for tests)")
+    parser.add_argument("--results-file", default=str(RESULTS_FILE))
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.preset = "smoke"
+        args.d_model, args.layers, args.log_every = 32, 6, 1
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+    hf_logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = "HF_HUB_OFFLINE=1 python scripts/bench_detr.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    wall = time.perf_counter()
+    train, val, data_seconds = prepare_data(Path(args.data_dir), args.num_train, args.num_val, seed=args.seed)
+    print(f"data: {len(train.counts)} train / {len(val.counts)} val images ({data_seconds:.0f} s)", flush=True)
+    pixels = train.images.float() / 255
+    mean, std = float(pixels.mean()), float(pixels.std())
+    device = torch.device(args.device)
+    train, val = train.to(device), val.to(device)
+    results = []
+    for variant in ("dense", "lors"):
+        result = run_variant(variant, train, val, args, mean, std)
+        results.append(result)
+        print(f"{variant}: params {result.params}, ranks {result.ranks}, AP {result.metrics['AP']:.4f}, "
+              f"AP50 {result.metrics['AP50']:.4f}, train {result.train_seconds:.0f} s", flush=True)
+    results_file = Path(args.results_file)
+    plots = save_plots(results, results_file.parent, args.steps, prefix=section_name(args))
+    markdown = render_markdown(results, args, train, val, data_seconds, plots, command.strip(), time.perf_counter() - wall)
+    update_section(section_name(args), markdown, results_file)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""The from-scratch benchmarks (scripts/bench_scratch.py, scripts/bench_detr.py) run end to end in --smoke mode.
+
+Both scripts write their sections into one temporary results file; the tables must hold a numeric figure
+for every variant, the parameter reductions must be the ones asked for, and the plots must exist.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRATCH_VARIANTS = ("dense", "lors-60", "lors-70", "shared", "shallow")
+
+
+def _run(script: str, *args: str) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--smoke", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    results_file = out / "RESULTS.md"
+    _run("bench_scratch.py", "--results-file", str(results_file))
+    _run("bench_detr.py", "--results-file", str(results_file), "--data-dir", str(out / "data"))
+    return results_file
+
+
+def _section(results_file: Path, name: str) -> str:
+    text = results_file.read_text(encoding="utf-8")
+    match = re.search(rf"<!-- {name}:start -->(.*?)<!-- {name}:end -->", text, re.S)
+    assert match, f"section {name} missing from {results_file}"
+    return match.group(1)
+
+
+def _table(section: str) -> dict[str, list[str]]:
+    """Rows of the section's markdown table keyed by the first word of their first cell."""
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| ") and not line.startswith("| variant") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows[cells[0].split()[0]] = cells
+    return rows
+
+
+def _number(cell: str) -> float:
+    match = re.search(r"[-+]?\d[\d,]*\.?\d*", cell)
+    assert match, f"no number in {cell!r}"
+    return float(match.group(0).replace(",", ""))
+
+
+def test_scratch_table_has_every_variant(results: Path) -> None:
+    section = _section(results, "bench_scratch")
+    assert "python scripts/bench_scratch.py --smoke" in section
+    rows = _table(section)
+    assert set(rows) == set(SCRATCH_VARIANTS)
+    for name, cells in rows.items():
+        ppl = _number(cells[6])  # "mean ± spread"
+        assert math.isfinite(ppl) and 1.0 < ppl < 200.0, (name, cells[6])
+        assert all(math.isfinite(_number(v)) for v in cells[7].split("/")), cells[7]
+    stack = {name: _number(cells[3]) for name, cells in rows.items()}
+    assert stack["lors-60"] <= 0.4 * stack["dense"] and stack["lors-70"] <= 0.3 * stack["dense"]
+    assert stack["shared"] < stack["lors-70"] <= stack["lors-60"]
+    assert abs(stack["shallow"] / stack["lors-60"] - 1) < 0.25  # the equal-parameter baseline
+    assert re.search(r"`lors-60` within 2% of dense perplexity: (HIT|MISSED)", section)
+    for plot in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", section):
+        assert (results.parent / plot).stat().st_size > 1000
+
+
+def test_detr_table_has_both_variants(results: Path) -> None:
+    section = _section(results, "bench_detr")
+    assert "python scripts/bench_detr.py --smoke" in section
+    rows = _table(section)
+    assert set(rows) == {"dense", "lors"}
+    for name, cells in rows.items():
+        for cell in cells[5:9]:  # AP, AP50, AP75, AR@10 in percent
+            assert 0.0 <= _number(cell) <= 100.0, (name, cell)
+        assert math.isfinite(_number(cells[9])), cells[9]  # final training loss
+    decoder_change = float(re.search(r"\(([-+][\d.]+)%\)", rows["lors"][1]).group(1))
+    assert decoder_change <= -70.0
+    assert "(+0.0%)" in rows["dense"][1]
+    plots = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", section)
+    assert plots and all((results.parent / plot).is_file() for plot in plots)
