@@ -20,11 +20,13 @@ import json
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+warnings.filterwarnings("ignore", category=FutureWarning)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_results import RESULTS_FILE, machine_description, update_section  # noqa: E402
 
@@ -99,11 +101,10 @@ def time_decode_steps(models: dict, args: argparse.Namespace) -> dict:
             out = model(input_ids=prompt, use_cache=True)
         state[name] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
     times: dict[str, list[float]] = {name: [] for name in models}
-    for round_index in range(args.rounds):
+    for _ in range(args.rounds):
         for name, model in models.items():
             set_weight_cache(model, name == "lors_cached")
-            cache, token = state[name]
-            cache = copy.deepcopy(cache) if round_index == 0 else cache
+            cache, token = copy.deepcopy(state[name][0]), state[name][1]  # same context length every round
             sync(args.device)
             start = time.perf_counter()
             for _ in range(args.decode_steps):
@@ -112,9 +113,6 @@ def time_decode_steps(models: dict, args: argparse.Namespace) -> dict:
                 cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
             sync(args.device)
             times[name].append((time.perf_counter() - start) / args.decode_steps)
-            if cache.get_seq_length() > args.prefill + 4 * args.decode_steps:  # keep the context length bounded
-                cache.crop(args.prefill)
-            state[name] = (cache, token)
     return {n: statistics.median(t) for n, t in times.items()}
 
 
@@ -132,21 +130,30 @@ def cpu_peak_memory(args: argparse.Namespace) -> dict:
     return peaks
 
 
-def memory_probe(args: argparse.Namespace) -> None:
-    import resource
+def _rss_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
+
+def memory_probe(args: argparse.Namespace) -> None:
+    """Peak RSS above the resting model during 2 training steps (Linux: peak reset via clear_refs)."""
     models = build_models(args)
-    model = models[args._memory_probe]
+    model = models.pop(args._memory_probe)
     del models
     batch = torch.randint(0, args.vocab, (args.batch_size, args.seq_len))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    import gc
+
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (peak RSS) to the current RSS
+    before = _rss_mib("VmRSS")
     for _ in range(2):
         model(input_ids=batch, labels=batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mib": (after - before) / 1024}))
+    print(json.dumps({"peak_mib": _rss_mib("VmHWM") - before}))
 
 
 def _ratio(value: float | None) -> str:
