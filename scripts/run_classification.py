@@ -1,0 +1,225 @@
+#!/usr/bin/env python
+"""Fine-tune a BERT-family model for text classification, as a LORS model or as the dense baseline.
+
+The default model is the bundled, pretrained all-MiniLM-L6-v2 (``bundled:minilm``)::
+
+    python scripts/prepare_data.py --out data
+    python scripts/run_classification.py --train_file data/rotten_tomatoes/train.csv \\
+        --validation_file data/rotten_tomatoes/test.csv --lors_target_reduction 0.5 \\
+        --do_train --do_eval --num_train_epochs 1 --output_dir out/minilm-lors
+    # the dense baseline: add --no_lors; recovery by distillation: add --distill
+    # two processes (DDP, gloo): torchrun --nproc_per_node 2 scripts/run_classification.py ...
+
+Writes to ``--output_dir``: the model and tokenizer, ``{train,eval,all}_results.json``,
+``parameter_report.{txt,json}``; ``--push_to_hub`` uploads them.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import transformers
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+
+from lors_hf.metrics import load_metric
+from lors_hf.training_args import (
+    DistillArguments,
+    LorsArguments,
+    ScriptArgumentParser,
+    ScriptError,
+    calibration_batches,
+    check_file,
+    convert_model,
+    parameter_metrics,
+    push_output_dir,
+    resolve_model_path,
+    run_main,
+    user_errors,
+    write_ddp_sync,
+    write_parameter_report,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="bundled:minilm",
+        metadata={"help": "Local directory or Hub id; 'bundled:minilm' (default) is the offline all-MiniLM-L6-v2."},
+    )
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Default: the model's own tokenizer."})
+
+
+@dataclass
+class DataArguments:
+    train_file: str | None = field(default=None, metadata={"help": "Training data: a .csv or .json/.jsonl file."})
+    validation_file: str | None = field(default=None, metadata={"help": "Evaluation data, same format."})
+    dataset_name: str | None = field(default=None, metadata={"help": "A Hub dataset instead of files (online)."})
+    dataset_config_name: str | None = field(default=None)
+    validation_split_name: str = field(default="validation", metadata={"help": "Hub split used for evaluation."})
+    text_column: str = field(default="text")
+    text_pair_column: str | None = field(default=None, metadata={"help": "Second text of sentence-pair tasks."})
+    label_column: str = field(default="label")
+    max_seq_length: int = field(default=128)
+    max_train_samples: int | None = field(default=None)
+    max_eval_samples: int | None = field(default=None)
+
+
+def load_raw_datasets(data_args: DataArguments):
+    """The ``train`` / ``validation`` splits from local files or a Hub dataset."""
+    import datasets
+
+    if data_args.dataset_name is None and data_args.train_file is None and data_args.validation_file is None:
+        raise ScriptError("give --train_file / --validation_file (csv or json) or --dataset_name")
+    with user_errors():
+        if data_args.dataset_name is not None:
+            raw = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name)
+            if data_args.validation_split_name in raw and data_args.validation_split_name != "validation":
+                raw["validation"] = raw.pop(data_args.validation_split_name)
+            return raw
+        files = {}
+        for split, option, path in (("train", "--train_file", data_args.train_file),
+                                    ("validation", "--validation_file", data_args.validation_file)):
+            if path is not None:
+                files[split] = check_file(path, option, (".csv", ".json", ".jsonl"))
+        kinds = {"csv" if p.endswith(".csv") else "json" for p in files.values()}
+        if len(kinds) > 1:
+            raise ScriptError("--train_file and --validation_file must have the same format")
+        return datasets.load_dataset(kinds.pop(), data_files=files)
+
+
+def label_names(raw, label_column: str) -> list:
+    """The label values, in id order: a ClassLabel's names, else the sorted distinct values."""
+    import datasets
+
+    split = raw["train"] if "train" in raw else next(iter(raw.values()))
+    feature = split.features[label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    values = set()
+    for part in raw.values():
+        values.update(part.unique(label_column))
+    if None in values:
+        raise ScriptError(f"column {label_column!r} has empty labels")
+    return sorted(values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ScriptArgumentParser((ModelArguments, DataArguments, LorsArguments, DistillArguments, TrainingArguments))
+    model_args, data_args, lors_args, distill_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+    if distill_args.distill and lors_args.no_lors:
+        raise ScriptError("--distill trains a LORS model from the dense one; drop --no_lors")
+    set_seed(training_args.seed)
+
+    raw = load_raw_datasets(data_args)
+    columns = [c for c in (data_args.text_column, data_args.text_pair_column, data_args.label_column) if c]
+    for split_name, split in raw.items():
+        missing = [c for c in columns if c not in split.column_names]
+        if missing:
+            raise ScriptError(f"{split_name} data has no column {missing[0]!r}; its columns are "
+                              f"{split.column_names} (set --text_column / --label_column)")
+    if training_args.do_train and "train" not in raw:
+        raise ScriptError("--do_train needs --train_file (or a dataset with a train split)")
+    if training_args.do_eval and "validation" not in raw:
+        raise ScriptError("--do_eval needs --validation_file (or a dataset with a validation split)")
+    names = label_names(raw, data_args.label_column)
+    label_to_id = {name: i for i, name in enumerate(names)}
+
+    model_path = resolve_model_path(model_args.model_name_or_path)
+    with user_errors():
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_args.tokenizer_name or model_args.model_name_or_path))
+        id2label = {i: str(name) for i, name in enumerate(names)}
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_path, num_labels=len(names), id2label=id2label, label2id={v: k for k, v in id2label.items()},
+            ignore_mismatched_sizes=True,
+        )
+
+    def preprocess(batch):
+        texts = (batch[data_args.text_column],)
+        if data_args.text_pair_column:
+            texts += (batch[data_args.text_pair_column],)
+        encoded = tokenizer(*texts, truncation=True, max_length=data_args.max_seq_length)
+        encoded["labels"] = [label_to_id[value] for value in batch[data_args.label_column]]
+        return encoded
+
+    with training_args.main_process_first(desc="tokenizing"), user_errors():
+        for split_name, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
+            if split_name in raw and limit is not None:
+                raw[split_name] = raw[split_name].select(range(min(limit, len(raw[split_name]))))
+        encoded = raw.map(preprocess, batched=True, remove_columns=raw[next(iter(raw))].column_names)
+    collator = DataCollatorWithPadding(tokenizer)
+
+    teacher = None
+    if distill_args.distill:
+        with user_errors():
+            teacher = (copy.deepcopy(model) if distill_args.teacher_model_name_or_path is None else
+                       AutoModelForSequenceClassification.from_pretrained(
+                           resolve_model_path(distill_args.teacher_model_name_or_path)))
+    batches = calibration_batches(encoded["train"] if "train" in encoded else encoded["validation"], collator,
+                                  training_args.per_device_train_batch_size, lors_args.lors_calibration_batches)
+    model = convert_model(model, lors_args, pretrained=True, calibration_batches=batches)
+    report = write_parameter_report(model, training_args.output_dir) if training_args.should_save else None
+    if report:
+        logger.info("parameters:\n%s", report)
+
+    accuracy = load_metric("accuracy")
+
+    def compute_metrics(prediction):
+        return accuracy.compute(predictions=np.argmax(prediction.predictions, axis=-1), references=prediction.label_ids)
+
+    trainer_kwargs = dict(model=model, args=training_args, train_dataset=encoded.get("train"),
+                          eval_dataset=encoded.get("validation"), processing_class=tokenizer,
+                          data_collator=collator, compute_metrics=compute_metrics)
+    push_to_hub = training_args.push_to_hub
+    training_args.push_to_hub = False  # pushed once at the end, with the LORS model card and the reports
+    if teacher is not None:
+        from lors_hf.distill import DistillationTrainer
+
+        trainer = DistillationTrainer(
+            teacher_model=teacher, temperature=distill_args.distill_temperature, alpha_kl=distill_args.distill_alpha_kl,
+            alpha_hidden=distill_args.distill_alpha_hidden, alpha_task=distill_args.distill_alpha_task, **trainer_kwargs)
+    else:
+        trainer = Trainer(**trainer_kwargs)
+
+    extra = parameter_metrics(model)
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        metrics = {**result.metrics, "train_samples": len(encoded["train"]), **extra}
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+    trainer.save_model()
+    if training_args.do_eval:
+        metrics = {**trainer.evaluate(), "eval_samples": len(encoded["validation"]), **extra}
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    if lors_args.check_ddp_sync:
+        write_ddp_sync(trainer.model, training_args.output_dir, wrapped=trainer.model_wrapped)
+    if push_to_hub and trainer.is_world_process_zero():
+        if lors_args.no_lors:
+            trainer.create_model_card(model_name=training_args.hub_model_id)
+        repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
+        logger.info("pushed: %s", push_output_dir(training_args.output_dir, repo_id, training_args.hub_token,
+                                                   training_args.hub_private_repo))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

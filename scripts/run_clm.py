@@ -1,0 +1,260 @@
+#!/usr/bin/env python
+"""Causal language modelling with a LORS model: fine-tune a pretrained model or train from scratch.
+
+    python scripts/prepare_data.py --out data
+    # fine-tune the bundled, pretrained SmolLM2-135M, converted with 50% fewer stack parameters:
+    python scripts/run_clm.py --model_name_or_path bundled:smollm2 --lors_target_reduction 0.5 \\
+        --train_file data/shakespeare/train.txt --validation_file data/shakespeare/validation.txt \\
+        --do_train --do_eval --max_steps 200 --output_dir out/smollm2-lors
+    # from scratch, a small GPT-2 (tokenizer: SmolLM2's unless --tokenizer_name):
+    python scripts/run_clm.py --model_type gpt2 --config_overrides n_layer=6,n_embd=256,n_head=4 \\
+        --lors_rank 16 --train_file data/shakespeare/train.txt --do_train --output_dir out/gpt2-lors
+    # the dense baseline: add --no_lors; recovery by distillation (pretrained models): add --distill
+
+Writes to ``--output_dir``: the model and tokenizer, ``{train,eval,all}_results.json`` (loss, perplexity,
+next-token accuracy), ``parameter_report.{txt,json}``; ``--push_to_hub`` uploads them.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from itertools import chain
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+import transformers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
+
+from lors_hf.metrics import load_metric
+from lors_hf.training_args import (
+    DistillArguments,
+    LorsArguments,
+    ScriptArgumentParser,
+    ScriptError,
+    apply_overrides,
+    calibration_batches,
+    check_file,
+    convert_model,
+    parameter_metrics,
+    parse_overrides,
+    push_output_dir,
+    resolve_model_path,
+    run_main,
+    user_errors,
+    write_ddp_sync,
+    write_parameter_report,
+)
+
+logger = logging.getLogger(__name__)
+DEFAULT_SCRATCH_TOKENIZER = "bundled:smollm2"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Pretrained model to fine-tune: a directory, a Hub id or 'bundled:smollm2'. "
+                          "Leave out and give --model_type to train from scratch."},
+    )
+    model_type: str | None = field(default=None, metadata={"help": "From scratch: gpt2, llama, ..."})
+    config_overrides: str | None = field(
+        default=None, metadata={"help": "From scratch: config fields, e.g. n_layer=4,n_embd=128,n_head=4."}
+    )
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": f"Default: the model's tokenizer ({DEFAULT_SCRATCH_TOKENIZER} from scratch)."}
+    )
+
+
+@dataclass
+class DataArguments:
+    train_file: str | None = field(default=None, metadata={"help": "Training text: .txt, .csv or .json/.jsonl."})
+    validation_file: str | None = field(default=None, metadata={"help": "Evaluation text, same format."})
+    dataset_name: str | None = field(default=None, metadata={"help": "A Hub dataset instead of files (online)."})
+    dataset_config_name: str | None = field(default=None)
+    text_column: str = field(default="text", metadata={"help": "Text column of csv/json/Hub data."})
+    block_size: int = field(default=128, metadata={"help": "Tokens per training sequence."})
+    validation_split_percentage: int = field(
+        default=5, metadata={"help": "Without validation data: the share of the training data held out."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training blocks."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on evaluation blocks."})
+
+
+def load_raw_datasets(data_args: DataArguments, seed: int):
+    import datasets
+
+    if data_args.dataset_name is None and data_args.train_file is None:
+        raise ScriptError("give --train_file (txt, csv or json) or --dataset_name")
+    with user_errors():
+        if data_args.dataset_name is not None:
+            raw = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name)
+        else:
+            files = {"train": check_file(data_args.train_file, "--train_file", (".txt", ".csv", ".json", ".jsonl"))}
+            if data_args.validation_file:
+                files["validation"] = check_file(data_args.validation_file, "--validation_file",
+                                                 (".txt", ".csv", ".json", ".jsonl"))
+            kinds = {p.rsplit(".", 1)[-1].replace("jsonl", "json").replace("txt", "text") for p in files.values()}
+            if len(kinds) > 1:
+                raise ScriptError("--train_file and --validation_file must have the same format")
+            kind = kinds.pop()
+            raw = datasets.load_dataset(kind, data_files=files, **({"keep_linebreaks": True} if kind == "text" else {}))
+        if "validation" not in raw:
+            if "train" not in raw:
+                raise ScriptError(f"the data has no train split (splits: {list(raw)})")
+            held_out = max(1, len(raw["train"]) * data_args.validation_split_percentage // 100)
+            split = raw["train"].train_test_split(test_size=held_out, shuffle=False, seed=seed)
+            raw = datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
+    for name, part in raw.items():
+        if data_args.text_column not in part.column_names:
+            raise ScriptError(f"{name} data has no column {data_args.text_column!r}; its columns are "
+                              f"{part.column_names} (set --text_column)")
+    return raw
+
+
+def build_model(model_args: ModelArguments, block_size: int):
+    """(model, tokenizer, pretrained?) from a checkpoint or, with --model_type, from a config."""
+    if model_args.model_name_or_path is None and model_args.model_type is None:
+        raise ScriptError("give --model_name_or_path (e.g. bundled:smollm2) or --model_type (e.g. gpt2) "
+                          "to train from scratch")
+    if model_args.model_name_or_path is not None and (model_args.model_type or model_args.config_overrides):
+        raise ScriptError("--model_type / --config_overrides build a model from scratch; "
+                          "they do not combine with --model_name_or_path")
+    pretrained = model_args.model_name_or_path is not None
+    tokenizer_name = model_args.tokenizer_name or (model_args.model_name_or_path if pretrained
+                                                   else DEFAULT_SCRATCH_TOKENIZER)
+    with user_errors():
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer_name))
+        if pretrained:
+            model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_args.model_name_or_path),
+                                                         dtype=torch.float32)
+        else:
+            config = AutoConfig.for_model(model_args.model_type)
+            apply_overrides(config, parse_overrides(model_args.config_overrides))
+            config.vocab_size = len(tokenizer)
+            for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                value = getattr(tokenizer, name)
+                if value is not None and hasattr(config, name):
+                    setattr(config, name, value)
+            model = AutoModelForCausalLM.from_config(config)
+    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and block_size > limit:
+        raise ScriptError(f"--block_size {block_size} exceeds the model's {limit} positions")
+    return model, tokenizer, pretrained
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ScriptArgumentParser((ModelArguments, DataArguments, LorsArguments, DistillArguments, TrainingArguments))
+    model_args, data_args, lors_args, distill_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+    if distill_args.distill and lors_args.no_lors:
+        raise ScriptError("--distill trains a LORS model from the dense one; drop --no_lors")
+    if data_args.block_size < 2:
+        raise ScriptError("--block_size must be at least 2")
+    set_seed(training_args.seed)
+
+    raw = load_raw_datasets(data_args, training_args.seed)
+    model, tokenizer, pretrained = build_model(model_args, data_args.block_size)
+    if distill_args.distill and not pretrained and distill_args.teacher_model_name_or_path is None:
+        raise ScriptError("--distill needs a pretrained dense teacher: give --model_name_or_path "
+                          "or --teacher_model_name_or_path")
+    block_size = data_args.block_size
+
+    def tokenize(batch):
+        return tokenizer(batch[data_args.text_column])
+
+    def group_texts(batch):
+        joined = {k: list(chain(*batch[k])) for k in batch}
+        total = (len(joined["input_ids"]) // block_size) * block_size
+        blocks = {k: [v[i:i + block_size] for i in range(0, total, block_size)] for k, v in joined.items()}
+        blocks["labels"] = [ids.copy() for ids in blocks["input_ids"]]
+        return blocks
+
+    with training_args.main_process_first(desc="tokenizing"), user_errors():
+        tokenized = raw.map(tokenize, batched=True, remove_columns=raw["train"].column_names)
+        blocks = tokenized.map(group_texts, batched=True)
+    for name, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
+        if len(blocks[name]) == 0:
+            raise ScriptError(f"the {name} text is shorter than one block of {block_size} tokens; "
+                              "give more text or a smaller --block_size")
+        if limit is not None:
+            blocks[name] = blocks[name].select(range(min(limit, len(blocks[name]))))
+
+    teacher = None
+    if distill_args.distill:
+        with user_errors():
+            teacher = (copy.deepcopy(model) if distill_args.teacher_model_name_or_path is None else
+                       AutoModelForCausalLM.from_pretrained(resolve_model_path(distill_args.teacher_model_name_or_path),
+                                                            dtype=torch.float32))
+    batches = calibration_batches(blocks["train"], default_data_collator, training_args.per_device_train_batch_size,
+                                  lors_args.lors_calibration_batches)
+    model = convert_model(model, lors_args, pretrained=pretrained, calibration_batches=batches)
+    if training_args.should_save:
+        logger.info("parameters:\n%s", write_parameter_report(model, training_args.output_dir))
+
+    accuracy = load_metric("accuracy")
+
+    def preprocess_logits_for_metrics(logits, labels):
+        return (logits[0] if isinstance(logits, tuple) else logits).argmax(dim=-1)
+
+    def compute_metrics(prediction):
+        labels = prediction.label_ids[:, 1:].reshape(-1)
+        predictions = prediction.predictions[:, :-1].reshape(-1)
+        keep = labels != -100
+        return accuracy.compute(predictions=predictions[keep], references=labels[keep])
+
+    push_to_hub = training_args.push_to_hub
+    training_args.push_to_hub = False  # pushed once at the end, with the LORS model card and the reports
+    trainer_kwargs = dict(model=model, args=training_args, train_dataset=blocks["train"],
+                          eval_dataset=blocks["validation"], processing_class=tokenizer,
+                          data_collator=default_data_collator, compute_metrics=compute_metrics,
+                          preprocess_logits_for_metrics=preprocess_logits_for_metrics)
+    if teacher is not None:
+        from lors_hf.distill import DistillationTrainer
+
+        trainer = DistillationTrainer(
+            teacher_model=teacher, temperature=distill_args.distill_temperature, alpha_kl=distill_args.distill_alpha_kl,
+            alpha_hidden=distill_args.distill_alpha_hidden, alpha_task=distill_args.distill_alpha_task, **trainer_kwargs)
+    else:
+        trainer = Trainer(**trainer_kwargs)
+
+    extra = parameter_metrics(model)
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        metrics = {**result.metrics, "train_samples": len(blocks["train"]), **extra}
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+    trainer.save_model()
+    if training_args.do_eval:
+        metrics = {**trainer.evaluate(), "eval_samples": len(blocks["validation"]), **extra}
+        metrics["perplexity"] = math.exp(metrics["eval_loss"]) if metrics["eval_loss"] < 700 else float("inf")
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    if lors_args.check_ddp_sync:
+        write_ddp_sync(trainer.model, training_args.output_dir, wrapped=trainer.model_wrapped)
+    if push_to_hub and trainer.is_world_process_zero():
+        if lors_args.no_lors:
+            trainer.create_model_card(model_name=training_args.hub_model_id)
+        repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
+        logger.info("pushed: %s", push_output_dir(training_args.output_dir, repo_id, training_args.hub_token,
+                                                   training_args.hub_private_repo))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,319 @@
+"""The ``lors-hf`` command line: ``demo``, ``convert``, ``report`` and ``merge``.
+
+    lors-hf demo                                   # LORS on a real model and real data, ~5 min on a CPU
+    lors-hf convert ./bert-dir ./bert-lors --target-reduction 0.5 --init svd
+    lors-hf report ./bert-lors [--json]
+    lors-hf merge ./bert-lors ./bert-dense         # a checkpoint stock transformers loads
+
+Mistakes (a missing directory, a rank that does not fit) end with one line ``error: ...`` on stderr and
+exit status 1 (2 for unparsable arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NoReturn
+
+AUXILIARY_PATTERNS = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json", "*.model",
+                      "chat_template*", "preprocessor_config.json", "processor_config.json")
+"""Files of a model directory (tokenizer, processor) that `convert` and `merge` copy next to the new weights."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (``error: ...``), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+class CommandError(Exception):
+    """A user mistake: printed as ``error: <message>``, exit status 1."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``lors-hf`` argument parser (subcommands demo, convert, report, merge).
+
+    Example:
+        >>> build_parser().parse_args(["report", "some/dir", "--json"]).json
+        True
+    """
+    parser = _Parser(prog="lors-hf", description="LORS (Low-rank Residual Structure) for Hugging Face transformers.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"lors-hf {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = commands.add_parser("demo", help="convert the real MiniLM, fine-tune against the dense model, plot",
+                               description="Convert the pretrained all-MiniLM-L6-v2 to LORS (about 50%% fewer stack "
+                               "parameters), check its output fidelity, fine-tune it and the dense model on Rotten "
+                               "Tomatoes sentiment, compare accuracy, save and reload it, plot the training curves.")
+    demo.add_argument("--output-dir", default="lors-demo", help="where results go (default: ./lors-demo)")
+    demo.add_argument("--quick", action="store_true", help="a seconds-long smoke version (tiny slices)")
+    demo.add_argument("--threads", type=int, default=None,
+                      help="torch CPU threads (default: torch's, or 1 when other processes keep the CPUs busy)")
+    demo.set_defaults(handler=_demo)
+
+    convert = commands.add_parser("convert", help="a dense model directory or Hub id -> a LORS checkpoint",
+                                  description="Convert a dense checkpoint to LORS and save it (weights, config, "
+                                  "tokenizer files, model card); prints the parameter report.")
+    convert.add_argument("model", help="model directory or Hub id (online)")
+    convert.add_argument("output", help="directory to write the LORS checkpoint to")
+    budget = convert.add_mutually_exclusive_group()
+    budget.add_argument("--rank", type=_rank, default=None, help="private rank per layer: an int or 'full' (default 32)")
+    budget.add_argument("--target-reduction", type=float, default=None,
+                        help="instead of a rank: the fraction of the stacks' parameters to remove, e.g. 0.5")
+    convert.add_argument("--init", choices=["svd", "alternating", "scratch"], default="svd",
+                         help="how to split the pretrained weights (default: svd)")
+    convert.add_argument("--target-modules", default=None,
+                         help="comma-separated projection names to share (default: every projection in the stacks)")
+    convert.add_argument("--exclude-modules", default=None, help="comma-separated projection names to keep dense")
+    convert.add_argument("--calibration-file", default=None,
+                         help="data-aware conversion: a text file, one sample per line (needs the model's tokenizer)")
+    convert.add_argument("--calibration-samples", type=int, default=128, help="lines of it to use (default 128)")
+    convert.add_argument("--max-length", type=int, default=128, help="tokens per calibration sample (default 128)")
+    convert.set_defaults(handler=_convert)
+
+    report = commands.add_parser("report", help="parameter report of a dense or LORS checkpoint directory")
+    report.add_argument("model", help="model directory (or Hub id, online)")
+    report.add_argument("--json", action="store_true", help="print the report as JSON")
+    report.set_defaults(handler=_report)
+
+    merge = commands.add_parser("merge", help="a LORS checkpoint -> a dense checkpoint that stock transformers loads")
+    merge.add_argument("model", help="LORS checkpoint directory (or Hub id, online)")
+    merge.add_argument("output", help="directory to write the dense checkpoint to")
+    merge.set_defaults(handler=_merge)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``lors-hf``; returns 0 or exits with status 1 (mistake) / 2 (bad arguments).
+
+    Example:
+        >>> main(["report", "some/model-dir"])  # doctest: +SKIP
+    """
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # our own bar (convert) or progress lines (demo)
+    try:
+        args.handler(args)
+    except CommandError as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        raise SystemExit(1) from None
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _rank(text: str) -> int | str:
+    if text == "full":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid rank {text!r}: an int >= 0 or 'full'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"invalid rank {value}: must be >= 0")
+    return value
+
+
+def _names(text: str | None) -> list[str] | None:
+    return None if text is None else [name.strip() for name in text.split(",") if name.strip()]
+
+
+@contextlib.contextmanager
+def _guard(action: str, *kinds: type[BaseException]) -> Iterator[None]:
+    """Turn the errors that bad input causes into `CommandError` (``error: <action>: <message>``)."""
+    from .training_args import ScriptError, user_errors
+
+    try:
+        with user_errors(*kinds):
+            yield
+    except ScriptError as err:
+        raise CommandError(f"{action}: {err}") from None
+
+
+def _check_source(path: str) -> None:
+    looks_local = path.startswith(("/", "./", "../", "~")) or os.path.exists(path)
+    if looks_local and not (Path(path).expanduser() / "config.json").is_file():
+        what = "no such directory" if not Path(path).expanduser().is_dir() else "no config.json in it"
+        raise CommandError(f"{path}: {what}")
+
+
+def _check_output(path: str, source: str) -> None:
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        raise CommandError(f"{path} exists and is not a directory")
+    if target.exists() and Path(source).expanduser().exists() and target.resolve() == Path(source).expanduser().resolve():
+        raise CommandError(f"{path}: the output must differ from the input")
+
+
+def load_model(path: str) -> Any:
+    """Load a checkpoint with the class its config names (``architectures``), else ``AutoModel``.
+
+    LORS checkpoints come back as LORS models (importing lors_hf hooks ``from_pretrained``).
+
+    Example:
+        >>> # model = load_model("out/minilm-lors")
+    """
+    import transformers
+
+    from . import persistence  # noqa: F401  (the from_pretrained hooks)
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    architectures = getattr(config, "architectures", None) or []
+    model_class = next((getattr(transformers, name) for name in architectures if hasattr(transformers, name)),
+                       transformers.AutoModel)
+    return model_class.from_pretrained(path, config=config)
+
+
+def _copy_auxiliary_files(source: str, output: Path) -> list[str]:
+    """Copy tokenizer / processor files of a local `source`; for a Hub id, save its tokenizer if it has one."""
+    copied = []
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        for pattern in AUXILIARY_PATTERNS:
+            for path in sorted(folder.glob(pattern)):
+                if path.is_file() and not (output / path.name).exists():
+                    shutil.copy2(path, output / path.name)
+                    copied.append(path.name)
+        return copied
+    try:
+        from transformers import AutoTokenizer
+
+        copied = [Path(p).name for p in AutoTokenizer.from_pretrained(source).save_pretrained(output)]
+    except (OSError, ValueError, KeyError):
+        pass  # a model without a tokenizer
+    return copied
+
+
+def _progress(total: int, description: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, unit="step", file=sys.stderr,
+                bar_format="{desc:<60.60} {n_fmt}/{total_fmt} |{bar:20}| [{elapsed}]")
+
+
+# -------------------------------------------------------------------------------------------- commands
+
+
+def _demo(args: argparse.Namespace) -> None:
+    import torch
+
+    from .demo import choose_threads, run_demo
+
+    if args.threads is not None and args.threads < 1:
+        raise CommandError(f"--threads must be >= 1, got {args.threads}")
+    threads, reason = (args.threads, "--threads") if args.threads else choose_threads()
+    torch.set_num_threads(threads)
+    print(f"torch CPU threads: {threads} ({reason})")
+    with _guard("demo"):
+        run_demo(args.output_dir, quick=args.quick)
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from .config import LorsConfig
+    from .report import parameter_report
+    from .surgery import is_lorsified, lorsify
+
+    _check_source(args.model)
+    _check_output(args.output, args.model)
+    if args.calibration_file is not None and not Path(args.calibration_file).is_file():
+        raise CommandError(f"--calibration-file {args.calibration_file}: no such file")
+    if args.calibration_file is not None and args.init == "scratch":
+        raise CommandError("--calibration-file needs --init svd or alternating")
+    with _guard("convert", ValueError, TypeError):
+        config = LorsConfig(rank=args.rank, target_reduction=args.target_reduction, init=args.init,
+                            target_modules=_names(args.target_modules), exclude_modules=_names(args.exclude_modules))
+    steps = ["load", "calibrate", "convert", "save"] if args.calibration_file else ["load", "convert", "save"]
+    output = Path(args.output).expanduser()
+    with _progress(len(steps), "convert") as bar:
+        bar.set_description_str(f"convert: loading {args.model}")
+        with _guard(f"loading {args.model}"):
+            model = load_model(args.model)
+        if is_lorsified(model):
+            raise CommandError(f"{args.model} is already a LORS checkpoint (lors-hf merge gives the dense one)")
+        bar.update()
+        calibration = None
+        if args.calibration_file:
+            bar.set_description_str("convert: reading the calibration data")
+            calibration = _calibration_batches(args)
+            bar.update()
+        bar.set_description_str(f"convert: converting ({'data-aware, ' if calibration else ''}init={config.init})")
+        with _guard("convert"):
+            lorsify(model, config, calibration_data=calibration)
+        bar.update()
+        bar.set_description_str(f"convert: saving {output}")
+        with _guard("save"):
+            model.save_pretrained(output)
+            copied = _copy_auxiliary_files(args.model, output)
+        bar.update()
+        bar.set_description_str("convert: done")
+    print(parameter_report(model))
+    ranks = sorted({r for spec in model.config.lors_config["rank"].values() for r in spec if r})
+    print(f"LORS checkpoint written to {output} (init={config.init}, private ranks {ranks or [0]}"
+          + (f", data-aware on {sum(len(b['input_ids']) for b in calibration)} samples" if calibration else "")
+          + (f"; copied {', '.join(copied)}" if copied else "") + ")")
+
+
+def _calibration_batches(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from transformers import AutoTokenizer
+
+    lines = [line.strip() for line in Path(args.calibration_file).read_text(encoding="utf-8").splitlines()]
+    lines = [line for line in lines if line][: args.calibration_samples]
+    if not lines:
+        raise CommandError(f"--calibration-file {args.calibration_file} has no text")
+    with _guard(f"loading the tokenizer of {args.model}"):
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    batch_size = 16
+    return [dict(tokenizer(lines[i:i + batch_size], padding=True, truncation=True, max_length=args.max_length,
+                           return_tensors="pt")) for i in range(0, len(lines), batch_size)]
+
+
+def _report(args: argparse.Namespace) -> None:
+    from .report import parameter_report
+    from .surgery import is_lorsified
+
+    _check_source(args.model)
+    with _guard(f"loading {args.model}"):
+        model = load_model(args.model)
+    report = parameter_report(model)
+    if args.json:
+        print(json.dumps({"model": args.model, "lors": is_lorsified(model), **report.to_dict()}, indent=2))
+        return
+    kind = "LORS" if is_lorsified(model) else "dense (LORS column = as it is now)"
+    print(f"{args.model}: {type(model).__name__}, {kind}")
+    print(report)
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from .surgery import is_lorsified, merge_and_unload
+
+    _check_source(args.model)
+    _check_output(args.output, args.model)
+    with _guard(f"loading {args.model}"):
+        model = load_model(args.model)
+    if not is_lorsified(model):
+        raise CommandError(f"{args.model} is not a LORS checkpoint (its config.json has no lors_config)")
+    output = Path(args.output).expanduser()
+    with _guard("merge"):
+        merge_and_unload(model)
+        model.save_pretrained(output)
+        copied = _copy_auxiliary_files(args.model, output)
+    print(f"dense checkpoint ({type(model).__name__}, {model.num_parameters():,} parameters) written to {output}; "
+          "stock transformers loads it without lors_hf" + (f" (copied {', '.join(copied)})" if copied else ""))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""COCO detection mAP for `evaluate`, computed with pycocotools; shipped with lors_hf so it loads offline.
+
+Load it with ``lors_hf.metrics.load_metric("coco_map")`` (``evaluate.load(<this directory>)``).
+One import per line: evaluate's import scanner misreads ``import a, b``.
+"""
+
+import contextlib
+import io
+
+import datasets
+import evaluate
+import numpy as np
+
+_DESCRIPTION = """
+Mean average precision of object detections, as the COCO benchmark defines it (pycocotools' COCOeval,
+IoU thresholds 0.50:0.95, up to 100 detections per image). The ground truth is built from the references.
+"""
+
+_KWARGS_DESCRIPTION = """
+Args:
+    predictions (`list` of `dict`): one per image: ``image_id`` (int), ``boxes`` (list of
+        ``[x, y, width, height]`` in pixels), ``scores`` (list of float), ``labels`` (list of int).
+    references (`list` of `dict`): one per image, same order: ``image_id``, ``boxes``, ``labels``.
+
+Returns:
+    map, map_50, map_75, map_small, map_medium, map_large, mar_1, mar_10, mar_100 (`float`): the twelve
+    numbers COCOeval prints, minus the size-split recalls; -1.0 where no ground truth box qualifies.
+
+Examples:
+    >>> metric = lors_hf.metrics.load_metric("coco_map")
+    >>> box = [[10.0, 10.0, 20.0, 20.0]]
+    >>> result = metric.compute(predictions=[{"image_id": 1, "boxes": box, "scores": [0.9], "labels": [3]}],
+    ...                         references=[{"image_id": 1, "boxes": box, "labels": [3]}])
+    >>> round(result["map"], 6)
+    1.0
+"""
+
+_CITATION = """
+@inproceedings{lin2014microsoft,
+  title={Microsoft COCO: Common Objects in Context},
+  author={Lin, Tsung-Yi and Maire, Michael and Belongie, Serge and others},
+  booktitle={ECCV},
+  year={2014}
+}
+"""
+
+_STAT_NAMES = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100")
+
+
+@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
+class CocoMap(evaluate.Metric):
+    """COCO mAP of per-image box predictions against per-image reference boxes."""
+
+    def _info(self) -> evaluate.MetricInfo:
+        boxes = datasets.Sequence(datasets.Sequence(datasets.Value("float64")))
+        return evaluate.MetricInfo(
+            description=_DESCRIPTION,
+            citation=_CITATION,
+            inputs_description=_KWARGS_DESCRIPTION,
+            features=datasets.Features(
+                {
+                    "predictions": {
+                        "image_id": datasets.Value("int64"),
+                        "boxes": boxes,
+                        "scores": datasets.Sequence(datasets.Value("float64")),
+                        "labels": datasets.Sequence(datasets.Value("int64")),
+                    },
+                    "references": {
+                        "image_id": datasets.Value("int64"),
+                        "boxes": boxes,
+                        "labels": datasets.Sequence(datasets.Value("int64")),
+                    },
+                }
+            ),
+            reference_urls=["https://cocodataset.org/#detection-eval"],
+        )
+
+    def _compute(self, predictions, references):
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+
+        if len(predictions) != len(references):
+            raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+        images, annotations, detections, categories = [], [], [], set()
+        for reference in references:
+            images.append({"id": int(reference["image_id"])})
+            for box, label in zip(reference["boxes"], reference["labels"], strict=True):
+                categories.add(int(label))
+                annotations.append({"id": len(annotations) + 1, "image_id": int(reference["image_id"]),
+                                    "category_id": int(label), "bbox": [float(v) for v in box],
+                                    "area": float(box[2] * box[3]), "iscrowd": 0})
+        for prediction in predictions:
+            for box, score, label in zip(prediction["boxes"], prediction["scores"], prediction["labels"], strict=True):
+                categories.add(int(label))
+                detections.append({"image_id": int(prediction["image_id"]), "category_id": int(label),
+                                   "bbox": [float(v) for v in box], "score": float(score)})
+        if not annotations or not detections:
+            return {name: 0.0 if annotations else -1.0 for name in _STAT_NAMES}
+        with contextlib.redirect_stdout(io.StringIO()):
+            ground_truth = COCO()
+            ground_truth.dataset = {"images": images, "annotations": annotations,
+                                    "categories": [{"id": c} for c in sorted(categories)]}
+            ground_truth.createIndex()
+            evaluation = COCOeval(ground_truth, ground_truth.loadRes(detections), "bbox")
+            evaluation.evaluate()
+            evaluation.accumulate()
+            evaluation.summarize()
+        stats = np.asarray(evaluation.stats, dtype=float)
+        return {name: float(stats[i]) for i, name in enumerate(_STAT_NAMES)}

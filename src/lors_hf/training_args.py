@@ -1,0 +1,392 @@
+"""Argument dataclasses and small helpers shared by the fine-tuning scripts in ``scripts/``.
+
+The scripts follow the Hugging Face examples: an ``HfArgumentParser`` over a few dataclasses plus
+``TrainingArguments``. The LORS part is the same everywhere::
+
+    from transformers import TrainingArguments
+    from lors_hf.training_args import LorsArguments, ScriptArgumentParser
+
+    parser = ScriptArgumentParser((LorsArguments, TrainingArguments))
+    lors_args, training_args = parser.parse_args_into_dataclasses()
+    config = lors_args.to_config(pretrained=True)      # None with --no_lors (the dense baseline)
+
+User mistakes (a missing file, a bad column, a rank that does not fit) end the scripts with one line,
+``error: ...`` on stderr and exit status 1 (2 for unparsable arguments), instead of a traceback:
+raise `ScriptError` or wrap the setup in `user_errors`, and start the script with `run_main`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+from transformers import HfArgumentParser
+
+from .config import INIT_METHODS, LorsConfig
+from .report import parameter_report
+from .surgery import SHARED_CONTAINER
+
+BUNDLED_MODELS = {"minilm": "minilm_path", "smollm2": "smollm2_path"}
+"""``bundled:<name>`` model names and the `lors_hf.assets` function giving their directory."""
+
+PARAMETER_REPORT_TEXT = "parameter_report.txt"
+PARAMETER_REPORT_JSON = "parameter_report.json"
+DDP_SYNC_DIR = "ddp_sync"
+
+
+class ScriptError(Exception):
+    """A mistake in the user's arguments or data: reported as one line, ``error: <message>``."""
+
+
+# ----------------------------------------------------------------------------------- argument dataclasses
+
+
+@dataclass
+class LorsArguments:
+    """The LORS options every script takes (``--lors_rank 32``, ``--lors_target_reduction 0.5``, ...).
+
+    Example:
+        >>> LorsArguments(lors_target_reduction=0.5).to_config(pretrained=True).init
+        'svd'
+        >>> LorsArguments(no_lors=True).to_config() is None
+        True
+    """
+
+    lors_rank: int | None = field(
+        default=None,
+        metadata={"help": "Private rank of every layer (default 32 unless --lors_target_reduction is given)."},
+    )
+    lors_target_reduction: float | None = field(
+        default=None,
+        metadata={"help": "Instead of a rank: the fraction of the stacks' parameters to remove, e.g. 0.5."},
+    )
+    lors_init: str = field(
+        default="auto",
+        metadata={
+            "help": "How to split the dense weights: 'svd' (shared = mean, private = truncated SVD), "
+            "'alternating' (svd refined), 'scratch' (the paper's: B = 0). 'auto': 'svd' for pretrained "
+            "weights, 'scratch' for a model built from a config.",
+            "choices": ["auto", *INIT_METHODS],
+        },
+    )
+    lors_calibration_batches: int = field(
+        default=0,
+        metadata={
+            "help": "Data-aware conversion: run this many training batches through the dense model and "
+            "minimise the error of each projection's outputs on them (needs svd/alternating init)."
+        },
+    )
+    no_lors: bool = field(default=False, metadata={"help": "Train the dense model instead (the baseline)."})
+    check_ddp_sync: bool = field(
+        default=False,
+        metadata={
+            "help": "After training, write a digest of the weights as each process holds them to "
+            f"<output_dir>/{DDP_SYNC_DIR}/rank<k>.json (to check that DDP kept the shared weights equal)."
+        },
+    )
+
+    def to_config(self, pretrained: bool = True) -> LorsConfig | None:
+        """The `LorsConfig` these arguments ask for; None for the dense baseline (``--no_lors``).
+
+        Args:
+            pretrained: whether the model holds pretrained weights (picks the init for ``"auto"``).
+        """
+        if self.no_lors:
+            return None
+        init = self.lors_init if self.lors_init != "auto" else ("svd" if pretrained else "scratch")
+        return LorsConfig(rank=self.lors_rank, target_reduction=self.lors_target_reduction, init=init)
+
+
+@dataclass
+class DistillArguments:
+    """Recovery training by knowledge distillation from the dense model (``--distill``).
+
+    Example:
+        >>> DistillArguments(distill=True).distill_temperature
+        2.0
+    """
+
+    distill: bool = field(
+        default=False,
+        metadata={"help": "Train the LORS model to match the dense model (KL on logits + hidden states)."},
+    )
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Dense teacher checkpoint (default: the dense model the LORS model was converted from)."},
+    )
+    distill_temperature: float = field(default=2.0, metadata={"help": "Softmax temperature of the KL term."})
+    distill_alpha_kl: float = field(default=1.0, metadata={"help": "Weight of the KL term on the logits."})
+    distill_alpha_hidden: float = field(default=1.0, metadata={"help": "Weight of the hidden-state term."})
+    distill_alpha_task: float = field(default=1.0, metadata={"help": "Weight of the ordinary task loss."})
+
+
+# ------------------------------------------------------------------------------------------ parsing, errors
+
+
+def one_line(message: object) -> str:
+    """``message`` with every run of whitespace (newlines included) collapsed to one space."""
+    return " ".join(str(message).split())
+
+
+class ScriptArgumentParser(HfArgumentParser):
+    """``HfArgumentParser`` whose errors are one line (``error: ...``, exit status 2), without the usage.
+
+    Example:
+        >>> from transformers import TrainingArguments
+        >>> parser = ScriptArgumentParser((LorsArguments, TrainingArguments))
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {one_line(message)} (see --help)\n")
+
+    def parse_args_into_dataclasses(self, args: list[str] | None = None, **kwargs: Any) -> tuple[Any, ...]:
+        """As ``HfArgumentParser``'s, plus `implied_arguments` (``--use_cpu`` under torchrun without a GPU)."""
+        args = list(sys.argv[1:] if args is None else args)
+        if any(getattr(t, "__name__", "") == "TrainingArguments" for t in self.dataclass_types):
+            args = implied_arguments(args)
+        return super().parse_args_into_dataclasses(args=args, **kwargs)
+
+
+def implied_arguments(args: list[str]) -> list[str]:
+    """``args`` plus ``--use_cpu`` when launched by torchrun (``WORLD_SIZE`` > 1) on a machine without GPU.
+
+    Without it transformers sets up no DDP on CPU and every process silently trains alone.
+
+    Example:
+        >>> implied_arguments(["--output_dir", "out"])  # WORLD_SIZE unset: unchanged
+        ['--output_dir', 'out']
+    """
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    given = any(a.startswith(("--use_cpu", "--use-cpu")) for a in args)
+    if distributed and not given and not torch.cuda.is_available():
+        return [*args, "--use_cpu"]
+    return list(args)
+
+
+@contextlib.contextmanager
+def user_errors(*kinds: type[BaseException]) -> Iterator[None]:
+    """Turn the errors a bad argument or file causes (ValueError, OSError, KeyError...) into `ScriptError`.
+
+    Wrap the setup phase (loading data and models, converting) in it, not the training loop, whose
+    failures are bugs and keep their traceback.
+
+    Example:
+        >>> with user_errors():  # doctest: +SKIP
+        ...     dataset = load_dataset("csv", data_files=path)
+    """
+    kinds = kinds or (ValueError, OSError, KeyError, ImportError)
+    try:
+        yield
+    except ScriptError:
+        raise
+    except kinds as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        raise ScriptError(one_line(message) or type(err).__name__) from err
+
+
+def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    """Call ``main(argv)``; a `ScriptError` becomes ``error: <message>`` on stderr and exit status 1.
+
+    Example:
+        >>> # if __name__ == "__main__": sys.exit(run_main(main))
+    """
+    try:
+        return main(argv) or 0
+    except ScriptError as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 1
+
+
+def resolve_model_path(name: str) -> str:
+    """A model path or Hub id, with ``bundled:minilm`` / ``bundled:smollm2`` mapped to the offline assets.
+
+    Example:
+        >>> resolve_model_path("bert-base-uncased")
+        'bert-base-uncased'
+    """
+    if not name.startswith("bundled:"):
+        looks_local = name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
+        if looks_local and not Path(name).expanduser().is_dir():
+            raise ScriptError(f"{name}: no such model directory")
+        return str(Path(name).expanduser()) if looks_local else name
+    key = name.removeprefix("bundled:")
+    if key not in BUNDLED_MODELS:
+        raise ScriptError(f"unknown bundled model {name!r}; choose one of "
+                          + ", ".join(f"bundled:{k}" for k in BUNDLED_MODELS))
+    from . import assets
+
+    with user_errors():
+        return getattr(assets, BUNDLED_MODELS[key])()
+
+
+def check_file(path: str | None, option: str, suffixes: tuple[str, ...]) -> str | None:
+    """Return ``path`` after checking that it exists and has one of ``suffixes`` (None passes)."""
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise ScriptError(f"{option} {path}: no such file")
+    if not path.endswith(suffixes):
+        raise ScriptError(f"{option} {path}: expected a {' / '.join(suffixes)} file")
+    return path
+
+
+def parse_overrides(text: str | None) -> dict[str, Any]:
+    """``"n_layer=2,n_embd=64,activation=gelu"`` -> ``{"n_layer": 2, "n_embd": 64, "activation": "gelu"}``.
+
+    Values are read as JSON when they parse (ints, floats, true/false, lists), else kept as strings;
+    a comma starts a new item only when ``key=`` follows it, so lists need no quoting.
+
+    Example:
+        >>> parse_overrides("n_layer=2,dropout=0.1,act=gelu,hidden_sizes=[8,16]")
+        {'n_layer': 2, 'dropout': 0.1, 'act': 'gelu', 'hidden_sizes': [8, 16]}
+    """
+    result: dict[str, Any] = {}
+    if not text:
+        return result
+    for item in re.split(r",(?=\s*\w+\s*=)", text):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ScriptError(f"bad override {item!r}: expected key=value (e.g. n_layer=2,n_embd=64)")
+        try:
+            result[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            result[key.strip()] = value
+    return result
+
+
+def apply_overrides(config: Any, overrides: dict[str, Any], option: str = "--config_overrides") -> None:
+    """Set ``overrides`` on a transformers config; an unknown key is a `ScriptError`."""
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise ScriptError(f"{option}: {type(config).__name__} has no field {key!r}")
+        setattr(config, key, value)
+
+
+# ------------------------------------------------------------------------------------------------- LORS
+
+
+def convert_model(model: torch.nn.Module, lors_args: LorsArguments, pretrained: bool,
+                  calibration_batches: list[dict[str, torch.Tensor]] | None = None) -> torch.nn.Module:
+    """``lorsify`` `model` as `lors_args` asks (a no-op for ``--no_lors``); bad settings are `ScriptError`.
+
+    Example:
+        >>> # model = convert_model(model, lors_args, pretrained=True, calibration_batches=batches[:4])
+    """
+    from .surgery import lorsify
+
+    with user_errors(ValueError, TypeError):
+        config = lors_args.to_config(pretrained=pretrained)
+        if config is None:
+            return model
+        if calibration_batches and config.init == "scratch":
+            raise ScriptError("--lors_calibration_batches needs --lors_init svd or alternating "
+                              "(scratch initialisation ignores the data)")
+        return lorsify(model, config, calibration_data=calibration_batches or None)
+
+
+def calibration_batches(dataset: Any, collator: Callable, batch_size: int, count: int) -> list[dict[str, Any]]:
+    """The first ``count`` batches of ``dataset`` (in order, labels dropped), for data-aware conversion."""
+    if count <= 0:
+        return []
+    from torch.utils.data import DataLoader
+
+    batches = []
+    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collator, shuffle=False):
+        batches.append({k: v for k, v in batch.items() if k != "labels"})
+        if len(batches) == count:
+            break
+    return batches
+
+
+def write_parameter_report(model: torch.nn.Module, output_dir: str | os.PathLike) -> str:
+    """Write ``parameter_report.txt`` and ``parameter_report.json`` into ``output_dir``; return the text.
+
+    Example:
+        >>> # print(write_parameter_report(model, "out"))
+    """
+    report = parameter_report(model)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text = str(report)
+    (out / PARAMETER_REPORT_TEXT).write_text(text + "\n", encoding="utf-8")
+    (out / PARAMETER_REPORT_JSON).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return text
+
+
+def parameter_metrics(model: torch.nn.Module) -> dict[str, float]:
+    """The headline numbers of the parameter report, to log next to the other metrics."""
+    report = parameter_report(model)
+    stacks, total = report.stacks_total, report.total
+    return {"params_total": total.lors, "params_dense_total": total.dense, "params_stacks": stacks.lors,
+            "params_dense_stacks": stacks.dense, "params_stacks_reduction": round(stacks.reduction, 6)}
+
+
+def weights_digest(model: torch.nn.Module) -> dict[str, str | None]:
+    """SHA-256 digests of the shared LORS weights (None for a dense model) and of all parameters.
+
+    Two models with equal digests hold bit-identical weights.
+
+    Example:
+        >>> # weights_digest(trainer.model)["shared"] == weights_digest(reloaded)["shared"]
+    """
+    def digest(items: list[tuple[str, torch.Tensor]]) -> str:
+        sha = hashlib.sha256()
+        for name, tensor in sorted(items):
+            sha.update(name.encode())
+            sha.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return sha.hexdigest()
+
+    named = list(model.named_parameters())
+    shared = [(n, p) for n, p in named if f".{SHARED_CONTAINER}." in f".{n}"]
+    return {"shared": digest(shared) if shared else None, "all": digest(named)}
+
+
+def write_ddp_sync(model: torch.nn.Module, output_dir: str | os.PathLike, wrapped: torch.nn.Module | None = None) -> Path:
+    """Write ``<output_dir>/ddp_sync/rank<k>.json``: this process's rank, world size and weight digests.
+
+    ``wrapped`` is the model as trained (``trainer.model_wrapped``); ``"ddp"`` in the file records whether
+    it was a ``DistributedDataParallel`` (processes that train alone can also end with equal weights).
+
+    Example:
+        >>> # write_ddp_sync(trainer.model, args.output_dir, wrapped=trainer.model_wrapped)
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    world_size = torch.distributed.get_world_size() if distributed else 1
+    path = Path(output_dir) / DDP_SYNC_DIR / f"rank{rank}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"rank": rank, "world_size": world_size, "ddp": isinstance(wrapped, DistributedDataParallel),
+              **weights_digest(model)}
+    path.write_text(json.dumps(record), encoding="utf-8")
+    return path
+
+
+def push_output_dir(output_dir: str | os.PathLike, repo_id: str, token: str | None = None,
+                    private: bool | None = None) -> str:
+    """Upload the saved model, tokenizer, model card, metrics and reports of ``output_dir`` to the Hub.
+
+    Training checkpoints, logs and DDP digests are left out. Returns the commit URL.
+
+    Example:
+        >>> # push_output_dir("out/minilm-lors", "me/minilm-lors")
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    commit = api.upload_folder(repo_id=repo_id, folder_path=str(output_dir),
+                               ignore_patterns=["checkpoint-*", "checkpoint-*/**", "runs/**", f"{DDP_SYNC_DIR}/**",
+                                                "training_args.bin"],
+                               commit_message="Upload model trained with lors-hf")
+    return str(commit)

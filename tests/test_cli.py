@@ -1,0 +1,180 @@
+"""Tests of the ``lors-hf`` command line: convert, report, merge, demo, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+
+import lors_hf
+import lors_hf.assets
+from lors_hf.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the CI box is small and shared: one thread is faster than contended two
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dense_dir(tmp_path_factory) -> Path:
+    """A tiny dense BERT classifier (random weights) with the real MiniLM tokenizer."""
+    path = tmp_path_factory.mktemp("dense")
+    tokenizer = tf.AutoTokenizer.from_pretrained(lors_hf.assets.minilm_path())
+    torch.manual_seed(0)
+    config = tf.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=64)
+    tf.BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def run_cli(*args: str) -> int:
+    try:
+        return main([str(a) for a in args])
+    except SystemExit as exit_:
+        return exit_.code
+
+
+def logits(model: torch.nn.Module, tokenizer_dir: Path) -> torch.Tensor:
+    tokenizer = tf.AutoTokenizer.from_pretrained(tokenizer_dir)
+    batch = tokenizer(["a gripping, funny film", "dull and far too long"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model.eval()(**batch).logits
+
+
+def test_convert_report_merge_roundtrip(dense_dir, tmp_path, capsys):
+    lors_dir, merged_dir = tmp_path / "lors", tmp_path / "merged"
+    assert run_cli("convert", dense_dir, lors_dir, "--rank", "3", "--init", "svd") == 0
+    printed = capsys.readouterr()
+    assert "whole model" in printed.out and f"LORS checkpoint written to {lors_dir}" in printed.out
+    assert "convert: done" in printed.err  # the progress bar
+    assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= {p.name for p in lors_dir.iterdir()}
+
+    converted = tf.AutoModelForSequenceClassification.from_pretrained(lors_dir)
+    assert lors_hf.is_lorsified(converted)
+    assert {r for spec in converted.config.lors_config["rank"].values() for r in spec} == {3}
+    # rank 3 of 32: the conversion is lossy, but it is the SVD split of the dense weights, not noise
+    dense = tf.AutoModelForSequenceClassification.from_pretrained(dense_dir)
+    reference = lors_hf.lorsify(tf.AutoModelForSequenceClassification.from_pretrained(dense_dir), rank=3, init="svd")
+    assert torch.allclose(logits(converted, lors_dir), logits(reference, dense_dir), atol=1e-6)
+    assert not torch.allclose(logits(converted, lors_dir), logits(dense, dense_dir), atol=1e-6)
+
+    assert run_cli("report", lors_dir, "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["lors"] is True
+    assert report == {"model": str(lors_dir), "lors": True, **lors_hf.parameter_report(converted).to_dict()}
+    assert run_cli("report", lors_dir) == 0
+    assert "bert.encoder.layer" in capsys.readouterr().out
+
+    assert run_cli("merge", lors_dir, merged_dir) == 0
+    assert "stock transformers loads it" in capsys.readouterr().out
+    assert not lors_hf.is_lorsified(tf.AutoModelForSequenceClassification.from_pretrained(merged_dir))
+    # Stock transformers, without lors_hf, loads the merged checkpoint and computes the LORS model's outputs.
+    script = ("import sys, json, torch, transformers as tf\n"
+              "assert 'lors_hf' not in sys.modules\n"
+              "tok = tf.AutoTokenizer.from_pretrained(sys.argv[1])\n"
+              "model = tf.AutoModelForSequenceClassification.from_pretrained(sys.argv[1]).eval()\n"
+              "batch = tok(['a gripping, funny film', 'dull and far too long'], padding=True, return_tensors='pt')\n"
+              "with torch.no_grad(): print(json.dumps(model(**batch).logits.tolist()))\n"
+              "assert 'lors_hf' not in sys.modules\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script, str(merged_dir)], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stock = torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert torch.allclose(stock, logits(converted, lors_dir), atol=1e-5)
+
+
+def test_convert_to_a_budget_with_calibration_data(dense_dir, tmp_path, capsys):
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text("\n".join(lors_hf.assets.shakespeare_text().splitlines()[200:260]), encoding="utf-8")
+    out = tmp_path / "budget"
+    code = run_cli("convert", dense_dir, out, "--target-reduction", "0.4", "--init", "alternating",
+                   "--calibration-file", calibration, "--calibration-samples", "40", "--max-length", "32")
+    assert code == 0
+    assert "data-aware on 40 samples" in capsys.readouterr().out
+    assert run_cli("report", out, "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["stacks_total"]["reduction"] >= 0.4
+    assert lors_hf.get_lors_config(tf.AutoModelForSequenceClassification.from_pretrained(out)).init == "alternating"
+
+
+def test_report_of_a_dense_checkpoint(dense_dir, capsys):
+    assert run_cli("report", dense_dir, "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["lors"] is False
+    assert report["stacks_total"]["lors"] == report["stacks_total"]["dense"] > 0
+    assert report["model_total"]["lors"] == tf.AutoModelForSequenceClassification.from_pretrained(dense_dir).num_parameters()
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "message"),
+    [
+        (["convert", "{tmp}/missing", "{tmp}/out"], 1, "no such directory"),
+        (["convert", "{dense}", "{tmp}/out", "--rank", "99"], 1, "rank 99 does not fit"),
+        (["convert", "{dense}", "{tmp}/out", "--target-reduction", "1.5"], 1, "must lie in (0, 1)"),
+        (["convert", "{dense}", "{tmp}/out", "--rank", "-1"], 2, "invalid rank -1"),
+        (["convert", "{dense}", "{tmp}/out", "--rank", "4", "--target-reduction", "0.5"], 2, "not allowed with"),
+        (["convert", "{dense}", "{tmp}/out", "--calibration-file", "{tmp}/none.txt"], 1, "no such file"),
+        (["convert", "{dense}", "{dense}"], 1, "must differ from the input"),
+        (["merge", "{dense}", "{tmp}/out"], 1, "not a LORS checkpoint"),
+        (["report", "{tmp}"], 1, "no config.json"),
+        (["frobnicate"], 2, "invalid choice"),
+    ],
+)
+def test_wrong_arguments_give_one_line(args, status, message, dense_dir, tmp_path, capsys):
+    args = [a.format(tmp=tmp_path, dense=dense_dir) for a in args]
+    assert run_cli(*args) == status
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_refuses_a_lors_checkpoint(dense_dir, tmp_path, capsys):
+    assert run_cli("convert", dense_dir, tmp_path / "once", "--rank", "2") == 0
+    assert run_cli("convert", tmp_path / "once", tmp_path / "twice", "--rank", "2") == 1
+    assert "already a LORS checkpoint" in capsys.readouterr().err
+
+
+def test_console_script_and_module_entry_point(dense_dir, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    executable = shutil.which("lors-hf")
+    command = [executable] if executable else [sys.executable, "-m", "lors_hf"]
+    proc = subprocess.run([*command, "report", str(dense_dir), "--json"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["lors"] is False
+    proc = subprocess.run([sys.executable, "-m", "lors_hf", "merge", str(dense_dir), str(tmp_path / "x")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_demo_quick(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert run_cli("demo", "--quick", "--output-dir", out) == 0
+    printed = capsys.readouterr().out
+    assert "output fidelity" in printed and "accuracy after fine-tuning" in printed
+    results = json.loads((out / "demo_results.json").read_text())
+    assert results["parameters"]["stacks_total"]["reduction"] >= 0.5
+    assert -1.0 <= results["fidelity"]["cosine_mean"] <= 1.0 and results["fidelity"]["max_abs_diff"] > 0
+    assert all(0.0 <= results["accuracy"][k] <= 1.0 for k in ("dense", "lors"))
+    assert results["runs"]["dense"]["loss_curve"] and results["runs"]["lors"]["loss_curve"]
+    assert results["reload_max_abs_diff"] == 0.0
+    assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    model = tf.AutoModelForSequenceClassification.from_pretrained(out / "lors-model")
+    assert lors_hf.is_lorsified(model) and model.config.num_labels == 2
+    assert not any(p.name.startswith(".trainer") for p in out.iterdir())

@@ -1,0 +1,385 @@
+"""Smoke tests of scripts/run_{classification,clm,detection}.py on small slices of the real data sets.
+
+Most runs call the scripts' ``main`` in this process (fast); the torchrun DDP run, the Hub push and
+one error run go through a real subprocess.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+
+import lors_hf
+import lors_hf.assets
+import lors_hf.metrics
+from lors_hf.training_args import DDP_SYNC_DIR, weights_digest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+COMMON = ["--report_to", "none", "--save_strategy", "no", "--seed", "0", "--dataloader_pin_memory", "false"]
+TINY_GPT2 = ["--model_type", "gpt2", "--config_overrides", "n_layer=3,n_embd=32,n_head=2,n_positions=64"]
+TINY_DETR = ["--config_overrides", "d_model=64,encoder_layers=2,decoder_layers=2,encoder_ffn_dim=64,"
+             "decoder_ffn_dim=64,encoder_attention_heads=2,decoder_attention_heads=2,num_queries=10",
+             "--backbone_overrides", 'embedding_size=8,hidden_sizes=[16,32],depths=[1,1],out_features=["stage2"]',
+             "--image_size", "64"]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"lors_script_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(name: str, *args: str) -> int:
+    """Run ``scripts/<name>.py`` in this process; returns its exit status (argparse errors included)."""
+    module = load_script(name)
+    try:
+        return module.run_main(module.main, list(args))
+    except SystemExit as exit_:
+        return exit_.code
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
+                **extra})
+    return env
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the CI box is small and shared: one thread is faster than contended two
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """The small slices that ``scripts/prepare_data.py --small`` builds from the bundled real data."""
+    out = tmp_path_factory.mktemp("data")
+    prepare = load_script("prepare_data")
+    assert prepare.main(["--out", str(out), "--small"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A tiny BERT classifier with the real MiniLM tokenizer (so real text goes through it)."""
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = tf.AutoTokenizer.from_pretrained(lors_hf.assets.minilm_path())
+    torch.manual_seed(0)
+    config = tf.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=128)
+    tf.BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def classification_args(data: Path, model: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model_name_or_path", str(model), "--train_file", str(data / "rotten_tomatoes/train.csv"),
+            "--validation_file", str(data / "rotten_tomatoes/test.csv"), "--max_seq_length", "48",
+            "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "32", "--max_steps", "4",
+            "--learning_rate", "1e-3", "--output_dir", str(out), *COMMON, *extra]
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def accuracy_of(model_dir: Path, csv_file: Path, max_length: int) -> float:
+    rows = list(csv.DictReader(csv_file.open(encoding="utf-8")))
+    tokenizer = tf.AutoTokenizer.from_pretrained(model_dir)
+    model = tf.AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(rows), 32):
+            chunk = rows[start:start + 32]
+            batch = tokenizer([r["text"] for r in chunk], padding=True, truncation=True, max_length=max_length,
+                              return_tensors="pt")
+            predicted = model(**batch).logits.argmax(-1)
+            labels = torch.tensor([int(r["label"]) for r in chunk])
+            correct += int((predicted == labels).sum())
+    return correct / len(rows)
+
+
+# ----------------------------------------------------------------------------------------- classification
+
+
+def test_classification_lors_saves_what_it_evaluated(data, tiny_bert, tmp_path):
+    out = tmp_path / "cls"
+    code = run_script("run_classification", *classification_args(
+        data, tiny_bert, out, "--lors_rank", "4", "--lors_calibration_batches", "2", "--do_train", "--do_eval"))
+    assert code == 0
+    results = read_json(out / "all_results.json")
+    report = read_json(out / "parameter_report.json")
+    assert math.isfinite(results["train_loss"]) and 0.0 <= results["eval_accuracy"] <= 1.0
+    assert report["stacks_total"]["lors"] < report["stacks_total"]["dense"]
+    assert results["params_stacks"] == report["stacks_total"]["lors"]
+    assert "reduction" in (out / "parameter_report.txt").read_text()
+
+    reloaded = tf.AutoModelForSequenceClassification.from_pretrained(out)
+    assert lors_hf.is_lorsified(reloaded)
+    assert {r for spec in reloaded.config.lors_config["rank"].values() for r in spec} == {4}
+    assert lors_hf.parameter_report(reloaded).to_dict() == report
+    # The saved model is the one that was evaluated: its accuracy, recomputed from the files, matches.
+    assert accuracy_of(out, data / "rotten_tomatoes/test.csv", 48) == pytest.approx(results["eval_accuracy"])
+
+
+def test_classification_dense_baseline(data, tiny_bert, tmp_path):
+    out = tmp_path / "dense"
+    assert run_script("run_classification", *classification_args(data, tiny_bert, out, "--no_lors", "--do_train")) == 0
+    reloaded = tf.AutoModelForSequenceClassification.from_pretrained(out)
+    assert not lors_hf.is_lorsified(reloaded)
+    report = read_json(out / "parameter_report.json")
+    assert report["stacks_total"]["lors"] == report["stacks_total"]["dense"]
+    trained = weights_digest(reloaded)["all"]
+    initial = weights_digest(tf.AutoModelForSequenceClassification.from_pretrained(tiny_bert))["all"]
+    assert trained != initial
+
+
+def test_classification_distill(data, tiny_bert, tmp_path):
+    pytest.importorskip("lors_hf.distill")
+    out = tmp_path / "distill"
+    code = run_script("run_classification", *classification_args(
+        data, tiny_bert, out, "--lors_target_reduction", "0.3", "--distill", "--distill_alpha_task", "0.5",
+        "--do_train", "--logging_steps", "1"))
+    assert code == 0
+    history = read_json(out / "trainer_state.json")["log_history"]
+    logged = [entry for entry in history if "distill_kl" in entry]
+    assert logged and all(math.isfinite(entry["distill_hidden"]) for entry in logged)
+    assert lors_hf.is_lorsified(tf.AutoModelForSequenceClassification.from_pretrained(out))
+
+
+# -------------------------------------------------------------------------------------------------- clm
+
+
+def test_clm_from_scratch(data, tmp_path):
+    out = tmp_path / "clm"
+    code = run_script(
+        "run_clm", *TINY_GPT2, "--lors_rank", "4", "--train_file", str(data / "shakespeare/train.txt"),
+        "--validation_file", str(data / "shakespeare/validation.txt"), "--block_size", "32",
+        "--per_device_train_batch_size", "4", "--max_steps", "3", "--max_eval_samples", "8",
+        "--do_train", "--do_eval", "--output_dir", str(out), *COMMON)
+    assert code == 0
+    results = read_json(out / "all_results.json")
+    assert results["perplexity"] == pytest.approx(math.exp(results["eval_loss"]))
+    assert 0.0 <= results["eval_accuracy"] <= 1.0
+    model = tf.AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(model, tf.GPT2LMHeadModel) and lors_hf.is_lorsified(model)
+    assert lors_hf.get_lors_config(model).init == "scratch"  # "auto" init for a model built from a config
+    tokenizer = tf.AutoTokenizer.from_pretrained(out)
+    assert model.config.vocab_size == len(tokenizer)
+
+
+def test_clm_pretrained_distill_from_dense_checkpoint(data, tmp_path):
+    pytest.importorskip("lors_hf.distill")
+    dense_dir = tmp_path / "dense-llama"
+    code = run_script(
+        "run_clm", "--model_type", "llama", "--config_overrides",
+        "hidden_size=32,intermediate_size=64,num_hidden_layers=3,num_attention_heads=4,num_key_value_heads=2",
+        "--no_lors", "--train_file", str(data / "shakespeare/train.txt"), "--block_size", "32",
+        "--max_steps", "2", "--do_train", "--output_dir", str(dense_dir), *COMMON)
+    assert code == 0
+    out = tmp_path / "distilled"
+    code = run_script(
+        "run_clm", "--model_name_or_path", str(dense_dir), "--lors_target_reduction", "0.4", "--distill",
+        "--train_file", str(data / "shakespeare/train.txt"), "--block_size", "32", "--max_steps", "2",
+        "--logging_steps", "1", "--do_train", "--output_dir", str(out), *COMMON)
+    assert code == 0
+    model = tf.AutoModelForCausalLM.from_pretrained(out)
+    assert lors_hf.get_lors_config(model).init == "svd"  # "auto" init for pretrained weights
+    assert read_json(out / "parameter_report.json")["stacks_total"]["reduction"] >= 0.4
+    assert any("distill_kl" in entry for entry in read_json(out / "trainer_state.json")["log_history"])
+
+
+@pytest.mark.slow
+def test_clm_real_smollm2(data, tmp_path):
+    out = tmp_path / "smollm2"
+    code = run_script(
+        "run_clm", "--model_name_or_path", "bundled:smollm2", "--lors_target_reduction", "0.5",
+        "--train_file", str(data / "shakespeare/train.txt"), "--validation_file", str(data / "shakespeare/validation.txt"),
+        "--block_size", "32", "--per_device_train_batch_size", "1", "--max_steps", "1", "--max_eval_samples", "2",
+        "--do_train", "--do_eval", "--output_dir", str(out), *COMMON)
+    assert code == 0
+    report = read_json(out / "parameter_report.json")
+    assert report["stacks"][0]["layers"] == 30 and report["stacks_total"]["reduction"] >= 0.5
+    assert math.isfinite(read_json(out / "all_results.json")["eval_loss"])
+
+
+# -------------------------------------------------------------------------------------------- detection
+
+
+def test_detection_learns_saves_and_reloads(data, tmp_path):
+    """Overfitting 8 real images must find their objects (mAP through pycocotools), then reload as LORS."""
+    out = tmp_path / "detr"
+    train = str(data / "fashion_detection/train.json")
+    code = run_script(
+        "run_detection", *TINY_DETR, "--lors_rank", "8", "--train_annotation_file", train,
+        "--validation_annotation_file", train, "--max_train_samples", "8", "--max_eval_samples", "8",
+        "--per_device_train_batch_size", "8", "--max_steps", "400", "--learning_rate", "5e-4",
+        "--lr_scheduler_type", "constant", "--do_train", "--do_eval", "--output_dir", str(out), *COMMON)
+    assert code == 0
+    results = read_json(out / "all_results.json")
+    assert math.isfinite(results["eval_loss"]) and {"eval_map_75", "eval_mar_100"} <= set(results)
+    assert results["eval_map_50"] > 0.1  # about 0.34 here; an untrained DETR scores 0
+    model = tf.DetrForObjectDetection.from_pretrained(out)
+    assert lors_hf.is_lorsified(model)
+    assert [s["name"] for s in read_json(out / "parameter_report.json")["stacks"]] == [
+        "model.encoder.layers", "model.decoder.layers"]
+    assert model.config.num_labels == 10 and model.config.id2label[0] == "T-shirt/top"
+
+
+def test_detection_boxes_and_map_are_right(data):
+    """Boxes survive the DETR encoding exactly, and the ground truth as predictions scores mAP 1."""
+    detection = load_script("run_detection")
+    records, categories = detection.read_coco(str(data / "fashion_detection/val.json"), None, "--validation_annotation_file")
+    label_of_category = {c: i for i, c in enumerate(sorted(categories))}
+    dataset = detection.DetectionDataset(records, label_of_category, image_size=48)
+    metric = lors_hf.metrics.load_metric("coco_map")
+    for index, record in enumerate(records):
+        target = dataset[index]["labels"]
+        assert dataset[index]["pixel_values"].shape == (3, 48, 48)
+        boxes = detection._reference_boxes(target)
+        assert torch.allclose(torch.tensor(boxes), torch.tensor(record["boxes"]).reshape(-1, 4), atol=1e-3)
+        metric.add(prediction={"image_id": record["image_id"], "boxes": boxes, "scores": [0.9] * len(boxes),
+                               "labels": record["category_ids"]},
+                   reference={"image_id": record["image_id"], "boxes": record["boxes"], "labels": record["category_ids"]})
+    assert metric.compute()["map"] == pytest.approx(1.0)
+    shifted = metric.compute(
+        predictions=[{"image_id": r["image_id"], "boxes": [[x + w / 2, y, w, h] for x, y, w, h in r["boxes"]],
+                      "scores": [0.9] * len(r["boxes"]), "labels": r["category_ids"]} for r in records],
+        references=[{"image_id": r["image_id"], "boxes": r["boxes"], "labels": r["category_ids"]} for r in records])
+    assert shifted["map"] < 0.2 and shifted["map_50"] < 0.2
+
+
+# ---------------------------------------------------------------------------------------- DDP and Hub
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_keep_shared_weights_equal(data, tiny_bert, tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(SCRIPTS / "run_classification.py"),
+               *classification_args(data, tiny_bert, out, "--lors_rank", "4", "--do_train", "--check_ddp_sync")]
+    proc = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [read_json(out / DDP_SYNC_DIR / f"rank{r}.json") for r in (0, 1)]
+    assert all(r["world_size"] == 2 and r["ddp"] for r in ranks)  # really two processes in one DDP group
+    assert ranks[0]["shared"] is not None
+    assert ranks[0]["shared"] == ranks[1]["shared"] and ranks[0]["all"] == ranks[1]["all"]
+    saved = weights_digest(tf.AutoModelForSequenceClassification.from_pretrained(out))
+    assert saved == {"shared": ranks[0]["shared"], "all": ranks[0]["all"]}
+    # The processes split the data: 4 steps of 2 x 8 examples cover twice what one process would.
+    with (data / "rotten_tomatoes/train.csv").open(encoding="utf-8", newline="") as f:
+        rows = sum(1 for _ in csv.DictReader(f))
+    state = read_json(out / "trainer_state.json")
+    assert state["global_step"] == 4 and state["epoch"] == pytest.approx(4 / math.ceil(rows / 16))
+
+
+@pytest.mark.slow
+def test_push_to_hub(data, tiny_bert, tmp_path, local_hub):
+    out = tmp_path / "pushed"
+    command = [sys.executable, str(SCRIPTS / "run_classification.py"),
+               *classification_args(data, tiny_bert, out, "--lors_rank", "2", "--do_train", "--max_steps", "1",
+                                    "--push_to_hub", "--hub_model_id", "me/tiny-lors", "--hub_token", "dummy")]
+    env = subprocess_env(HF_ENDPOINT=local_hub.endpoint, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf-home"),
+                         HF_HUB_DISABLE_TELEMETRY="1", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    files = local_hub.files("me/tiny-lors")
+    assert {"config.json", "model.safetensors", "README.md", "tokenizer.json", "parameter_report.json",
+            "parameter_report.txt", "all_results.json"} <= set(files)
+    assert not any(name.startswith(("checkpoint-", DDP_SYNC_DIR)) for name in files)
+    assert b"LORS" in files["README.md"]
+    assert files["model.safetensors"] == (out / "model.safetensors").read_bytes()
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "status", "message"),
+    [
+        ("run_classification", ["--train_file", "{tmp}/missing.csv", "--do_train"], 1, "no such file"),
+        ("run_classification", ["--train_file", "{data}/rotten_tomatoes/train.csv", "--text_column", "sentence",
+                                "--do_train"], 1, "no column 'sentence'"),
+        ("run_classification", ["--train_file", "{data}/rotten_tomatoes/train.csv", "--lors_rank", "999",
+                                "--do_train"], 1, "rank 999 does not fit"),
+        ("run_classification", ["--train_file", "{data}/rotten_tomatoes/train.csv", "--lors_rank", "four"], 2,
+         "invalid int value"),
+        ("run_classification", ["--train_file", "{data}/rotten_tomatoes/train.csv", "--no_lors", "--distill"], 1,
+         "drop --no_lors"),
+        ("run_classification", ["--train_file", "{data}/rotten_tomatoes/train.csv", "--lors_init", "scratch",
+                                "--lors_calibration_batches", "2"], 1, "needs --lors_init svd"),
+        ("run_clm", ["--train_file", "{data}/shakespeare/train.txt"], 1, "--model_type"),
+        ("run_clm", ["--model_type", "gpt2", "--config_overrides", "n_layers=2", "--train_file",
+                     "{data}/shakespeare/train.txt"], 1, "has no field 'n_layers'"),
+        ("run_clm", ["--model_type", "gpt2", "--config_overrides", "n_layer=2,n_embd=32,n_head=2,n_positions=16",
+                     "--train_file", "{data}/shakespeare/train.txt", "--block_size", "64"], 1, "exceeds"),
+        ("run_detection", ["--train_annotation_file", "{data}/fashion_detection/train.json", "--image_dir", "{tmp}",
+                           "--do_train"], 1, "not found"),
+        ("run_detection", ["--train_annotation_file", "{data}/rotten_tomatoes/train.csv"], 1, "expected a .json"),
+    ],
+)
+def test_wrong_arguments_give_one_line(script, args, status, message, data, tiny_bert, tmp_path, capsys):
+    args = [a.format(data=data, tmp=tmp_path) for a in args]
+    if script == "run_classification":
+        args = ["--model_name_or_path", str(tiny_bert), *args]
+    assert run_script(script, *args, "--output_dir", str(tmp_path / "out"), "--report_to", "none") == status
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_error_in_a_real_process_has_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "run_detection.py"), "--train_annotation_file", str(tmp_path / "none.json"),
+         "--output_dir", str(tmp_path / "out")], env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [f"error: --train_annotation_file {tmp_path / 'none.json'}: no such file"]
+
+
+# ------------------------------------------------------------------------------------- shared arguments
+
+
+def test_lors_arguments_to_config():
+    from lors_hf.training_args import LorsArguments
+
+    assert LorsArguments(no_lors=True).to_config() is None
+    assert LorsArguments().to_config(pretrained=True) == lors_hf.LorsConfig(rank=32, init="svd")
+    assert LorsArguments().to_config(pretrained=False).init == "scratch"
+    config = LorsArguments(lors_target_reduction=0.5, lors_init="alternating").to_config(pretrained=False)
+    assert (config.rank, config.target_reduction, config.init) == (None, 0.5, "alternating")
+    with pytest.raises(ValueError, match="either `rank` or `target_reduction`"):
+        LorsArguments(lors_rank=4, lors_target_reduction=0.5).to_config()
+
+
+def test_overrides_and_torchrun_on_cpu_implies_use_cpu(monkeypatch):
+    from lors_hf.training_args import ScriptError, implied_arguments, parse_overrides
+
+    assert parse_overrides('n_layer=2,act=gelu,sizes=[8,16],names=["a","b"]') == {
+        "n_layer": 2, "act": "gelu", "sizes": [8, 16], "names": ["a", "b"]}
+    with pytest.raises(ScriptError, match="expected key=value"):
+        parse_overrides("n_layer")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert implied_arguments(["--do_train"]) == ["--do_train"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert implied_arguments(["--do_train"]) == ["--do_train", "--use_cpu"]
+    assert implied_arguments(["--use_cpu", "false"]) == ["--use_cpu", "false"]  # the user's choice stands
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert implied_arguments(["--do_train"]) == ["--do_train"]
