@@ -48,11 +48,11 @@ def decompose(
         raise ValueError(f"decompose: {len(ranks)} ranks for {count} weights.")
     chol = covariance = None
     if input_covariances is not None:
-        covariance = input_covariances.detach().float()
-        eye = torch.eye(covariance.shape[-1], device=covariance.device)
-        scale = covariance.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-8)
+        covariance = input_covariances.detach().double()
+        eye = torch.eye(covariance.shape[-1], device=covariance.device, dtype=covariance.dtype)
+        scale = covariance.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
         covariance = covariance + damping * scale[:, None, None] * eye
-        chol = torch.linalg.cholesky(covariance)
+        chol = torch.linalg.cholesky(covariance).float()
         shared = _weighted_mean(weights, covariance)
     else:
         shared = weights.mean(0)
@@ -65,6 +65,30 @@ def decompose(
             shared = _weighted_mean(weights - residuals, covariance)
         factors = _best_residuals(weights, shared, ranks, chol)
     return shared, factors
+
+
+def fit_private(
+    targets: torch.Tensor,
+    shared: torch.Tensor,
+    ranks: list[int],
+    input_covariances: torch.Tensor | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The private factors alone, for a fixed `shared`: ``argmin ||(T_i - S - B_i A_i) L_i||`` per layer.
+
+    Args:
+        targets: (N, out, in) what each layer should equal.
+        shared: (out, in) the shared weight, kept as it is.
+        ranks: private rank of each layer.
+        input_covariances: optional (N, in, in) positive definite (already damped) second moments.
+
+    Example:
+        >>> w = torch.randn(2, 6, 5)
+        >>> (b, a), _ = fit_private(w, torch.zeros(6, 5), [5, 5])
+        >>> bool(torch.allclose(b @ a, w[0], atol=1e-5))
+        True
+    """
+    chol = None if input_covariances is None else torch.linalg.cholesky(input_covariances.double()).float()
+    return _best_residuals(targets.detach().float(), shared.detach().float(), ranks, chol)
 
 
 def reconstruction_error(
@@ -90,26 +114,37 @@ def reconstruction_error(
 
 def _weighted_mean(targets: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
     """argmin_S sum_i ||(T_i - S) L_i||^2  =  (sum_i T_i C_i) (sum_i C_i)^-1."""
-    numerator = torch.einsum("noi,nij->oj", targets, covariance)
-    return torch.linalg.solve(covariance.sum(0), numerator.T).T  # C symmetric
+    numerator = torch.einsum("noi,nij->oj", targets, covariance.to(targets.dtype))
+    return torch.linalg.solve(covariance.sum(0), numerator.T.double()).T.to(targets.dtype)  # C symmetric
 
 
 def _best_residuals(
     weights: torch.Tensor, shared: torch.Tensor, ranks: list[int], chol: torch.Tensor | None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """For each layer the rank-r_i ``B A`` minimising ``||(W_i - S - B A) L_i||`` (Eckart-Young in the L-metric)."""
-    factors = []
-    for i, rank in enumerate(ranks):
-        residual = weights[i] - shared
-        if rank == 0:
-            factors.append((residual.new_zeros(residual.shape[0], 0), residual.new_zeros(0, residual.shape[1])))
-            continue
-        target = residual if chol is None else residual @ chol[i]
-        u, s, vh = torch.linalg.svd(target, full_matrices=False)
-        root = s[:rank].sqrt()
-        b = u[:, :rank] * root
-        a = root[:, None] * vh[:rank]
-        if chol is not None:  # a L^-1:  solve  X L = a  for X
-            a = torch.linalg.solve_triangular(chol[i], a, upper=False, left=False)
-        factors.append((b, a))
-    return factors
+    """For each layer the rank-r_i ``B A`` minimising ``||(W_i - S - B A) L_i||`` (Eckart-Young in the L-metric).
+
+    Solved for all layers at once from the eigendecomposition of the residuals' Gram matrices (on
+    their smaller side): about twice as fast as one SVD per layer on a CPU, and exact at full rank.
+    """
+    residuals = weights - shared
+    top = max(ranks)
+    if top == 0:
+        return [(r.new_zeros(r.shape[0], 0), r.new_zeros(0, r.shape[1])) for r in residuals]
+    targets = residuals if chol is None else residuals @ chol
+    wide = residuals.shape[1] < residuals.shape[2]  # out < in: decompose T T^T (out x out)
+    gram = targets @ targets.mT if wide else targets.mT @ targets
+    basis = torch.linalg.eigh(gram)[1].flip(-1)[:, :, :top]  # top left (wide) or right singular vectors
+    # The other side, T^T U or T V, has columns of norm s: read s off it (exact, not squared), balance B and A.
+    projected = targets.mT @ basis if wide else targets @ basis
+    singular = projected.norm(dim=-2)
+    root = singular.sqrt()
+    inverse_root = torch.where(singular > 0, 1.0 / root.clamp_min(1e-30), torch.zeros_like(root))
+    if wide:  # T = U S V^T:  B = U S^1/2,  A = S^-1/2 U^T T
+        b_all = basis * root[:, None, :]
+        a_all = (projected * inverse_root[:, None, :]).mT
+    else:  # B = T V S^-1/2,  A = S^1/2 V^T
+        b_all = projected * inverse_root[:, None, :]
+        a_all = root[:, :, None] * basis.mT
+    if chol is not None:  # a L^-1:  solve  X L = a  for X
+        a_all = torch.linalg.solve_triangular(chol, a_all, upper=False, left=False)
+    return [(b_all[i, :, :rank].contiguous(), a_all[i, :rank].contiguous()) for i, rank in enumerate(ranks)]

@@ -93,9 +93,11 @@ def lorsify(
     stacks = plan_ranks(model, config)
     covariances = None
     if calibration_data is not None:
-        from .calibration import collect_input_covariances
+        from .calibration import convert_with_calibration
 
-        covariances = collect_input_covariances(model, stacks, calibration_data)
+        convert_with_calibration(model, stacks, config, calibration_data)
+        model.config.lors_config = resolved_config(config, stacks).to_dict()
+        return model
     dense_layers = {
         (stack.name, group.relative_name): [stack.blocks[i].get_submodule(group.relative_name) for i in group.layer_indices]
         for stack in stacks for group in stack.groups

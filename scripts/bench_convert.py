@@ -1,0 +1,558 @@
+#!/usr/bin/env python
+"""Benchmark: convert pretrained MiniLM and SmolLM2 to LORS, right after conversion and after recovery.
+
+At each parameter budget (``--reductions``: fraction of the stacks' parameters removed, the same
+private rank for every method) it compares the conversion methods (``--methods``):
+
+- ``svd``: shared = mean of the layers, private = truncated SVD of the residuals (the baseline);
+- ``alternating``: the same objective refined by alternating minimisation (``init="alternating"``);
+- ``data-aware``: fitted to each projection's outputs on a few calibration batches
+  (``lorsify(..., calibration_data=...)``), then refitted block by block on the converted model's
+  own activations.
+
+Measured right after conversion: MiniLM, ``1 - cosine`` between the dense and the converted sentence
+embeddings (mean pooling over tokens) of held-out Rotten Tomatoes test sentences; SmolLM2, perplexity
+on held-out Shakespeare test text. Then a short recovery (``--recover-minutes``, 0 skips it):
+MiniLM, sentiment fine-tuning of the dense model and of the converted models the same way (task loss,
+and task loss plus distillation from the fine-tuned dense model), test accuracy; SmolLM2, distillation
+from the dense model (`lors_hf.distill.DistillationTrainer`) on Shakespeare train text, perplexity.
+
+Writes its section of docs/RESULTS.md (table, the command line, a PNG plot under docs/) and the raw
+figures as JSON next to the plot.
+
+Usage:
+    python scripts/bench_convert.py --model all --out docs            # the full run (~75 min on 2 cores)
+    python scripts/bench_convert.py --smoke --results-file /tmp/r.md   # tiny models and slices, seconds
+    python scripts/bench_convert.py --from-json docs/bench_convert.json --out docs   # report only
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Two cores shared with other jobs: busy-waiting OpenMP threads make LAPACK calls 10-100x slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import shlex  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from datetime import date  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+import transformers as tf  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_results import RESULTS_FILE, machine_description, update_section  # noqa: E402
+
+import lors_hf  # noqa: E402
+from lors_hf import LorsConfig, assets, lorsify, parameter_report  # noqa: E402
+from lors_hf.distill import DistillationTrainer  # noqa: E402
+
+SECTION = "bench_convert"
+METHODS = ("svd", "alternating", "data-aware")
+SEED = 0
+
+
+# ------------------------------------------------------------------------------------------ settings
+
+
+def settings(smoke: bool) -> dict[str, Any]:
+    """Sizes of every slice; --smoke shrinks models and data to seconds."""
+    if smoke:
+        return {"minilm_eval": 16, "minilm_calib": 8, "minilm_calib_batch": 4, "minilm_train": 32, "minilm_test": 16,
+                "minilm_max_length": 32, "minilm_batch": 8, "minilm_max_steps": 2,
+                "smol_eval_tokens": 256, "smol_window": 64, "smol_calib": 4, "smol_calib_batch": 2,
+                "smol_train_chars": 200_000, "smol_train_window": 64, "smol_train_windows": 16, "smol_train_batch": 2,
+                "smol_max_steps": 2}
+    return {"minilm_eval": 1000, "minilm_calib": 256, "minilm_calib_batch": 32, "minilm_train": None,
+            "minilm_test": None, "minilm_max_length": 64, "minilm_batch": 32, "minilm_max_steps": 100_000,
+            "smol_eval_tokens": 16_384, "smol_window": 512, "smol_calib": 16, "smol_calib_batch": 4,
+            "smol_train_chars": 4_000_000, "smol_train_window": 256, "smol_train_windows": 20_000, "smol_train_batch": 4,
+            "smol_max_steps": 100_000}
+
+
+def tiny(config: tf.PretrainedConfig) -> tf.PretrainedConfig:
+    """The same architecture and vocabulary, shrunk (for --smoke)."""
+    config = copy.deepcopy(config)
+    if config.model_type == "bert":
+        config.update({"hidden_size": 32, "num_hidden_layers": 6, "num_attention_heads": 2, "intermediate_size": 64})
+    else:
+        config.update({"hidden_size": 32, "num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 2,
+                       "intermediate_size": 64, "head_dim": 8})
+    return config
+
+
+def load_pretrained(auto_class, path: str, smoke: bool, **kwargs):
+    tf.set_seed(SEED)
+    if smoke:
+        config = tiny(tf.AutoConfig.from_pretrained(path, **kwargs))
+        return auto_class.from_config(config, dtype=torch.float32).eval()
+    return auto_class.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
+
+
+def convert(dense: torch.nn.Module, method: str, reduction: float, calibration: list | None):
+    """A converted copy of `dense`, the private rank and the seconds it took."""
+    model = copy.deepcopy(dense)
+    tf.set_seed(SEED)
+    start = time.perf_counter()
+    if method == "svd":
+        lorsify(model, LorsConfig(target_reduction=reduction, init="svd"))
+    elif method == "alternating":
+        lorsify(model, LorsConfig(target_reduction=reduction, init="alternating"))
+    elif method == "data-aware":
+        lorsify(model, LorsConfig(target_reduction=reduction, init="alternating"), calibration_data=calibration)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    seconds = time.perf_counter() - start
+    ranks = sorted({r for spec in model.config.lors_config["rank"].values() for r in spec if r})
+    report = parameter_report(model)
+    return model.eval(), {"rank": ranks[0] if len(ranks) == 1 else ranks, "convert_s": round(seconds, 1),
+                          "stack_reduction": round(report.stacks_total.reduction, 4),
+                          "stack_params": report.stacks_total.lors, "stack_params_dense": report.stacks_total.dense}
+
+
+class TimeBudget(tf.TrainerCallback):
+    """Stops training once `seconds` of wall time have passed."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.start = seconds, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.perf_counter() - self.start > self.seconds:
+            control.should_training_stop = True
+
+
+def training_arguments(output_dir: str, batch: int, learning_rate: float, max_steps: int,
+                       **extra: Any) -> tf.TrainingArguments:
+    return tf.TrainingArguments(
+        output_dir=output_dir, per_device_train_batch_size=batch, learning_rate=learning_rate, max_steps=max_steps,
+        lr_scheduler_type="constant_with_warmup", warmup_steps=min(10, max_steps // 10), weight_decay=0.0,
+        logging_steps=10, save_strategy="no", report_to=[], use_cpu=True, seed=SEED, data_seed=SEED,
+        disable_tqdm=True, dataloader_num_workers=0, **extra)
+
+
+def train(trainer_class, model, dataset, args, minutes: float, **kwargs) -> dict[str, Any]:
+    """Train within `minutes` of wall time; returns steps, seconds and the last logged losses."""
+    trainer = trainer_class(model=model, args=args, train_dataset=dataset, callbacks=[TimeBudget(minutes * 60)],
+                            **kwargs)
+    start = time.perf_counter()
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    return {"steps": trainer.state.global_step, "train_s": round(time.perf_counter() - start, 1),
+            "last_log": logs[-1] if logs else {}}
+
+
+# -------------------------------------------------------------------------------------------- MiniLM
+
+
+def minilm_tokenized(tokenizer, texts: list[str], max_length: int, batch: int) -> list[dict[str, torch.Tensor]]:
+    return [tokenizer(texts[i:i + batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            for i in range(0, len(texts), batch)]
+
+
+@torch.no_grad()
+def sentence_embeddings(model, batches) -> torch.Tensor:
+    """Mean pooling over the non-padding tokens, as sentence-transformers does."""
+    model.eval()
+    out = []
+    for batch in batches:
+        hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        out.append((hidden * mask).sum(1) / mask.sum(1).clamp_min(1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def accuracy(model, tokenizer, texts: list[str], labels: list[int], max_length: int) -> float:
+    model.eval()
+    correct = 0
+    for batch, start in zip(minilm_tokenized(tokenizer, texts, max_length, 128), range(0, len(texts), 128),
+                            strict=True):
+        predictions = model(**batch).logits.argmax(-1)
+        correct += (predictions == torch.tensor(labels[start:start + 128])).sum().item()
+    return correct / len(texts)
+
+
+def bench_minilm(args, sizes, results: dict, save) -> None:
+    """MiniLM: 1 - cosine of sentence embeddings after conversion; sentiment accuracy after fine-tuning.
+
+    The model converted is the sentiment classifier (the pretrained encoder plus a seeded random head);
+    the embeddings are its encoder's, so the converted models at the recovery budgets serve both parts.
+    """
+    path = assets.minilm_path()
+    tokenizer = tf.AutoTokenizer.from_pretrained(path)
+    data = assets.rotten_tomatoes(seed=SEED)
+    train_split, test_split = data["train"], data["test"]
+    eval_batches = minilm_tokenized(tokenizer, list(test_split["text"])[:sizes["minilm_eval"]], 128, 64)
+    calibration = minilm_tokenized(tokenizer, list(train_split["text"])[:sizes["minilm_calib"]], 128,
+                                   sizes["minilm_calib_batch"])
+    dense = load_pretrained(tf.AutoModelForSequenceClassification, path, args.smoke, num_labels=2)
+    reference = sentence_embeddings(dense.base_model, eval_batches)
+    section = results.setdefault("minilm", {"conversion": [], "recovery": []})
+    section["eval_sentences"] = len(reference)
+    section["calibration_sentences"] = sizes["minilm_calib"]
+    recover = args.recover_minutes > 0
+    kept: dict[tuple[float, str], tuple[torch.nn.Module, dict]] = {}
+    for reduction in args.reductions:
+        for method in args.methods:
+            model, info = convert(dense, method, reduction, calibration)
+            embeddings = sentence_embeddings(model.base_model, eval_batches)
+            cosine = torch.nn.functional.cosine_similarity(embeddings, reference).mean()
+            row = {"reduction": reduction, "method": method, "error": round(1 - cosine.item(), 5), **info}
+            print(f"[minilm] {row}", flush=True)
+            section["conversion"].append(row)
+            save()
+            if recover and reduction in args.recover_reductions and method in args.recover_methods:
+                kept[(reduction, method)] = (model, info)
+    if not recover:
+        return
+    # Recovery: sentiment fine-tuning of the dense model and of the converted ones, the same way.
+    train_texts = list(train_split["text"])[:sizes["minilm_train"]]  # a datasets Column: make it a list
+    train_labels = list(train_split["label"])[:len(train_texts)]
+    test_texts = list(test_split["text"])[:sizes["minilm_test"]]
+    test_labels = list(test_split["label"])[:len(test_texts)]
+    encoded = tokenizer(train_texts, truncation=True, max_length=sizes["minilm_max_length"])
+    import datasets
+
+    train_set = datasets.Dataset.from_dict({"input_ids": encoded["input_ids"],
+                                            "attention_mask": encoded["attention_mask"], "labels": train_labels})
+    collator = tf.DataCollatorWithPadding(tokenizer)
+    workdir = tempfile.mkdtemp(prefix="bench_convert_minilm_")
+
+    def fine_tune(model, name: str, teacher=None) -> dict[str, Any]:
+        targs = training_arguments(f"{workdir}/{name}", sizes["minilm_batch"], 1e-4, sizes["minilm_max_steps"])
+        model.train()
+        if teacher is None:
+            info = train(tf.Trainer, model, train_set, targs, args.finetune_minutes, data_collator=collator)
+        else:
+            info = train(DistillationTrainer, model, train_set, targs, args.finetune_minutes, data_collator=collator,
+                         teacher_model=teacher, temperature=2.0, alpha_kl=1.0, alpha_hidden=1.0, alpha_task=1.0)
+        info["accuracy"] = round(accuracy(model, tokenizer, test_texts, test_labels, sizes["minilm_max_length"]), 4)
+        return info
+
+    dense_info = fine_tune(dense, "dense")
+    section["recovery"].append({"reduction": 0.0, "method": "dense", "recovery": "fine-tune", **dense_info})
+    print(f"[minilm] dense fine-tuned: {dense_info}", flush=True)
+    save()
+    for (reduction, method), (model, info) in kept.items():
+        recipes = ["fine-tune"]
+        if method == args.recover_methods[-1]:  # distillation for the last (best) conversion only: run time
+            recipes.append("fine-tune + distill")
+        for recipe in recipes:
+            student = copy.deepcopy(model) if recipe != recipes[-1] else model
+            recovered = fine_tune(student, f"{method}-{reduction}-{len(recipe)}",
+                                  teacher=dense if "distill" in recipe else None)
+            row = {"reduction": reduction, "method": method, "recovery": recipe, "rank": info["rank"],
+                   "stack_reduction": info["stack_reduction"], **recovered, "dense_accuracy": dense_info["accuracy"]}
+            print(f"[minilm] {row}", flush=True)
+            section["recovery"].append(row)
+            save()
+            del student
+
+
+# ------------------------------------------------------------------------------------------- SmolLM2
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor, batch: int = 4) -> float:
+    """exp(mean next-token NLL) over non-overlapping windows of held-out text."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(windows), batch):
+        ids = windows[start:start + batch]
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                reduction="sum")
+        total += nll.item()
+        count += ids[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def windows_of(ids: torch.Tensor, length: int, limit: int | None = None) -> torch.Tensor:
+    usable = (len(ids) // length) * length
+    out = ids[:usable].view(-1, length)
+    return out if limit is None else out[:limit]
+
+
+def bench_smollm2(args, sizes, results: dict, save) -> None:
+    path = assets.smollm2_path()
+    tokenizer = tf.AutoTokenizer.from_pretrained(path)
+    splits = assets.shakespeare_splits()
+    window = sizes["smol_window"]
+    test_ids = tokenizer(splits["test"], return_tensors="pt")["input_ids"][0][:sizes["smol_eval_tokens"]]
+    eval_windows = windows_of(test_ids, window)
+    train_ids = tokenizer(splits["train"][:sizes["smol_train_chars"]], return_tensors="pt")["input_ids"][0]
+    generator = torch.Generator().manual_seed(SEED)
+    calib_window = min(256, window)
+    all_windows = windows_of(train_ids, calib_window)
+    picks = torch.randperm(len(all_windows), generator=generator)[:sizes["smol_calib"]]
+    calibration = [all_windows[picks[i:i + sizes["smol_calib_batch"]]]
+                   for i in range(0, len(picks), sizes["smol_calib_batch"])]
+    dense = load_pretrained(tf.AutoModelForCausalLM, path, args.smoke)
+    section = results.setdefault("smollm2", {"conversion": [], "recovery": []})
+    start = time.perf_counter()
+    section["dense_ppl"] = round(perplexity(dense, eval_windows), 3)
+    section["eval_tokens"] = eval_windows.numel()
+    section["calibration_tokens"] = sum(batch.numel() for batch in calibration)
+    print(f"[smollm2] dense perplexity {section['dense_ppl']} on {eval_windows.numel()} tokens "
+          f"({time.perf_counter() - start:.0f}s)", flush=True)
+    save()
+    kept: dict[tuple[float, str], torch.nn.Module] = {}
+    for reduction in args.reductions:
+        for method in args.methods:
+            model, info = convert(dense, method, reduction, calibration)
+            ppl = perplexity(model, eval_windows)
+            row = {"reduction": reduction, "method": method, "error": round(ppl, 3), **info}
+            print(f"[smollm2] {row}", flush=True)
+            section["conversion"].append(row)
+            save()
+            if args.recover_minutes > 0 and reduction in args.recover_reductions and method == args.methods[-1]:
+                kept[(reduction, method)] = model
+            else:
+                del model
+    if args.recover_minutes <= 0:
+        return
+    # Recovery: distillation from the dense model on Shakespeare train text (KL on logits + hidden states).
+    import datasets
+
+    train_windows = windows_of(train_ids, sizes["smol_train_window"])
+    train_windows = train_windows[torch.randperm(len(train_windows), generator=generator)[:sizes["smol_train_windows"]]]
+    train_set = datasets.Dataset.from_dict({"input_ids": train_windows.tolist()})
+    workdir = tempfile.mkdtemp(prefix="bench_convert_smollm2_")
+    for (reduction, method), student in kept.items():
+        before = next(r["error"] for r in section["conversion"] if r["reduction"] == reduction and r["method"] == method)
+        for name, parameter in student.named_parameters():  # recovery trains the stack, not the embeddings
+            parameter.requires_grad_("lors" in name or ".layers." in name)
+        targs = training_arguments(f"{workdir}/{method}-{reduction}", sizes["smol_train_batch"], 2e-4,
+                                   sizes["smol_max_steps"])
+        info = train(DistillationTrainer, student.train(), train_set, targs, args.recover_minutes,
+                     teacher_model=dense, temperature=1.0, alpha_kl=1.0, alpha_hidden=1.0, alpha_task=0.0)
+        info["ppl_after"] = round(perplexity(student, eval_windows), 3)
+        row = {"reduction": reduction, "method": method, "recovery": "distill", "ppl_before": before,
+               "dense_ppl": section["dense_ppl"], **info}
+        print(f"[smollm2] {row}", flush=True)
+        section["recovery"].append(row)
+        save()
+
+
+# -------------------------------------------------------------------------------------------- report
+
+
+def find(rows: list[dict], **match) -> dict | None:
+    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def markdown(results: dict, command: str, plot_name: str | None) -> str:
+    meta = results["meta"]
+    lines = [
+        "## Converting pretrained models: mean+SVD, alternating, data-aware; recovery",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {meta['machine']}; {meta['threads']} threads; measured {meta['date']}; "
+        f"wall time {meta.get('wall_minutes', '?')} min; seed {SEED}."
+        + (" **Smoke run: tiny random models, tiny slices; the figures mean nothing.**" if meta["smoke"] else ""),
+        "",
+        "Same private rank for every method at a given budget (`target_reduction` = fraction of the stacks' "
+        "parameters removed; the rank is the largest that reaches it). Error right after conversion, no training: "
+        "MiniLM `1 - cosine` between dense and converted sentence embeddings (mean pooling) of held-out "
+        "Rotten Tomatoes test sentences; SmolLM2-135M-Instruct perplexity on held-out Shakespeare test text. "
+        "`data-aware` = `lorsify(..., init=\"alternating\", calibration_data=...)`: fit to each projection's outputs "
+        "on the calibration batches (bias correction where there are biases), then one sequential round "
+        "refitting block by block on the converted model's own activations. "
+        "`vs svd` = error / error of mean+SVD at the same budget.",
+        "",
+    ]
+    if plot_name:
+        lines += [f"![conversion error]({plot_name})", ""]
+    lines += ["| model | target | stacks removed | rank | method | error after conversion | vs svd | convert s |",
+              "|---|---|---|---|---|---|---|---|"]
+    for key, label, unit in (("minilm", "MiniLM-L6", "1-cos"), ("smollm2", "SmolLM2-135M", "ppl")):
+        section = results.get(key)
+        if not section:
+            continue
+        if key == "smollm2":
+            lines.append(f"| {label} | dense | 0% | - | - | ppl {section['dense_ppl']} | - | - |")
+        for row in section["conversion"]:
+            base = find(section["conversion"], reduction=row["reduction"], method="svd")
+            ratio = f"{row['error'] / base['error']:.3f}" if base and base["error"] else "-"
+            lines.append(f"| {label} | {row['reduction']:.0%} | {row['stack_reduction']:.1%} | {row['rank']} | "
+                         f"{row['method']} | {unit} {row['error']:.4g} | {ratio} | {row['convert_s']} |")
+    lines += ["", f"MiniLM: {results.get('minilm', {}).get('eval_sentences', '?')} test sentences, "
+              f"{results.get('minilm', {}).get('calibration_sentences', '?')} calibration sentences (train split). "
+              f"SmolLM2: {results.get('smollm2', {}).get('eval_tokens', '?')} test tokens (windows of "
+              f"{meta['sizes']['smol_window']}), {results.get('smollm2', {}).get('calibration_tokens', '?')} "
+              "calibration tokens (train split).", ""]
+    recovery_rows = [(k, r) for k in ("minilm", "smollm2") for r in results.get(k, {}).get("recovery", [])]
+    if recovery_rows:
+        lines += ["### After recovery", "",
+                  "| model | target | method | recovery | steps | minutes | result | reference |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for key, row in recovery_rows:
+            minutes = f"{row['train_s'] / 60:.1f}"
+            if key == "minilm":
+                result = f"accuracy {row['accuracy']:.2%}"
+                reference = "-" if row["method"] == "dense" else (
+                    f"dense {row['dense_accuracy']:.2%} ({100 * (row['accuracy'] - row['dense_accuracy']):+.2f} pt)")
+                target = "-" if row["method"] == "dense" else f"{row['reduction']:.0%}"
+                lines.append(f"| MiniLM-L6 sentiment | {target} | {row['method']} | {row['recovery']} | "
+                             f"{row['steps']} | {minutes} | {result} | {reference} |")
+            else:
+                ratio = row["ppl_after"] / row["dense_ppl"]
+                lines.append(f"| SmolLM2-135M | {row['reduction']:.0%} | {row['method']} | {row['recovery']} | "
+                             f"{row['steps']} | {minutes} | ppl {row['ppl_before']} -> {row['ppl_after']} | "
+                             f"dense {row['dense_ppl']} (x{ratio:.3f}) |")
+        lines.append("")
+    lines += ["### Targets", ""] + [f"- {line}" for line in target_lines(results)]
+    return "\n".join(lines) + "\n"
+
+
+def target_lines(results: dict) -> list[str]:
+    out = []
+    minilm, smol = results.get("minilm", {}), results.get("smollm2", {})
+    for key, label, section in (("minilm", "MiniLM 1-cos", minilm), ("smollm2", "SmolLM2 ppl", smol)):
+        base = find(section.get("conversion", []), reduction=0.5, method="svd")
+        aware = find(section.get("conversion", []), reduction=0.5, method="data-aware")
+        if not (base and aware):
+            continue
+        if key == "minilm":
+            gain = 1 - aware["error"] / base["error"]
+            what = f"{label} at 50%: data-aware {aware['error']:.4g} vs mean+SVD {base['error']:.4g}"
+        else:  # functional error of a language model: excess loss (nats/token) over the dense model
+            excess = [math.log(row["error"] / smol["dense_ppl"]) for row in (aware, base)]
+            gain = 1 - excess[0] / excess[1] if excess[1] > 0 else 0.0
+            what = (f"{label} at 50%: data-aware {aware['error']:.4g} vs mean+SVD {base['error']:.4g} "
+                    f"(dense {smol['dense_ppl']}); excess loss over dense {excess[0]:.3f} vs {excess[1]:.3f} nats/token")
+        out.append(f"{what}: {gain:.1%} lower error; target >= 50% lower: {'met' if gain >= 0.5 else 'MISSED'}.")
+    dense = find(minilm.get("recovery", []), method="dense")
+    for row in minilm.get("recovery", []):
+        if row["method"] != "dense" and dense:
+            gap = 100 * (dense["accuracy"] - row["accuracy"])
+            out.append(f"MiniLM {row['reduction']:.0%} {row['method']} + {row['recovery']}: {gap:+.2f} pt below dense "
+                       f"fine-tuning; target within 1 pt: {'met' if gap <= 1 else 'MISSED'}.")
+    for row in smol.get("recovery", []):
+        ratio = row["ppl_after"] / row["dense_ppl"]
+        out.append(f"SmolLM2 {row['reduction']:.0%} {row['method']} + {row['recovery']} ({row['train_s'] / 60:.0f} min): "
+                   f"perplexity x{ratio:.3f} of the original; target within 10%: "
+                   f"{'met' if ratio <= 1.10 else 'MISSED'}.")
+    return out
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(k, t, y) for k, t, y in (("minilm", "MiniLM-L6: 1 - cosine (sentence embeddings)", "1 - cosine"),
+                                        ("smollm2", "SmolLM2-135M: test perplexity", "perplexity"))
+              if results.get(k, {}).get("conversion")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (key, title, ylabel) in zip(axes[0], panels, strict=True):
+        rows = results[key]["conversion"]
+        for method in dict.fromkeys(r["method"] for r in rows):
+            points = sorted((r["reduction"], r["error"]) for r in rows if r["method"] == method)
+            ax.plot([100 * x for x, _ in points], [y for _, y in points], marker="o", label=method)
+        if key == "smollm2":
+            ax.axhline(results[key]["dense_ppl"], color="gray", linestyle="--", label="dense")
+        ax.set_yscale("log")
+        ax.set_xlabel("stack parameters removed (%)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle("Right after conversion, equal parameter count (lower is better)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(results: dict, out_dir: Path, results_file: Path, command: str) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_path = out_dir / f"{SECTION}.png"
+    plot(results, plot_path)
+    try:
+        plot_ref = os.path.relpath(plot_path, results_file.resolve().parent)
+    except ValueError:
+        plot_ref = str(plot_path)
+    return update_section(SECTION, markdown(results, command, plot_ref), results_file=results_file)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["minilm", "smollm2", "all"], default="all")
+    parser.add_argument("--reductions", type=float, nargs="+", default=[0.3, 0.5, 0.7])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--recover-minutes", type=float, default=20.0,
+                        help="SmolLM2 distillation budget (wall minutes); 0 skips every recovery run")
+    parser.add_argument("--finetune-minutes", type=float, default=3.5,
+                        help="budget of each MiniLM sentiment fine-tuning run (dense and converted alike)")
+    parser.add_argument("--recover-reductions", type=float, nargs="+", default=[0.5],
+                        help="budgets at which recovery runs (the long runs: 50%% only by default)")
+    parser.add_argument("--recover-methods", nargs="+", choices=METHODS, default=["svd", "data-aware"],
+                        help="MiniLM: conversions fine-tuned; the last one also with distillation")
+    parser.add_argument("--smoke", action="store_true", help="tiny random models and tiny slices (CI)")
+    parser.add_argument("--out", default=None,
+                        help="folder of the plot and the JSON (default docs/, with --smoke the results file's folder)")
+    parser.add_argument("--results-file", default=None, help="markdown file to update (default docs/RESULTS.md; "
+                        "required with --smoke)")
+    parser.add_argument("--from-json", default=None, help="only rewrite the report from saved results")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args(argv)
+    if args.smoke and args.results_file is None:
+        parser.error("--smoke writes to a scratch file: give --results-file (docs/RESULTS.md is for real runs).")
+    for value in [*args.reductions, *args.recover_reductions]:
+        if not 0 < value < 1:
+            parser.error(f"reductions must lie in (0, 1), got {value}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    command = "python scripts/bench_convert.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None
+                                                                                      else argv))
+    results_file = Path(args.results_file) if args.results_file else RESULTS_FILE
+    out_dir = Path(args.out) if args.out else (results_file.parent if args.smoke else RESULTS_FILE.parent)
+    json_path = out_dir / f"{SECTION}.json"
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text())
+        print(write_report(results, out_dir, results_file, results["meta"]["command"]))
+        return
+    torch.set_num_threads(args.threads)
+    tf.logging.set_verbosity_error()
+    sizes = settings(args.smoke)
+    results: dict[str, Any] = {"meta": {"command": command, "machine": machine_description(), "threads": args.threads,
+                                        "date": date.today().isoformat(), "smoke": args.smoke, "sizes": sizes,
+                                        "lors_hf": lors_hf.__version__}}
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        json_path.write_text(json.dumps(results, indent=1))
+
+    start = time.perf_counter()
+    if args.model in ("minilm", "all"):
+        bench_minilm(args, sizes, results, save)
+    if args.model in ("smollm2", "all"):
+        bench_smollm2(args, sizes, results, save)
+    results["meta"]["wall_minutes"] = round((time.perf_counter() - start) / 60, 1)
+    save()
+    path = write_report(results, out_dir, results_file, command)
+    print(f"wrote {path} and {out_dir / (SECTION + '.png')} in {results['meta']['wall_minutes']} min")
+
+
+if __name__ == "__main__":
+    main()

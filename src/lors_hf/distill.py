@@ -1,0 +1,228 @@
+"""Recovery by knowledge distillation: a converted (LORS) student learns to behave like its dense teacher.
+
+`DistillationTrainer` is a `transformers.Trainer` whose loss is
+
+    alpha_kl * T^2 * KL(softmax(teacher / T) || softmax(student / T))       (models with logits)
+  + alpha_hidden * mean over layers of MSE(norm(student hidden), norm(teacher hidden))
+  + alpha_task * the student's own loss (needs labels)
+
+where ``norm`` is a LayerNorm without parameters over the hidden dimension, so every layer counts alike
+whatever the scale of its activations. Padding (``attention_mask == 0``) is left out of both terms.
+A model without logits (``BertModel``) is distilled on its hidden states (``last_hidden_state`` when it
+returns no ``hidden_states``).
+
+Example:
+    >>> # from lors_hf.distill import DistillationTrainer
+    >>> # trainer = DistillationTrainer(model=student, args=TrainingArguments("out"), train_dataset=ds,
+    >>> #                               teacher_model=dense_model, temperature=2.0, alpha_hidden=1.0)
+    >>> # trainer.train()
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+__all__ = ["DistillationTrainer", "distill", "distillation_losses"]
+
+
+class DistillationTrainer(Trainer):
+    """A `transformers.Trainer` that trains the model (student) to match a frozen `teacher_model`.
+
+    Args:
+        *args, **kwargs: as for `transformers.Trainer` (``model`` is the student).
+        teacher_model: the dense model to imitate; it is frozen, put in eval mode and moved to the
+            student's device. Same tokenizer / inputs as the student.
+        temperature: softmax temperature of the KL term (the KL is scaled by ``T^2``).
+        alpha_kl: weight of the KL divergence between teacher and student logits.
+        alpha_hidden: weight of the normalised MSE between the hidden states of student and teacher.
+        alpha_task: weight of the student's own loss (``outputs.loss``; the batch needs ``labels``).
+
+    The logged ``loss`` is the weighted sum; ``distill_kl``, ``distill_hidden`` and ``distill_task``
+    (the unweighted terms, averaged since the last log) are logged next to it.
+
+    Example:
+        >>> # trainer = DistillationTrainer(model=student, args=args, train_dataset=train,
+        >>> #                               teacher_model=teacher, alpha_task=1.0)
+        >>> # trainer.train()
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        teacher_model: nn.Module,
+        temperature: float = 2.0,
+        alpha_kl: float = 1.0,
+        alpha_hidden: float = 1.0,
+        alpha_task: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if temperature <= 0:
+            raise ValueError(f"DistillationTrainer: temperature must be > 0, got {temperature}.")
+        if min(alpha_kl, alpha_hidden, alpha_task) < 0 or alpha_kl + alpha_hidden + alpha_task == 0:
+            raise ValueError("DistillationTrainer: the alphas must be >= 0 and not all zero, got "
+                             f"alpha_kl={alpha_kl}, alpha_hidden={alpha_hidden}, alpha_task={alpha_task}.")
+        self.temperature = float(temperature)
+        self.alpha_kl, self.alpha_hidden, self.alpha_task = float(alpha_kl), float(alpha_hidden), float(alpha_task)
+        student_device = next(self.model.parameters()).device
+        self.teacher_model = teacher_model.to(student_device).eval()
+        self.teacher_model.requires_grad_(False)
+        # Our loss is a per-batch mean: let the Trainer divide it by the gradient accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self._distill_sums: dict[str, float] = {}
+        self._distill_count = 0
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        use_hidden = self.alpha_hidden > 0
+        student_inputs = dict(inputs)
+        if self.alpha_task == 0:
+            student_inputs.pop("labels", None)
+        teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        if use_hidden:
+            student_inputs["output_hidden_states"] = teacher_inputs["output_hidden_states"] = True
+        student_outputs = model(**student_inputs)
+        with torch.no_grad():
+            self.teacher_model.eval()
+            teacher_outputs = self.teacher_model(**teacher_inputs)
+        task_loss = None
+        if self.alpha_task > 0:
+            task_loss = _get(student_outputs, "loss")
+            if task_loss is None:
+                raise ValueError("DistillationTrainer: alpha_task > 0 but the student returned no loss; "
+                                 "does the dataset have a `labels` column?")
+        terms = distillation_losses(student_outputs, teacher_outputs, inputs.get("attention_mask"),
+                                    self.temperature, use_hidden=use_hidden)
+        loss = None
+        for weight, term in ((self.alpha_kl, terms.get("kl")), (self.alpha_hidden, terms.get("hidden")),
+                             (self.alpha_task, task_loss)):
+            if weight > 0 and term is not None:
+                loss = weight * term if loss is None else loss + weight * term
+        if loss is None:
+            raise ValueError("DistillationTrainer: nothing to distil: the models return neither logits nor "
+                             "hidden states (alpha_kl > 0 needs logits, alpha_hidden > 0 hidden states).")
+        if model.training:
+            for name, term in (*terms.items(), ("task", task_loss)):
+                if term is not None:
+                    self._distill_sums[name] = self._distill_sums.get(name, 0.0) + float(term.detach())
+            self._distill_count += 1
+        if return_outputs:
+            return loss, _without_hidden_states(student_outputs, keep=not use_hidden)
+        return loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self._distill_count and "loss" in logs:
+            for name, total in self._distill_sums.items():
+                logs[f"distill_{name}"] = round(total / self._distill_count, 6)
+            self._distill_sums, self._distill_count = {}, 0
+        super().log(logs, *args, **kwargs)
+
+
+def distillation_losses(
+    student_outputs: Any,
+    teacher_outputs: Any,
+    attention_mask: torch.Tensor | None = None,
+    temperature: float = 2.0,
+    use_hidden: bool = True,
+) -> dict[str, torch.Tensor]:
+    """The unweighted distillation terms ``{"kl": ..., "hidden": ...}`` (a term is absent when it cannot apply).
+
+    ``kl``: ``T^2 * KL(teacher || student)`` of the temperature-scaled logits, averaged over positions.
+    ``hidden``: mean over layers of the MSE between parameter-free-LayerNormed hidden states
+    (``hidden_states`` past the embeddings when both models return them, else ``last_hidden_state``).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> s, t = SimpleNamespace(logits=torch.zeros(2, 3)), SimpleNamespace(logits=torch.zeros(2, 3))
+        >>> float(distillation_losses(s, t)["kl"])
+        0.0
+    """
+    terms: dict[str, torch.Tensor] = {}
+    student_logits, teacher_logits = _get(student_outputs, "logits"), _get(teacher_outputs, "logits")
+    if isinstance(student_logits, torch.Tensor) and isinstance(teacher_logits, torch.Tensor):
+        if student_logits.shape != teacher_logits.shape:
+            raise ValueError(f"distillation: student logits {tuple(student_logits.shape)} and teacher logits "
+                             f"{tuple(teacher_logits.shape)} differ.")
+        student_log_probs = F.log_softmax(_masked(student_logits, attention_mask).float() / temperature, dim=-1)
+        teacher_log_probs = F.log_softmax(_masked(teacher_logits, attention_mask).float() / temperature, dim=-1)
+        per_position = (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum(-1)
+        terms["kl"] = per_position.mean() * temperature**2
+    if use_hidden:
+        student_hidden, teacher_hidden = _hidden_states(student_outputs), _hidden_states(teacher_outputs)
+        if student_hidden and teacher_hidden:
+            if len(student_hidden) != len(teacher_hidden):  # different depths: match the last states only
+                student_hidden, teacher_hidden = student_hidden[-1:], teacher_hidden[-1:]
+            per_layer = []
+            for s, t in zip(student_hidden, teacher_hidden, strict=True):
+                s, t = _masked(s, attention_mask).float(), _masked(t, attention_mask).float()
+                per_layer.append(F.mse_loss(F.layer_norm(s, s.shape[-1:]), F.layer_norm(t, t.shape[-1:])))
+            terms["hidden"] = torch.stack(per_layer).mean()
+    return terms
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    train_dataset: Any,
+    args: TrainingArguments,
+    **kwargs: Any,
+) -> DistillationTrainer:
+    """Distil `teacher` into `student` on `train_dataset` with a `DistillationTrainer`; return the trained trainer.
+
+    Args:
+        student: the model to train (e.g. a freshly converted LORS model).
+        teacher: the dense model to imitate (frozen).
+        train_dataset: tokenized examples (``input_ids``, ``attention_mask``, optionally ``labels``).
+        args: the `transformers.TrainingArguments`.
+        **kwargs: `DistillationTrainer` options (``temperature``, ``alpha_kl``, ``alpha_hidden``,
+            ``alpha_task``) and other `transformers.Trainer` arguments (``data_collator``...).
+
+    Example:
+        >>> # trainer = distill(lors_model, dense_model, train, TrainingArguments("out", max_steps=200))
+        >>> # trainer.model is lors_model
+    """
+    trainer = DistillationTrainer(model=student, args=args, train_dataset=train_dataset, teacher_model=teacher,
+                                  **kwargs)
+    trainer.train()
+    return trainer
+
+
+def _get(outputs: Any, name: str) -> Any:
+    if isinstance(outputs, dict):
+        return outputs.get(name)
+    return getattr(outputs, name, None)
+
+
+def _hidden_states(outputs: Any) -> list[torch.Tensor]:
+    states = _get(outputs, "hidden_states")
+    if states is None:
+        states = _get(outputs, "decoder_hidden_states")
+    if isinstance(states, tuple | list) and states:
+        states = list(states)
+        return states[1:] if len(states) > 1 else states  # index 0 is the embeddings' output
+    last = _get(outputs, "last_hidden_state")
+    return [last] if isinstance(last, torch.Tensor) else []
+
+
+def _masked(values: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The rows of ``(batch, length, ...)`` `values` at non-padding positions, flattened to ``(n, ...)``."""
+    if attention_mask is not None and values.dim() >= 3 and values.shape[:2] == attention_mask.shape:
+        return values[attention_mask.bool()]
+    return values.reshape(-1, values.shape[-1]) if values.dim() >= 3 else values
+
+
+def _without_hidden_states(outputs: Any, keep: bool) -> Any:
+    """The student's outputs as the Trainer's evaluation expects them (no hidden states we asked for)."""
+    if keep or not isinstance(outputs, dict) or outputs.get("hidden_states") is None:
+        return outputs
+    return type(outputs)(**{k: v for k, v in outputs.items() if k != "hidden_states"})

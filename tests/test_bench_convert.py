@@ -1,0 +1,50 @@
+"""scripts/bench_convert.py --smoke: the whole pipeline on tiny models, writing its section and plot."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_convert.py"
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_the_table_the_plot_and_the_command(tmp_path):
+    results_file = tmp_path / "RESULTS.md"
+    results_file.write_text("# results\n\n<!-- other:start -->\nkept\n<!-- other:end -->\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--results-file", str(results_file), "--reductions", "0.3", "0.5"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    text = results_file.read_text()
+    assert "<!-- other:start -->\nkept\n<!-- other:end -->" in text  # other sections untouched
+    section = text[text.index("<!-- bench_convert:start -->"):text.index("<!-- bench_convert:end -->")]
+    assert "python scripts/bench_convert.py --smoke" in section
+    assert "| model | target | stacks removed | rank | method | error after conversion | vs svd | convert s |" in section
+    for model in ("MiniLM-L6", "SmolLM2-135M"):
+        for method in ("svd", "alternating", "data-aware"):
+            assert any(line.startswith(f"| {model} | 50% |") and f"| {method} |" in line for line in section.splitlines())
+    assert "### After recovery" in section and "### Targets" in section
+    assert (tmp_path / "bench_convert.png").stat().st_size > 1000
+    raw = json.loads((tmp_path / "bench_convert.json").read_text())
+    assert {row["reduction"] for row in raw["minilm"]["conversion"]} == {0.3, 0.5}
+    assert all(row["error"] >= 0 for row in raw["minilm"]["conversion"])
+    # the report alone can be rebuilt from the saved figures
+    rebuilt = tmp_path / "REBUILT.md"
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), "--from-json", str(tmp_path / "bench_convert.json"), "--results-file",
+         str(rebuilt), "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert section.strip() in rebuilt.read_text()
+
+
+def test_smoke_refuses_to_write_docs_results():
+    completed = subprocess.run([sys.executable, str(SCRIPT), "--smoke"], capture_output=True, text=True, timeout=120)
+    assert completed.returncode != 0 and "--results-file" in completed.stderr

@@ -1,0 +1,99 @@
+"""Data-aware conversion (calibration.py): statistics, bias correction, sequential refitting."""
+
+import copy
+
+import pytest
+import torch
+from tiny_models import build
+
+from lors_hf import LorsConfig, lorsify
+from lors_hf.calibration import collect_input_statistics, convert_with_calibration
+from lors_hf.discovery import plan_ranks
+
+
+def _batches(inputs: dict, count: int = 3, seed: int = 0) -> list[dict]:
+    """`count` batches shaped like `inputs`, token ids redrawn (so the moments come from several batches)."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        batch = {}
+        for key, value in inputs.items():
+            if key.endswith("input_ids"):
+                batch[key] = torch.randint(1, 99, value.shape, generator=generator)
+            elif value.is_floating_point():
+                batch[key] = torch.randn(value.shape, generator=generator)
+            else:
+                batch[key] = value.clone()
+        batches.append(batch)
+    return batches
+
+
+def _outputs(model, batch):
+    with torch.no_grad():
+        out = model(**batch)
+    return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
+
+
+def test_statistics_are_the_moments_of_the_real_inputs():
+    model, inputs = build("bert")
+    inputs["attention_mask"][1, -3:] = 0  # padding is left out
+    stacks = plan_ranks(model, LorsConfig(rank=2))
+    seen = {}
+    handles = [model.get_submodule(f"bert.encoder.layer.{i}.attention.self.{name}").register_forward_pre_hook(
+        lambda _m, args, key=(i, name): seen.__setitem__(key, args[0][inputs["attention_mask"].bool()]))
+        for i in range(3) for name in ("query", "key")]
+    model(**inputs)
+    for handle in handles:
+        handle.remove()
+    statistics = collect_input_statistics(model, stacks, inputs)
+    for name in ("query", "key"):
+        stats = statistics[f"bert.encoder.layer.attention.self.{name}"]
+        assert stats.tokens == int(inputs["attention_mask"].sum())
+        for i in range(3):
+            x = seen[(i, name)]
+            torch.testing.assert_close(stats.second_moment[i], x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(stats.mean[i], x.mean(0), rtol=1e-4, atol=1e-6)
+
+
+def test_bias_correction_removes_the_mean_output_error_on_the_calibration_data():
+    dense, inputs = build("bert")
+    model = copy.deepcopy(dense)
+    config = LorsConfig(rank=1, init="alternating", alternating_steps=2)
+    convert_with_calibration(model, plan_ranks(model, config), config, [inputs], rounds=1)
+    captured = {}
+    handle = dense.get_submodule("bert.encoder.layer.1.intermediate.dense").register_forward_pre_hook(
+        lambda _m, args: captured.__setitem__("x", args[0].reshape(-1, args[0].shape[-1])))
+    dense(**inputs)
+    handle.remove()
+    x = captured["x"]
+    dense_layer = dense.get_submodule("bert.encoder.layer.1.intermediate.dense")
+    lors_layer = model.get_submodule("bert.encoder.layer.1.intermediate.dense")
+    with torch.no_grad():
+        dense_mean, lors_mean = dense_layer(x).mean(0), lors_layer(x).mean(0)
+        assert (dense_layer(x) - lors_layer(x)).abs().max() > 1e-3  # rank 1 is lossy...
+    torch.testing.assert_close(lors_mean, dense_mean, rtol=0, atol=1e-4)  # ...but not on average
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "t5"])
+def test_full_rank_data_aware_conversion_with_a_sequential_round_is_exact(family):
+    dense, inputs = build(family)
+    model = lorsify(copy.deepcopy(dense), LorsConfig(rank="full", init="alternating", alternating_steps=1),
+                    calibration_data=_batches(inputs))
+    for batch in _batches(inputs, seed=5):
+        torch.testing.assert_close(_outputs(model, batch), _outputs(dense, batch), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_the_sequential_round_brings_the_outputs_closer_to_the_dense_model(family):
+    dense, inputs = build(family, layers=4)
+    with torch.no_grad():  # layers that differ more, so that low rank hurts
+        for parameter in dense.parameters():
+            parameter.mul_(3.0)
+    batches = _batches(inputs, count=4)
+    errors = {}
+    for rounds in (1, 2):
+        model = copy.deepcopy(dense)
+        config = LorsConfig(rank=2, init="alternating", alternating_steps=4)
+        convert_with_calibration(model, plan_ranks(model, config), config, batches, rounds=rounds)
+        errors[rounds] = sum((_outputs(model, b) - _outputs(dense, b)).pow(2).mean().item() for b in batches)
+    assert errors[2] < errors[1]

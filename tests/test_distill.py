@@ -1,0 +1,136 @@
+"""DistillationTrainer: a converted student moves towards its frozen dense teacher."""
+
+import copy
+
+import datasets
+import pytest
+import torch
+import transformers as tf
+from tiny_models import build
+
+from lors_hf import LorsConfig, lorsify
+from lors_hf.distill import DistillationTrainer, distill, distillation_losses
+
+
+def _token_dataset(vocab: int, rows: int = 64, length: int = 16, labels: int | None = None, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    data = {"input_ids": torch.randint(1, vocab, (rows, length), generator=generator).tolist(),
+            "attention_mask": torch.ones(rows, length, dtype=torch.long).tolist()}
+    data["attention_mask"][0][-4:] = [0] * 4  # some padding, left out of the losses
+    if labels is not None:
+        data["labels"] = torch.randint(0, labels, (rows,), generator=generator).tolist()
+    return datasets.Dataset.from_dict(data)
+
+
+def _args(tmp_path, steps: int = 40, **overrides) -> tf.TrainingArguments:
+    return tf.TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=8,
+                                learning_rate=overrides.pop("learning_rate", 5e-3), warmup_steps=0, logging_steps=10,
+                                save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+                                **overrides)
+
+
+def _tiny_bert_model() -> tf.BertModel:
+    """A BertModel (no logits); no dropout and larger weights, so that the layers matter."""
+    torch.manual_seed(0)
+    config = tf.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0, initializer_range=0.2)
+    return tf.BertModel(config).eval()
+
+
+def _student_and_teacher(family: str):
+    teacher, _ = build(family, layers=3)
+    student = lorsify(copy.deepcopy(teacher), LorsConfig(rank=1, init="svd"))
+    return student.train(), teacher
+
+
+def _distances(student, teacher, batch) -> dict[str, float]:
+    student.eval()
+    with torch.no_grad():
+        terms = distillation_losses(student(**batch, output_hidden_states=True),
+                                    teacher(**batch, output_hidden_states=True), batch["attention_mask"])
+    student.train()
+    return {name: float(value) for name, value in terms.items()}
+
+
+def _held_out_batch(vocab: int) -> dict[str, torch.Tensor]:
+    held_out = _token_dataset(vocab, rows=16, seed=1)
+    return {k: torch.tensor(held_out[k]) for k in ("input_ids", "attention_mask")}
+
+
+def test_distillation_reduces_the_kl_of_a_causal_lm_to_its_teacher(tmp_path):
+    student, teacher = _student_and_teacher("llama")
+    teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    batch = _held_out_batch(99)
+    before = _distances(student, teacher, batch)
+    trainer = DistillationTrainer(model=student, args=_args(tmp_path), train_dataset=_token_dataset(99),
+                                  teacher_model=teacher, temperature=2.0, alpha_kl=1.0, alpha_hidden=1.0)
+    trainer.train()
+    after = _distances(student, teacher, batch)
+    assert before["kl"] > 1e-4
+    assert after["kl"] < 0.7 * before["kl"]
+    assert after["hidden"] < before["hidden"]
+    # the teacher is frozen, in eval mode and untouched
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    for name, value in teacher.state_dict().items():
+        torch.testing.assert_close(value, teacher_state[name], rtol=0, atol=0)
+    logged = [entry for entry in trainer.state.log_history if "distill_kl" in entry]
+    assert logged and "distill_hidden" in logged[0]
+
+
+def test_distillation_works_for_a_model_without_logits(tmp_path):
+    teacher = _tiny_bert_model()
+    student = lorsify(copy.deepcopy(teacher), LorsConfig(rank=1, init="svd")).train()
+    batch = _held_out_batch(99)
+    before = _distances(student, teacher, batch)
+    assert "kl" not in before and before["hidden"] > 1e-4
+    trainer = distill(student, teacher, _token_dataset(99), _args(tmp_path), alpha_kl=1.0, alpha_hidden=1.0)
+    assert trainer.model is student
+    after = _distances(student, teacher, batch)
+    assert after["hidden"] < 0.7 * before["hidden"]
+
+
+def test_last_hidden_state_alone_is_distilled_when_hidden_states_are_off(tmp_path):
+    teacher = _tiny_bert_model()
+    student = lorsify(copy.deepcopy(teacher), LorsConfig(rank=1, init="svd"))
+    batch = _held_out_batch(99)
+    with torch.no_grad():
+        terms = distillation_losses(student(**batch), teacher(**batch), batch["attention_mask"])
+        same = distillation_losses(teacher(**batch), teacher(**batch), batch["attention_mask"])
+    assert terms["hidden"] > 1e-4 and float(same["hidden"]) == 0.0
+
+
+def test_task_loss_and_evaluation_with_a_classifier(tmp_path):
+    student, teacher = _student_and_teacher("bert")
+    train = _token_dataset(99, labels=2)
+    trainer = DistillationTrainer(model=student, args=_args(tmp_path, steps=10), train_dataset=train,
+                                  eval_dataset=train.select(range(16)), teacher_model=teacher, alpha_task=1.0)
+    trainer.train()
+    assert any("distill_task" in entry for entry in trainer.state.log_history)
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] > 0
+    predictions = trainer.predict(train.select(range(8)))
+    assert predictions.predictions.shape == (8, 2)  # logits only: the hidden states are not returned
+
+
+def test_kl_is_zero_for_identical_logits_and_positive_otherwise():
+    logits = torch.randn(2, 5, 7)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    outputs = {"logits": logits}
+    assert float(distillation_losses(outputs, outputs, mask, use_hidden=False)["kl"]) == pytest.approx(0.0, abs=1e-7)
+    other = {"logits": logits + torch.randn(2, 5, 7)}
+    assert float(distillation_losses(other, outputs, mask, use_hidden=False)["kl"]) > 0.01
+    # masked positions do not count
+    mask[1, 3:] = 0
+    changed = logits.clone()
+    changed[1, 3:] += 10 * torch.randn(2, 7)
+    assert float(distillation_losses({"logits": changed}, outputs, mask, use_hidden=False)["kl"]) == pytest.approx(
+        0.0, abs=1e-7)
+
+
+def test_invalid_settings_are_refused(tmp_path):
+    student, teacher = _student_and_teacher("llama")
+    with pytest.raises(ValueError, match="temperature"):
+        DistillationTrainer(model=student, args=_args(tmp_path), teacher_model=teacher, temperature=0)
+    with pytest.raises(ValueError, match="alphas"):
+        DistillationTrainer(model=student, args=_args(tmp_path), teacher_model=teacher, alpha_kl=0, alpha_hidden=0)

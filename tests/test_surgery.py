@@ -1,0 +1,406 @@
+"""lorsify / merge_and_unload: exact conversion, the shared weight's ownership, bad input."""
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lors_hf import (
+    LorsConfig,
+    LorsLinear,
+    SharedWeight,
+    get_lors_config,
+    is_lorsified,
+    lorsify,
+    merge_and_unload,
+)
+from lors_hf.discovery import dense_weight, plan_ranks
+from lors_hf.report import parameter_report
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_models import FAMILIES, build, main_output  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny models run several times faster on one thread, above all on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _outputs(model, inputs) -> torch.Tensor:
+    """The main output and every hidden state, flattened: all of it must match."""
+    with torch.no_grad():
+        outputs = model(**inputs, output_hidden_states=True)
+    parts = [main_output(outputs).flatten()]
+    for key in ("hidden_states", "encoder_hidden_states", "decoder_hidden_states"):
+        states = getattr(outputs, key, None)
+        if states is not None:
+            parts += [state.flatten() for state in states]
+    return torch.cat(parts)
+
+
+def _lors_layers(model) -> list[LorsLinear]:
+    return [module for module in model.modules() if isinstance(module, LorsLinear)]
+
+
+def _relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((output - reference).norm() / reference.norm()).item()
+
+
+# --------------------------------------------------------------------------------------------- exactness
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_rank_svd_conversion_is_exact(family):
+    model, inputs = build(family)
+    reference = _outputs(model, inputs)
+    returned = lorsify(model, LorsConfig(rank="full", init="svd"))
+    assert returned is model and is_lorsified(model)
+    planned = [g.module_name(i) for s in plan_ranks(build(family)[0], LorsConfig(rank=0)) for g in s.groups
+               for i in g.layer_indices]
+    assert planned and all(isinstance(model.get_submodule(name), LorsLinear) for name in planned)
+    lors_outputs = _outputs(model, inputs)
+    assert (lors_outputs - reference).abs().max().item() <= 1e-4
+    # the check can fail: sharing everything (rank 0) changes the outputs far beyond the tolerance
+    shared_only, _ = build(family)
+    lorsify(shared_only, rank=0, init="svd")
+    assert (_outputs(shared_only, inputs) - reference).abs().max().item() > 1e-2
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from lors_hf.assets import minilm_path
+
+    path = minilm_path()
+    tokenizer = tf.AutoTokenizer.from_pretrained(path)
+    model = tf.AutoModel.from_pretrained(path).eval()
+    sentences = [
+        "The film was a delight from start to finish.",
+        "I would not recommend this restaurant to anyone.",
+        "Layers of a transformer can share most of their weights.",
+    ]
+    return model, dict(tokenizer(sentences, padding=True, return_tensors="pt"))
+
+
+@pytest.mark.slow
+def test_full_rank_conversion_of_pretrained_minilm_is_exact(minilm):
+    dense, batch = minilm
+    assert type(dense) is tf.BertModel
+    with torch.no_grad():
+        reference = dense(**batch).last_hidden_state
+    model = lorsify(copy.deepcopy(dense), rank="full", init="svd")
+    assert len(_lors_layers(model)) == 6 * 6
+    with torch.no_grad():
+        converted = model(**batch).last_hidden_state
+    assert (converted - reference).abs().max().item() <= 1e-4
+    assert reference.abs().max().item() > 1  # real activations, not a near-zero output
+
+
+def _give_layers_structured_differences(model: nn.Module, seed: int = 0, decay: float = 0.7) -> None:
+    """Make the layers of every group differ by residuals with decaying singular values, like trained ones."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for stack in plan_ranks(model, LorsConfig(rank=0)):
+            for group in stack.groups:
+                out_features, in_features = group.out_features, group.in_features
+                common = torch.randn(out_features, in_features, generator=generator) / in_features**0.5
+                for index in group.layer_indices:
+                    module = stack.blocks[index].get_submodule(group.relative_name)
+                    u = torch.linalg.qr(torch.randn(out_features, out_features, generator=generator))[0]
+                    v = torch.linalg.qr(torch.randn(in_features, in_features, generator=generator))[0]
+                    rank = min(out_features, in_features)
+                    spectrum = 0.8 * decay ** torch.arange(rank, dtype=torch.float32)
+                    weight = common + u[:, :rank] * spectrum @ v[:, :rank].T
+                    dense_weight(module).copy_(weight)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_output_error_falls_as_the_private_rank_grows(family):
+    errors = []
+    for rank in (0, 1, 4, 16, "full"):
+        model, inputs = build(family, layers=4)
+        _give_layers_structured_differences(model)
+        reference = _outputs(model, inputs)
+        lorsify(model, rank=rank, init="svd")
+        errors.append(_relative_error(_outputs(model, inputs), reference))
+    assert errors[0] > errors[1] > errors[2] > errors[3] > errors[4]
+    assert errors[3] < 0.2 * errors[0]
+    assert errors[4] < 1e-5
+
+
+def test_alternating_init_is_closer_to_the_dense_weights_than_svd():
+    def weight_error(init):
+        model, _ = build("bert", layers=4)
+        _give_layers_structured_differences(model, decay=0.9)
+        dense = {name: dense_weight(m).detach().clone() for name, m in model.named_modules()
+                 if isinstance(m, nn.Linear) and ".layer." in name}
+        lorsify(model, rank=2, init=init)
+        return sum((model.get_submodule(name).effective_weight() - w).pow(2).sum().item() for name, w in dense.items())
+
+    assert weight_error("alternating") < weight_error("svd")
+
+
+def test_calibration_data_lowers_the_projection_output_error_on_that_data():
+    """Data-aware conversion minimises each projection's error on the activations it really sees."""
+    dense, _ = build("bert", layers=4)
+    with torch.no_grad():  # anisotropic activations, as in trained models
+        embeddings = dense.bert.embeddings
+        for table in (embeddings.word_embeddings, embeddings.position_embeddings, embeddings.token_type_embeddings):
+            table.weight.mul_(torch.logspace(1, -2, 32))
+    calibration = [torch.randint(0, 99, (2, 10), generator=torch.Generator().manual_seed(seed)) for seed in (5, 6)]
+    seen: dict[str, list[torch.Tensor]] = {}
+    hooks = [module.register_forward_pre_hook(lambda _m, args, name=name: seen.setdefault(name, []).append(args[0]))
+             for name, module in dense.named_modules() if name.endswith(("self.query", "intermediate.dense"))]
+    with torch.no_grad():
+        for batch in calibration:
+            dense(input_ids=batch)
+    for hook in hooks:
+        hook.remove()
+    reference = {name: dense.get_submodule(name)(torch.cat(xs)).detach() for name, xs in seen.items()}
+
+    def output_error(model):
+        return sum((model.get_submodule(name)(torch.cat(xs)) - reference[name]).pow(2).sum().item()
+                   for name, xs in seen.items())
+
+    plain = lorsify(copy.deepcopy(dense), rank=4, init="alternating")
+    aware = lorsify(copy.deepcopy(dense), rank=4, init="alternating", calibration_data=calibration)
+    assert output_error(aware) < 0.5 * output_error(plain)
+    assert get_lors_config(aware).init == "alternating"
+
+
+# --------------------------------------------------------------------------------------------- merge
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merge_and_unload_restores_a_stock_model_with_the_same_outputs(family):
+    model, inputs = build(family)
+    dense_keys = set(model.state_dict())
+    dense_types = {name: type(module) for name, module in model.named_modules()}
+    lorsify(model, rank=2, init="svd")
+    lors_outputs = _outputs(model, inputs)
+    merged = merge_and_unload(model)
+    assert merged is model
+    assert not _lors_layers(model)
+    assert not any(isinstance(module, SharedWeight) for module in model.modules())
+    assert not any("lors_shared" in name for name, _ in model.named_modules())
+    assert getattr(model.config, "lors_config", None) is None and "lors_config" not in model.config.to_dict()
+    assert not is_lorsified(model)
+    assert {name: type(module) for name, module in model.named_modules()} == dense_types
+    assert set(model.state_dict()) == dense_keys
+    torch.testing.assert_close(_outputs(model, inputs), lors_outputs, rtol=1e-5, atol=1e-5)
+
+
+def test_merged_gpt2_uses_conv1d_again_and_can_be_lorsified_anew():
+    model, inputs = build("gpt2")
+    lorsify(model, rank=3, init="svd")
+    merge_and_unload(model)
+    assert all(type(block.attn.c_attn) is Conv1D and block.attn.c_attn.weight.shape == (32, 96)
+               for block in model.transformer.h)
+    lorsify(model, rank=1)
+    assert is_lorsified(model)
+
+
+def test_merge_and_unload_refuses_a_dense_model():
+    model, _ = build("bert")
+    with pytest.raises(ValueError, match="no LORS layers"):
+        merge_and_unload(model)
+
+
+# --------------------------------------------------------------------------------------------- shared weight
+
+
+def test_state_dict_holds_each_shared_weight_once():
+    model, _ = build("bert")
+    stacks = plan_ranks(model, LorsConfig(rank=4))
+    groups = [group for stack in stacks for group in stack.groups]
+    lorsify(model, rank=4)
+    state = model.state_dict()
+    shared_keys = sorted(key for key in state if "lors_shared" in key)
+    assert shared_keys == sorted(f"bert.encoder.lors_shared.layer.{g.relative_name}.weight" for g in groups)
+    for key in shared_keys:
+        pointer = state[key].data_ptr()
+        assert sum(tensor.data_ptr() == pointer for tensor in state.values()) == 1
+    assert not any(key.endswith("query.weight") for key in state if "encoder.layer." in key)
+
+
+def test_num_parameters_counts_the_shared_weight_once():
+    model, _ = build("bert", layers=4)
+    dense_count = model.num_parameters()
+    config = LorsConfig(rank=[1, 2, 3, 4])
+    groups = [group for stack in plan_ranks(model, config) for group in stack.groups]
+    lorsify(model, config)
+    expected = dense_count - sum(
+        len(g.layer_indices) * g.out_features * g.in_features  # dense weights gone
+        - g.out_features * g.in_features  # one shared weight
+        - sum(g.ranks) * (g.out_features + g.in_features)  # private factors
+        for g in groups
+    )
+    assert model.num_parameters() == expected == parameter_report(model).total.lors
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_shared_weight_is_registered_once_and_referenced_by_every_layer():
+    model, _ = build("llama")
+    lorsify(model, rank=2)
+    registered = [name for name, _ in model.named_parameters(remove_duplicate=False)]
+    assert len(registered) == len(set(registered))
+    for name, module in model.named_modules():
+        if not isinstance(module, SharedWeight):
+            continue
+        parameter = module.weight
+        assert [n for n, p in model.named_parameters(remove_duplicate=False) if p is parameter] == [f"{name}.weight"]
+        relative = name.removeprefix("model.lors_shared.layers.")
+        users = [block.get_submodule(relative) for block in model.model.layers]
+        assert all(isinstance(user, LorsLinear) and user.shared is module for user in users)
+
+
+def _assert_references_own_shared_modules(model):
+    owned = {id(module) for module in model.modules() if isinstance(module, SharedWeight)}
+    layers = _lors_layers(model)
+    assert layers and all(id(layer.shared) in owned for layer in layers)
+
+
+def test_dtype_and_device_moves_keep_the_reference_on_the_models_own_shared_weight():
+    model, inputs = build("gpt2")
+    lorsify(model, rank="full", init="svd")
+    reference = _outputs(model, inputs)
+    model.to(torch.float64)
+    _assert_references_own_shared_modules(model)
+    assert {layer.shared.weight.dtype for layer in _lors_layers(model)} == {torch.float64}
+    torch.testing.assert_close(_outputs(model, inputs).float(), reference, rtol=1e-4, atol=1e-4)
+    # also when the conversion replaces Parameter objects instead of their data
+    previous = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        model.to(torch.float32)
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(previous)
+    _assert_references_own_shared_modules(model)
+    assert {layer.shared.weight.dtype for layer in _lors_layers(model)} == {torch.float32}
+    torch.testing.assert_close(_outputs(model, inputs), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_deepcopy_references_the_copys_own_shared_weight():
+    model, inputs = build("bert")
+    lorsify(model, rank=2, init="svd")
+    clone = copy.deepcopy(model)
+    _assert_references_own_shared_modules(clone)
+    original_ids = {id(module) for module in model.modules() if isinstance(module, SharedWeight)}
+    assert not any(id(layer.shared) in original_ids for layer in _lors_layers(clone))
+    torch.testing.assert_close(_outputs(clone, inputs), _outputs(model, inputs), rtol=0, atol=0)
+    with torch.no_grad():
+        clone.bert.encoder.lors_shared.layer.attention.self.query.weight.add_(1.0)
+    assert not torch.equal(_outputs(clone, inputs), _outputs(model, inputs))
+
+
+# --------------------------------------------------------------------------------------------- config
+
+
+def test_lors_config_records_the_resolved_per_layer_ranks():
+    model, _ = build("bert", layers=3)
+    lorsify(model, rank={"attention": [1, 2, 3], ".*": 4}, init="svd")
+    recorded = get_lors_config(model)
+    assert recorded.init == "svd" and recorded.target_reduction is None
+    assert recorded.rank[r"^bert\.encoder\.layer\.attention\.self\.query$"] == [1, 2, 3]
+    assert recorded.rank[r"^bert\.encoder\.layer\.intermediate\.dense$"] == [4, 4, 4]
+    layers = model.bert.encoder.layer
+    assert [layer.attention.self.key.rank for layer in layers] == [1, 2, 3]
+    assert [layer.attention.self.key.lors_A.shape[0] for layer in layers] == [1, 2, 3]
+    assert [layer.output.dense.lors_B.shape[1] for layer in layers] == [4, 4, 4]
+    # the recorded config rebuilds exactly the same plan on a dense model
+    replanned = plan_ranks(build("bert", layers=3)[0], recorded)
+    assert {g.name: g.ranks for g in replanned[0].groups} == {
+        f"bert.encoder.layer.{name}": [m.rank for m in (b.get_submodule(name) for b in layers)]
+        for name in [g.relative_name for g in replanned[0].groups]
+    }
+
+
+def test_overrides_and_dict_configs_are_accepted():
+    model, _ = build("bert")
+    lorsify(model, {"rank": 8, "init": "svd"}, rank=3, target_modules=["query"])
+    assert [layer.rank for layer in _lors_layers(model)] == [3, 3, 3]
+    assert type(model.bert.encoder.layer[0].attention.self.key) is nn.Linear
+    assert get_lors_config(model).init == "svd"
+
+
+# --------------------------------------------------------------------------------------------- target_reduction
+
+
+@pytest.mark.parametrize(("family", "target"), [("bert", 0.6), ("gpt2", 0.3), ("llama", 0.6)])
+def test_target_reduction_picks_the_largest_rank_that_reaches_it(family, target):
+    model, _ = build(family, layers=4)
+    lorsify(model, target_reduction=target)
+    reduction = parameter_report(model).stacks_total.reduction
+    assert reduction >= target
+    (rank,) = {layer.rank for layer in _lors_layers(model)}
+    bigger, _ = build(family, layers=4)
+    lorsify(bigger, rank=rank + 1)
+    assert parameter_report(bigger).stacks_total.reduction < target
+
+
+def test_unreachable_target_reduction_is_refused():
+    model, _ = build("bert")
+    with pytest.raises(ValueError, match=r"target_reduction=0.95 cannot be reached.*even rank 0"):
+        lorsify(model, target_reduction=0.95)
+    assert not is_lorsified(model)
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+
+class _OneBlockConfig(tf.PretrainedConfig):
+    model_type = "one_block_test"
+
+
+class _OneBlockModel(tf.PreTrainedModel):
+    config_class = _OneBlockConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))])
+        self.post_init()
+
+
+@pytest.mark.parametrize(
+    ("make_model", "kwargs", "error", "message"),
+    [
+        (lambda: lorsify(build("bert")[0], rank=2), {"rank": 2}, ValueError, r"already a LORS model.*merge_and_unload"),
+        (lambda: tf.BertModel(tf.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                            intermediate_size=32)), {}, ValueError, r"found no stack of layers in BertModel"),
+        (lambda: _OneBlockModel(_OneBlockConfig()), {}, ValueError, r"found no stack of layers in _OneBlockModel"),
+        (lambda: nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), {}, TypeError, r"expects a transformers PreTrainedModel"),
+        (lambda: build("bert")[0], {"target_modules": ["c_attn"]}, ValueError, r"leave no projection shared.*attention\.self\.query"),
+        (lambda: build("bert")[0], {"rank": 33}, ValueError, r"rank 33 does not fit .*the largest useful rank is 32"),
+        (lambda: build("llama")[0], {"rank": {"k_proj": 17, ".*": 4}}, ValueError, r"rank 17 does not fit .*k_proj.*16x32"),
+        (lambda: build("bert")[0], {"rank": [2, 2]}, ValueError, r"has 2 entries but stack .* has 3 layers"),
+        (lambda: build("bert")[0], {"rank": {"query": 2}}, ValueError, r"no key of the rank dict .* add a default entry"),
+        (lambda: build("bert")[0], {"init": "kaiming"}, ValueError, r"unknown init 'kaiming'"),
+        (lambda: build("bert")[0], {"config": "rank=4"}, TypeError, r"must be a LorsConfig or a dict"),
+        (lambda: build("bert")[0], {"target_reduction": 0.99}, ValueError, r"cannot be reached"),
+        (lambda: build("bert")[0], {"calibration_data": [torch.zeros(1, 4, dtype=torch.long)]}, ValueError,
+         r"calibration_data converts pretrained weights; use init='svd'"),
+    ],
+)
+def test_bad_input_is_refused_with_a_message_naming_the_fix(make_model, kwargs, error, message):
+    model = make_model()
+    before = copy.deepcopy(model.state_dict())
+    config = kwargs.pop("config", None)
+    with pytest.raises(error, match=message):
+        lorsify(model, config, **kwargs)
+    # nothing was half-converted
+    assert set(model.state_dict()) == set(before)
+
+
+def test_empty_calibration_data_is_refused():
+    model, _ = build("bert")
+    with pytest.raises(ValueError, match="calibration_data is empty"):
+        lorsify(model, rank=2, init="svd", calibration_data=[])
+    assert not is_lorsified(model)
