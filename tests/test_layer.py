@@ -140,3 +140,33 @@ def test_scratch_init_starts_every_layer_equal_to_the_shared_weight():
         torch.testing.assert_close(query.bias, bias, rtol=0, atol=0)
     with torch.no_grad():
         assert torch.isfinite(model(**inputs).logits).all()
+
+
+def test_weight_cache_matches_and_follows_weight_updates():
+    from lors_hf.layer import set_weight_cache
+
+    torch.manual_seed(0)
+    shared = SharedWeight(8, 6)
+    torch.nn.init.normal_(shared.weight)
+    layer = LorsLinear(shared, rank=2, bias=True)
+    torch.nn.init.normal_(layer.lors_A)
+    torch.nn.init.normal_(layer.lors_B)
+    torch.nn.init.normal_(layer.bias)
+    x = torch.randn(1, 6)
+    with torch.no_grad():
+        plain = layer(x)
+        set_weight_cache(layer)
+        cached = layer(x)
+        assert layer._cached is not None
+        torch.testing.assert_close(cached, plain)
+        layer.lors_B.add_(1.0)  # an in-place update must invalidate the cache
+        updated = layer(x)
+    set_weight_cache(layer, False)
+    with torch.no_grad():
+        torch.testing.assert_close(updated, layer(x))
+    assert not torch.allclose(updated, plain)
+    assert layer._cached is None
+    set_weight_cache(layer)
+    y = layer(x)  # gradients enabled: the cache is never used, the graph reaches A and B
+    y.sum().backward()
+    assert layer.lors_A.grad is not None and layer.lors_B.grad is not None

@@ -91,7 +91,6 @@ def lorsify(
             "(init='scratch' starts every layer equal to the shared weight and ignores data)."
         )
     stacks = plan_ranks(model, config)
-    covariances = None
     if calibration_data is not None:
         from .calibration import convert_with_calibration
 
@@ -108,8 +107,7 @@ def lorsify(
             for group in stack.groups:
                 dense = dense_layers[(stack.name, group.relative_name)]
                 lors = [stack.blocks[i].get_submodule(group.relative_name) for i in group.layer_indices]
-                _initialise(dense=dense, lors=lors, ranks=group.ranks, config=config,
-                            covariances=None if covariances is None else covariances[group.name])
+                _initialise(dense=dense, lors=lors, ranks=group.ranks, config=config)
     model.config.lors_config = resolved_config(config, stacks).to_dict()
     return model
 
@@ -149,8 +147,7 @@ def build_lors_layers(model: nn.Module, stacks: list[Stack]) -> None:
                 _set_module(stack.blocks[index], group.relative_name, layer)
 
 
-def _initialise(dense: list[nn.Module], lors: list[LorsLinear], ranks: list[int], config: LorsConfig,
-                covariances: torch.Tensor | None) -> None:
+def _initialise(dense: list[nn.Module], lors: list[LorsLinear], ranks: list[int], config: LorsConfig) -> None:
     shared_module = lors[0].shared
     if config.init == "scratch":
         shared_module.weight.copy_(dense_weight(dense[0]))
@@ -161,7 +158,7 @@ def _initialise(dense: list[nn.Module], lors: list[LorsLinear], ranks: list[int]
         return
     weights = torch.stack([dense_weight(layer) for layer in dense])
     steps = config.alternating_steps if config.init == "alternating" else 0
-    shared, factors = decompose(weights, ranks, steps=steps, input_covariances=covariances)
+    shared, factors = decompose(weights, ranks, steps=steps)
     shared_module.weight.copy_(shared)
     for dense_layer, layer, (b, a) in zip(dense, lors, factors, strict=True):
         layer.lors_B.copy_(b)
