@@ -30,7 +30,6 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
-    Trainer,
     TrainingArguments,
     set_seed,
 )
@@ -41,6 +40,7 @@ from lors_hf.training_args import (
     LorsArguments,
     ScriptArgumentParser,
     ScriptError,
+    build_trainer,
     calibration_batches,
     check_file,
     convert_model,
@@ -189,14 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                           data_collator=collator, compute_metrics=compute_metrics)
     push_to_hub = training_args.push_to_hub
     training_args.push_to_hub = False  # pushed once at the end, with the LORS model card and the reports
-    if teacher is not None:
-        from lors_hf.distill import DistillationTrainer
-
-        trainer = DistillationTrainer(
-            teacher_model=teacher, temperature=distill_args.distill_temperature, alpha_kl=distill_args.distill_alpha_kl,
-            alpha_hidden=distill_args.distill_alpha_hidden, alpha_task=distill_args.distill_alpha_task, **trainer_kwargs)
-    else:
-        trainer = Trainer(**trainer_kwargs)
+    trainer = build_trainer(teacher, distill_args, **trainer_kwargs)
 
     extra = parameter_metrics(model)
     if training_args.do_train:

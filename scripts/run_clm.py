@@ -33,7 +33,6 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
-    Trainer,
     TrainingArguments,
     default_data_collator,
     set_seed,
@@ -46,6 +45,7 @@ from lors_hf.training_args import (
     ScriptArgumentParser,
     ScriptError,
     apply_overrides,
+    build_trainer,
     calibration_batches,
     check_file,
     convert_model,
@@ -223,14 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                           eval_dataset=blocks["validation"], processing_class=tokenizer,
                           data_collator=default_data_collator, compute_metrics=compute_metrics,
                           preprocess_logits_for_metrics=preprocess_logits_for_metrics)
-    if teacher is not None:
-        from lors_hf.distill import DistillationTrainer
-
-        trainer = DistillationTrainer(
-            teacher_model=teacher, temperature=distill_args.distill_temperature, alpha_kl=distill_args.distill_alpha_kl,
-            alpha_hidden=distill_args.distill_alpha_hidden, alpha_task=distill_args.distill_alpha_task, **trainer_kwargs)
-    else:
-        trainer = Trainer(**trainer_kwargs)
+    trainer = build_trainer(teacher, distill_args, **trainer_kwargs)
 
     extra = parameter_metrics(model)
     if training_args.do_train:

@@ -25,14 +25,7 @@ from lors_hf.report import parameter_report
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import FAMILIES, build, main_output  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny models run several times faster on one thread, above all on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _outputs(model, inputs) -> torch.Tensor:

@@ -16,14 +16,7 @@ from lors_hf.discovery import plan_ranks
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import build  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny models train an order of magnitude faster on one thread, above all on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _classification_set(size: int = 256, length: int = 8, seed: int = 0) -> datasets.Dataset:

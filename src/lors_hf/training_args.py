@@ -390,3 +390,20 @@ def push_output_dir(output_dir: str | os.PathLike, repo_id: str, token: str | No
                                                 "training_args.bin"],
                                commit_message="Upload model trained with lors-hf")
     return str(commit)
+
+
+def build_trainer(teacher: torch.nn.Module | None, distill_args: DistillArguments, **trainer_kwargs: Any):
+    """A ``Trainer``, or a `DistillationTrainer` from `teacher` when ``--distill`` asked for one.
+
+    Example:
+        >>> # trainer = build_trainer(teacher, distill_args, model=model, args=training_args, train_dataset=ds)
+    """
+    if teacher is None:
+        from transformers import Trainer
+
+        return Trainer(**trainer_kwargs)
+    from .distill import DistillationTrainer
+
+    return DistillationTrainer(
+        teacher_model=teacher, temperature=distill_args.distill_temperature, alpha_kl=distill_args.distill_alpha_kl,
+        alpha_hidden=distill_args.distill_alpha_hidden, alpha_task=distill_args.distill_alpha_task, **trainer_kwargs)
