@@ -230,18 +230,21 @@ def bench_minilm(args, sizes, results: dict, save) -> None:
     collator = tf.DataCollatorWithPadding(tokenizer)
     workdir = tempfile.mkdtemp(prefix="bench_convert_minilm_")
 
-    def fine_tune(model, name: str, teacher=None) -> dict[str, Any]:
-        targs = training_arguments(f"{workdir}/{name}", sizes["minilm_batch"], 1e-4, sizes["minilm_max_steps"])
+    def fine_tune(model, name: str, max_steps: int, minutes: float, teacher=None) -> dict[str, Any]:
+        targs = training_arguments(f"{workdir}/{name}", sizes["minilm_batch"], 1e-4, max_steps)
         model.train()
         if teacher is None:
-            info = train(tf.Trainer, model, train_set, targs, args.finetune_minutes, data_collator=collator)
+            info = train(tf.Trainer, model, train_set, targs, minutes, data_collator=collator)
         else:
-            info = train(DistillationTrainer, model, train_set, targs, args.finetune_minutes, data_collator=collator,
+            info = train(DistillationTrainer, model, train_set, targs, minutes, data_collator=collator,
                          teacher_model=teacher, temperature=2.0, alpha_kl=1.0, alpha_hidden=1.0, alpha_task=1.0)
         info["accuracy"] = round(accuracy(model, tokenizer, test_texts, test_labels, sizes["minilm_max_length"]), 4)
         return info
 
-    dense_info = fine_tune(dense, "dense")
+    # Every model trains the same number of steps on the same batches (on a shared machine equal wall time
+    # would be unequal work); --finetune-minutes only caps a run.
+    steps = min(args.finetune_steps, sizes["minilm_max_steps"])
+    dense_info = fine_tune(dense, "dense", steps, args.finetune_minutes)
     section["recovery"].append({"reduction": 0.0, "method": "dense", "recovery": "fine-tune", **dense_info})
     print(f"[minilm] dense fine-tuned: {dense_info}", flush=True)
     save()
@@ -251,7 +254,7 @@ def bench_minilm(args, sizes, results: dict, save) -> None:
             recipes.append("fine-tune + distill")
         for recipe in recipes:
             student = copy.deepcopy(model) if recipe != recipes[-1] else model
-            recovered = fine_tune(student, f"{method}-{reduction}-{len(recipe)}",
+            recovered = fine_tune(student, f"{method}-{reduction}-{len(recipe)}", steps, args.finetune_minutes,
                                   teacher=dense if "distill" in recipe else None)
             row = {"reduction": reduction, "method": method, "recovery": recipe, "rank": info["rank"],
                    "stack_reduction": info["stack_reduction"], **recovered, "dense_accuracy": dense_info["accuracy"]}
@@ -358,9 +361,9 @@ def markdown(results: dict, command: str, plot_name: str | None) -> str:
     lines = [
         "## Converting pretrained models: mean+SVD, alternating, data-aware; recovery",
         "",
-        f"Command: `{command}`  ",
-        f"Machine: {meta['machine']}; {meta['threads']} threads; measured {meta['date']}; "
-        f"wall time {meta.get('wall_minutes', '?')} min; seed {SEED}."
+        *command_lines(results, command),
+        f"Machine: {meta['machine']}; {meta['threads']} threads, shared with other jobs (timings are noisy); "
+        f"seed {SEED}."
         + (" **Smoke run: tiny random models, tiny slices; the figures mean nothing.**" if meta["smoke"] else ""),
         "",
         "Same private rank for every method at a given budget (`target_reduction` = fraction of the stacks' "
@@ -396,6 +399,13 @@ def markdown(results: dict, command: str, plot_name: str | None) -> str:
     recovery_rows = [(k, r) for k in ("minilm", "smollm2") for r in results.get(k, {}).get("recovery", [])]
     if recovery_rows:
         lines += ["### After recovery", "",
+                  "MiniLM: sentiment fine-tuning (train split, batch 32, max length 64, AdamW lr 1e-4 constant after "
+                  "warm-up, task loss), the same number of steps on the same batches for every model (`steps`). "
+                  "`fine-tune + distill` adds "
+                  "`DistillationTrainer` losses towards the fine-tuned dense classifier (KL at T=2, hidden states, "
+                  "task loss; weights 1/1/1). SmolLM2: `DistillationTrainer` from the dense model on Shakespeare "
+                  "train text (windows of 256 tokens, batch 4, AdamW lr 2e-4, KL at T=1 + hidden states, no task "
+                  "loss; embeddings frozen) for the wall-time budget.", "",
                   "| model | target | method | recovery | steps | minutes | result | reference |",
                   "|---|---|---|---|---|---|---|---|"]
         for key, row in recovery_rows:
@@ -415,6 +425,19 @@ def markdown(results: dict, command: str, plot_name: str | None) -> str:
         lines.append("")
     lines += ["### Targets", ""] + [f"- {line}" for line in target_lines(results)]
     return "\n".join(lines) + "\n"
+
+
+def command_lines(results: dict, command: str) -> list[str]:
+    """The command (and wall time) behind each model's figures: one line if a single run made them all."""
+    runs = {}
+    for key, label in (("minilm", "MiniLM"), ("smollm2", "SmolLM2")):
+        if key in results:
+            section = results[key]
+            wall = section.get("wall_minutes", results["meta"].get("wall_minutes", "?"))
+            scope = f" ({section['wall_scope']})" if section.get("wall_scope") else ""
+            runs.setdefault(section.get("command") or command, []).append(
+                f"{label} {wall} min{scope}, {section.get('date', results['meta']['date'])}")
+    return [f"Command: `{cmd}` ({'; '.join(parts)})  " for cmd, parts in runs.items()]
 
 
 def target_lines(results: dict) -> list[str]:
@@ -499,8 +522,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--recover-minutes", type=float, default=20.0,
                         help="SmolLM2 distillation budget (wall minutes); 0 skips every recovery run")
-    parser.add_argument("--finetune-minutes", type=float, default=3.5,
-                        help="budget of each MiniLM sentiment fine-tuning run (dense and converted alike)")
+    parser.add_argument("--finetune-steps", type=int, default=320,
+                        help="steps of each MiniLM sentiment fine-tuning run, dense and converted alike "
+                             "(320 x batch 32 = one epoch of the train split)")
+    parser.add_argument("--finetune-minutes", type=float, default=10.0,
+                        help="wall-time cap of each MiniLM fine-tuning run (a run that hits it trains fewer steps)")
     parser.add_argument("--recover-reductions", type=float, nargs="+", default=[0.5],
                         help="budgets at which recovery runs (the long runs: 50%% only by default)")
     parser.add_argument("--recover-methods", nargs="+", choices=METHODS, default=["svd", "data-aware"],
@@ -511,6 +537,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results-file", default=None, help="markdown file to update (default docs/RESULTS.md; "
                         "required with --smoke)")
     parser.add_argument("--from-json", default=None, help="only rewrite the report from saved results")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other model's figures from the JSON of an earlier run (rerun one model)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args(argv)
     if args.smoke and args.results_file is None:
@@ -543,12 +571,24 @@ def main(argv: list[str] | None = None) -> None:
     def save() -> None:
         json_path.write_text(json.dumps(results, indent=1))
 
-    start = time.perf_counter()
-    if args.model in ("minilm", "all"):
-        bench_minilm(args, sizes, results, save)
-    if args.model in ("smollm2", "all"):
-        bench_smollm2(args, sizes, results, save)
-    results["meta"]["wall_minutes"] = round((time.perf_counter() - start) / 60, 1)
+    if args.merge and json_path.exists():  # keep the other model's figures from the earlier run
+        earlier = json.loads(json_path.read_text())
+        for key in ("minilm", "smollm2"):
+            if key in earlier and args.model not in (key, "all"):
+                results[key] = earlier[key]
+                if "command" not in results[key]:  # a run that did both models: its command and total time
+                    results[key].update(command=earlier["meta"].get("command"), date=earlier["meta"].get("date"),
+                                        wall_minutes=earlier["meta"].get("wall_minutes"), wall_scope="whole run")
+    total = time.perf_counter()
+    for key, bench in (("minilm", bench_minilm), ("smollm2", bench_smollm2)):
+        if args.model not in (key, "all"):
+            continue
+        start = time.perf_counter()
+        bench(args, sizes, results, save)
+        results[key].update(command=command, date=date.today().isoformat(),
+                            wall_minutes=round((time.perf_counter() - start) / 60, 1))
+        save()
+    results["meta"]["wall_minutes"] = round((time.perf_counter() - total) / 60, 1)
     save()
     path = write_report(results, out_dir, results_file, command)
     print(f"wrote {path} and {out_dir / (SECTION + '.png')} in {results['meta']['wall_minutes']} min")
