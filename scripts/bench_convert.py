@@ -134,10 +134,10 @@ class TimeBudget(tf.TrainerCallback):
 
 
 def training_arguments(output_dir: str, batch: int, learning_rate: float, max_steps: int,
-                       **extra: Any) -> tf.TrainingArguments:
+                       schedule: str = "constant_with_warmup", **extra: Any) -> tf.TrainingArguments:
     return tf.TrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=batch, learning_rate=learning_rate, max_steps=max_steps,
-        lr_scheduler_type="constant_with_warmup", warmup_steps=min(10, max_steps // 10), weight_decay=0.0,
+        lr_scheduler_type=schedule, warmup_steps=min(10, max_steps // 10), weight_decay=0.0,
         logging_steps=10, save_strategy="no", report_to=[], use_cpu=True, seed=SEED, data_seed=SEED,
         disable_tqdm=True, dataloader_num_workers=0, **extra)
 
@@ -303,7 +303,11 @@ def bench_smollm2(args, sizes, results: dict, save) -> None:
     calibration = [all_windows[picks[i:i + sizes["smol_calib_batch"]]]
                    for i in range(0, len(picks), sizes["smol_calib_batch"])]
     dense = load_pretrained(tf.AutoModelForCausalLM, path, args.smoke)
-    section = results.setdefault("smollm2", {"conversion": [], "recovery": []})
+    earlier = results.get("smollm2") if args.recover_only else None
+    if args.recover_only and not earlier:
+        raise SystemExit("--recover-only needs the conversion figures of an earlier run: add --merge.")
+    section = results["smollm2"] = {**(earlier or {}), "conversion": list((earlier or {}).get("conversion", [])),
+                                    "recovery": []}
     start = time.perf_counter()
     section["dense_ppl"] = round(perplexity(dense, eval_windows), 3)
     section["eval_tokens"] = eval_windows.numel()
@@ -314,13 +318,17 @@ def bench_smollm2(args, sizes, results: dict, save) -> None:
     kept: dict[tuple[float, str], torch.nn.Module] = {}
     for reduction in args.reductions:
         for method in args.methods:
+            recovering = args.recover_minutes > 0 and reduction in args.recover_reductions and method == args.methods[-1]
+            if args.recover_only and not recovering:
+                continue  # its figure stays the earlier run's
             model, info = convert(dense, method, reduction, calibration)
             ppl = perplexity(model, eval_windows)
             row = {"reduction": reduction, "method": method, "error": round(ppl, 3), **info}
             print(f"[smollm2] {row}", flush=True)
-            section["conversion"].append(row)
+            section["conversion"] = [r for r in section["conversion"]
+                                     if (r["reduction"], r["method"]) != (reduction, method)] + [row]
             save()
-            if args.recover_minutes > 0 and reduction in args.recover_reductions and method == args.methods[-1]:
+            if recovering:
                 kept[(reduction, method)] = model
             else:
                 del model
@@ -337,8 +345,10 @@ def bench_smollm2(args, sizes, results: dict, save) -> None:
         before = next(r["error"] for r in section["conversion"] if r["reduction"] == reduction and r["method"] == method)
         for name, parameter in student.named_parameters():  # recovery trains the stack, not the embeddings
             parameter.requires_grad_("lors" in name or ".layers." in name)
-        targs = training_arguments(f"{workdir}/{method}-{reduction}", sizes["smol_train_batch"], 2e-4,
-                                   sizes["smol_max_steps"])
+        # Cosine decay over --recover-steps (the wall-time budget may stop it earlier): a constant 2e-4 diverged
+        # after ~110 steps in an earlier run.
+        targs = training_arguments(f"{workdir}/{method}-{reduction}", sizes["smol_train_batch"], 1e-4,
+                                   min(args.recover_steps, sizes["smol_max_steps"]), schedule="cosine")
         info = train(DistillationTrainer, student.train(), train_set, targs, args.recover_minutes,
                      teacher_model=dense, temperature=1.0, alpha_kl=1.0, alpha_hidden=1.0, alpha_task=0.0)
         info["ppl_after"] = round(perplexity(student, eval_windows), 3)
@@ -404,8 +414,9 @@ def markdown(results: dict, command: str, plot_name: str | None) -> str:
                   "`fine-tune + distill` adds "
                   "`DistillationTrainer` losses towards the fine-tuned dense classifier (KL at T=2, hidden states, "
                   "task loss; weights 1/1/1). SmolLM2: `DistillationTrainer` from the dense model on Shakespeare "
-                  "train text (windows of 256 tokens, batch 4, AdamW lr 2e-4, KL at T=1 + hidden states, no task "
-                  "loss; embeddings frozen) for the wall-time budget.", "",
+                  "train text (windows of 256 tokens, batch 4, AdamW lr 1e-4 with cosine decay over the planned "
+                  "steps, KL at T=1 + hidden states, no task loss; embeddings frozen) within the wall-time budget.",
+                  "",
                   "| model | target | method | recovery | steps | minutes | result | reference |",
                   "|---|---|---|---|---|---|---|---|"]
         for key, row in recovery_rows:
@@ -437,6 +448,10 @@ def command_lines(results: dict, command: str) -> list[str]:
             scope = f" ({section['wall_scope']})" if section.get("wall_scope") else ""
             runs.setdefault(section.get("command") or command, []).append(
                 f"{label} {wall} min{scope}, {section.get('date', results['meta']['date'])}")
+    for key, label in (("minilm", "MiniLM"), ("smollm2", "SmolLM2")):
+        run = results.get(key, {}).get("recovery_run")
+        if run:  # a later run redid the recovery (and the conversion it starts from)
+            runs.setdefault(run["command"], []).append(f"{label} recovery {run['wall_minutes']} min, {run['date']}")
     return [f"Command: `{cmd}` ({'; '.join(parts)})  " for cmd, parts in runs.items()]
 
 
@@ -537,6 +552,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results-file", default=None, help="markdown file to update (default docs/RESULTS.md; "
                         "required with --smoke)")
     parser.add_argument("--from-json", default=None, help="only rewrite the report from saved results")
+    parser.add_argument("--recover-steps", type=int, default=150,
+                        help="planned steps of the SmolLM2 distillation (the LR decays over them)")
+    parser.add_argument("--recover-only", action="store_true",
+                        help="SmolLM2: convert only the models to recover; keep the other figures (needs --merge)")
     parser.add_argument("--merge", action="store_true",
                         help="keep the other model's figures from the JSON of an earlier run (rerun one model)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -574,7 +593,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.merge and json_path.exists():  # keep the other model's figures from the earlier run
         earlier = json.loads(json_path.read_text())
         for key in ("minilm", "smollm2"):
-            if key in earlier and args.model not in (key, "all"):
+            if key in earlier and (args.model not in (key, "all") or (args.recover_only and key == "smollm2")):
                 results[key] = earlier[key]
                 if "command" not in results[key]:  # a run that did both models: its command and total time
                     results[key].update(command=earlier["meta"].get("command"), date=earlier["meta"].get("date"),
@@ -585,8 +604,12 @@ def main(argv: list[str] | None = None) -> None:
             continue
         start = time.perf_counter()
         bench(args, sizes, results, save)
-        results[key].update(command=command, date=date.today().isoformat(),
-                            wall_minutes=round((time.perf_counter() - start) / 60, 1))
+        provenance = {"command": command, "date": date.today().isoformat(),
+                      "wall_minutes": round((time.perf_counter() - start) / 60, 1)}
+        if args.recover_only and key == "smollm2":
+            results[key]["recovery_run"] = provenance
+        else:
+            results[key].update(provenance)
         save()
     results["meta"]["wall_minutes"] = round((time.perf_counter() - total) / 60, 1)
     save()

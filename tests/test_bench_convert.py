@@ -1,5 +1,6 @@
 """scripts/bench_convert.py --smoke: the whole pipeline on tiny models, writing its section and plot."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -45,6 +46,19 @@ def test_smoke_run_writes_the_table_the_plot_and_the_command(tmp_path):
     assert section.strip() in rebuilt.read_text()
 
 
-def test_smoke_refuses_to_write_docs_results():
-    completed = subprocess.run([sys.executable, str(SCRIPT), "--smoke"], capture_output=True, text=True, timeout=120)
-    assert completed.returncode != 0 and "--results-file" in completed.stderr
+def _load_script():
+    spec = importlib.util.spec_from_file_location("bench_convert", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_refuses_to_write_docs_results(capsys):
+    bench = _load_script()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--smoke"])
+    assert "--results-file" in capsys.readouterr().err
+    args = bench.parse_args(["--smoke", "--results-file", "r.md", "--reductions", "0.5"])
+    assert args.reductions == [0.5] and args.methods == ["svd", "alternating", "data-aware"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--reductions", "1.5"])
