@@ -12,6 +12,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lors_hf import LorsLinear, SharedWeight, lorsify
+from lors_hf.layer import _MaterializedLorsLinear
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import build  # noqa: E402
@@ -56,6 +57,64 @@ def test_both_paths_give_the_same_gradients():
     for materialised, factored in zip(*grads, strict=True):
         assert materialised.abs().sum() > 0
         torch.testing.assert_close(materialised, factored, rtol=1e-4, atol=1e-4)
+
+
+def test_materialised_training_path_passes_gradcheck():
+    torch.manual_seed(0)
+    shapes = [(2, 3, 4), (5, 4), (2, 4), (5, 2), (5,)]  # x, shared, A, B, bias
+    inputs = [torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in shapes]
+    assert torch.autograd.gradcheck(_MaterializedLorsLinear.apply, inputs)
+    assert torch.autograd.gradcheck(_MaterializedLorsLinear.apply, [*inputs[:4], None])
+
+
+def test_materialised_training_path_computes_only_the_gradients_asked_for():
+    layer = _layer()
+    layer.materialize_above = 0
+    layer.shared.weight.requires_grad_(False)  # e.g. a frozen shared weight
+    x = torch.randn(6, 7)  # an input without grad
+    layer(x).sum().backward()
+    assert layer.shared.weight.grad is None
+    assert layer.lors_A.grad is not None and layer.lors_B.grad is not None and layer.bias.grad is not None
+
+
+def test_training_keeps_no_materialised_weight_for_backward():
+    """Autograd would save each layer's (out, in) weight S + B A; the layer saves only its parameters and input."""
+    layer = _layer(out_features=48, in_features=40, rank=4)
+    layer.materialize_above = 0
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = layer(torch.randn(64, 40, requires_grad=True))  # inside a model, inputs need grad
+    parameters = {p.data_ptr() for p in (layer.shared.weight, layer.lors_A, layer.lors_B)}
+    weight_sized = [t for t in saved if t.numel() == 48 * 40 and t.data_ptr() not in parameters]
+    assert saved and not weight_sized
+    out.sum().backward()
+
+
+def test_materialised_training_path_under_bf16_autocast_matches_plain_autograd():
+    x = torch.randn(4, 9, 7)
+    results = []
+    for custom in (True, False):
+        layer = _layer()
+        layer.materialize_above = 0
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if custom:
+                out = layer(x)
+            else:
+                weight = torch.addmm(layer.shared.weight, layer.lors_B, layer.lors_A)
+                out = F.linear(x, weight, layer.bias)
+        assert out.dtype == torch.bfloat16
+        out.float().pow(2).mean().backward()
+        grads = [layer.shared.weight.grad, layer.lors_A.grad, layer.lors_B.grad, layer.bias.grad]
+        assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+        results.append((out.float(), grads))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for ours, reference in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(ours, reference, rtol=2e-2, atol=2e-2)
 
 
 def test_default_threshold_picks_factored_path_for_few_tokens_and_materialises_for_many(monkeypatch):

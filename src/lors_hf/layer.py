@@ -26,11 +26,64 @@ class SharedWeight(nn.Module):
         return f"out_features={self.weight.shape[0]}, in_features={self.weight.shape[1]}"
 
 
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype ``F.linear`` would compute in here: autocast's when it is on, else the weight's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return weight.dtype
+
+
+class _MaterializedLorsLinear(torch.autograd.Function):
+    """``x (S + B A)^T + b`` through one materialised weight that is *not* kept for backward.
+
+    Plain autograd would save each layer's ``(out, in)`` weight ``S + B A`` until backward, as much
+    memory as the dense model's weights again; here backward rebuilds it (``out*in*r`` flops, small
+    next to the ``tokens*out*in`` of the matmuls), so training keeps only the compact parameters.
+    """
+
+    @staticmethod
+    def forward(ctx, x, shared, lors_A, lors_B, bias):
+        dtype = _compute_dtype(x, shared)
+        with torch.autocast(x.device.type, enabled=False):
+            weight = torch.addmm(shared.to(dtype), lors_B.to(dtype), lors_A.to(dtype))
+            output = F.linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))
+        ctx.save_for_backward(x, shared, lors_A, lors_B)
+        ctx.dtype, ctx.bias_dtype = dtype, None if bias is None else bias.dtype
+        return output
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        x, shared, lors_A, lors_B = ctx.saved_tensors
+        dtype = ctx.dtype
+        needs_x, needs_shared, needs_A, needs_B, needs_bias = ctx.needs_input_grad
+        grad_output = grad_output.to(dtype)
+        grad_x = grad_shared = grad_A = grad_B = grad_bias = None
+        a, b = lors_A.to(dtype), lors_B.to(dtype)
+        if needs_x:
+            weight = torch.addmm(shared.to(dtype), b, a)
+            grad_x = (grad_output @ weight).to(x.dtype)
+            del weight
+        if needs_shared or needs_A or needs_B:
+            flat_grad = grad_output.reshape(-1, grad_output.shape[-1])
+            grad_weight = flat_grad.mT @ x.to(dtype).reshape(-1, x.shape[-1])  # (out, in)
+            if needs_A:
+                grad_A = (b.mT @ grad_weight).to(lors_A.dtype)
+            if needs_B:
+                grad_B = (grad_weight @ a.mT).to(lors_B.dtype)
+            if needs_shared:
+                grad_shared = grad_weight.to(shared.dtype)
+        if needs_bias and ctx.bias_dtype is not None:
+            grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_shared, grad_A, grad_B, grad_bias
+
+
 class LorsLinear(nn.Module):
     """A linear layer whose weight is a shared weight plus a private rank-``r`` residual ``B @ A``.
 
     Computes ``y = x @ (W_shared + lors_B @ lors_A)^T + bias``. For many tokens it materialises the
-    weight once and calls one ``F.linear``; for few tokens (decoding) it computes
+    weight once and calls one ``F.linear`` (in training without keeping that weight for backward,
+    which rebuilds it); for few tokens (decoding) it computes
     ``x W_shared^T + (x A^T) B^T`` and never builds the ``out x in`` matrix. Both give the same result.
 
     Args:
@@ -113,6 +166,8 @@ class LorsLinear(nn.Module):
             return F.linear(x, self._cached_weight(), self.bias)
         tokens = x.numel() // self.in_features
         if tokens > self.materialize_above:
+            if torch.is_grad_enabled():
+                return _MaterializedLorsLinear.apply(x, shared, self.lors_A, self.lors_B, self.bias)
             return F.linear(x, torch.addmm(shared, self.lors_B, self.lors_A), self.bias)
         return F.linear(x, shared, self.bias) + F.linear(F.linear(x, self.lors_A), self.lors_B)
 
