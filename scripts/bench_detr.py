@@ -29,7 +29,6 @@ import os
 import shlex
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,9 +36,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
-from bench_results import RESULTS_FILE, machine_description, update_section
+from bench_results import RESULTS_FILE, device_section, machine_description, setup_run, update_section
 from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
-from transformers.utils import logging as hf_logging
 
 from lors_hf import LorsConfig, lorsify, parameter_report
 from lors_hf.assets import FASHION_MNIST_CLASSES, make_detection_set
@@ -414,11 +412,6 @@ def render_markdown(results: list[VariantResult], args: argparse.Namespace, trai
     return "\n".join(lines)
 
 
-def section_name(args: argparse.Namespace) -> str:
-    """The RESULTS.md section (and plot-name prefix) of this run: CPU and CUDA runs keep separate sections."""
-    return SECTION if args.device == "cpu" else f"{SECTION}_gpu"
-
-
 # --------------------------------------------------------------------------------------------- main
 
 
@@ -460,10 +453,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
-    hf_logging.set_verbosity_error()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    setup_run(args.threads)
     command = "HF_HUB_OFFLINE=1 python scripts/bench_detr.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     wall = time.perf_counter()
     train, val, data_seconds = prepare_data(Path(args.data_dir), args.num_train, args.num_val, seed=args.seed)
@@ -479,9 +469,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{variant}: params {result.params}, ranks {result.ranks}, AP {result.metrics['AP']:.4f}, "
               f"AP50 {result.metrics['AP50']:.4f}, train {result.train_seconds:.0f} s", flush=True)
     results_file = Path(args.results_file)
-    plots = save_plots(results, results_file.parent, args.steps, prefix=section_name(args))
+    section = device_section(SECTION, args.device)
+    plots = save_plots(results, results_file.parent, args.steps, prefix=section)
     markdown = render_markdown(results, args, train, val, data_seconds, plots, command.strip(), time.perf_counter() - wall)
-    update_section(section_name(args), markdown, results_file)
+    update_section(section, markdown, results_file)
     print(markdown)
 
 

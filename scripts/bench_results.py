@@ -1,4 +1,5 @@
-"""Shared helper of the benchmark scripts: write one script's section of docs/RESULTS.md.
+"""Shared helpers of the benchmark scripts: write one script's section of docs/RESULTS.md (CPU and GPU runs
+in separate sections) and set up a training run (threads, quiet warnings).
 
 Each benchmark owns the block between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``; running it
 again replaces only that block, so every figure in the file sits next to the command that printed it.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -40,3 +42,21 @@ def update_section(name: str, markdown: str, results_file: str | os.PathLike = R
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def device_section(section: str, device: str) -> str:
+    """The RESULTS.md section (and plot-name prefix) of a run on ``device``: CPU and CUDA runs keep separate sections."""
+    return section if device == "cpu" else f"{section}_gpu"
+
+
+def setup_run(threads: int) -> None:
+    """Silence transformers' warnings and torch's "Initializing zero-element tensors"; use ``threads`` CPU threads.
+
+    ``threads`` 0 keeps torch's default.
+    """
+    from transformers.utils import logging as hf_logging
+
+    warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+    hf_logging.set_verbosity_error()
+    if threads:
+        torch.set_num_threads(threads)

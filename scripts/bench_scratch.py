@@ -29,7 +29,6 @@ import os
 import shlex
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,9 +37,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 import torch.nn.functional as F
-from bench_results import RESULTS_FILE, machine_description, update_section
+from bench_results import RESULTS_FILE, device_section, machine_description, setup_run, update_section
 from transformers import GPT2Config, GPT2LMHeadModel
-from transformers.utils import logging as hf_logging
 
 from lors_hf import lorsify, parameter_report
 from lors_hf.assets import shakespeare_splits
@@ -397,11 +395,6 @@ def render_markdown(results: list[RunResult], specs: list[VariantSpec], args: ar
     return "\n".join(lines)
 
 
-def section_name(args: argparse.Namespace) -> str:
-    """The RESULTS.md section (and plot-name prefix) of this run: CPU and CUDA runs keep separate sections."""
-    return SECTION if args.device == "cpu" else f"{SECTION}_gpu"
-
-
 # --------------------------------------------------------------------------------------------- main
 
 
@@ -434,10 +427,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
-    hf_logging.set_verbosity_error()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    setup_run(args.threads)
     command = "HF_HUB_OFFLINE=1 python scripts/bench_scratch.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     wall = time.perf_counter()
     data = load_char_data()
@@ -454,10 +444,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{spec.name} seed {seed}: test ppl {result.test_ppl:.3f}, val ppl {math.exp(result.validation_nll):.3f}, "
                   f"train {result.train_seconds:.0f} s", flush=True)
     results_file = Path(args.results_file)
+    section = device_section(SECTION, args.device)
     plots = save_plots(results, specs, results_file.parent, smoothing=max(1, args.steps // 20),
-                       prefix=section_name(args))
+                       prefix=section)
     markdown = render_markdown(results, specs, args, data, plots, command.strip(), time.perf_counter() - wall)
-    update_section(section_name(args), markdown, results_file)
+    update_section(section, markdown, results_file)
     print(markdown)
 
 

@@ -16,7 +16,6 @@ Writes to ``--output_dir``: the model and tokenizer, ``{train,eval,all}_results.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import sys
@@ -25,7 +24,6 @@ from dataclasses import dataclass, field
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
-import transformers
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -38,18 +36,19 @@ from lors_hf.metrics import load_metric
 from lors_hf.training_args import (
     DistillArguments,
     LorsArguments,
-    ScriptArgumentParser,
     ScriptError,
     build_trainer,
     calibration_batches,
     check_file,
     convert_model,
-    parameter_metrics,
-    push_output_dir,
+    defer_push_to_hub,
+    load_teacher,
+    parse_script_args,
+    push_trained_model,
     resolve_model_path,
     run_main,
+    train_and_evaluate,
     user_errors,
-    write_ddp_sync,
     write_parameter_report,
 )
 
@@ -120,10 +119,8 @@ def label_names(raw, label_column: str) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ScriptArgumentParser((ModelArguments, DataArguments, LorsArguments, DistillArguments, TrainingArguments))
-    model_args, data_args, lors_args, distill_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity_warning()
+    model_args, data_args, lors_args, distill_args, training_args = parse_script_args(
+        (ModelArguments, DataArguments, LorsArguments, DistillArguments, TrainingArguments), argv)
     if distill_args.distill and lors_args.no_lors:
         raise ScriptError("--distill trains a LORS model from the dense one; drop --no_lors")
     set_seed(training_args.seed)
@@ -166,12 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         encoded = raw.map(preprocess, batched=True, remove_columns=raw[next(iter(raw))].column_names)
     collator = DataCollatorWithPadding(tokenizer)
 
-    teacher = None
-    if distill_args.distill:
-        with user_errors():
-            teacher = (copy.deepcopy(model) if distill_args.teacher_model_name_or_path is None else
-                       AutoModelForSequenceClassification.from_pretrained(
-                           resolve_model_path(distill_args.teacher_model_name_or_path)))
+    teacher = load_teacher(model, distill_args, AutoModelForSequenceClassification)
     batches = calibration_batches(encoded["train"] if "train" in encoded else encoded["validation"], collator,
                                   training_args.per_device_train_batch_size, lors_args.lors_calibration_batches)
     model = convert_model(model, lors_args, pretrained=True, calibration_batches=batches)
@@ -187,30 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     trainer_kwargs = dict(model=model, args=training_args, train_dataset=encoded.get("train"),
                           eval_dataset=encoded.get("validation"), processing_class=tokenizer,
                           data_collator=collator, compute_metrics=compute_metrics)
-    push_to_hub = training_args.push_to_hub
-    training_args.push_to_hub = False  # pushed once at the end, with the LORS model card and the reports
+    push_to_hub = defer_push_to_hub(training_args)
     trainer = build_trainer(teacher, distill_args, **trainer_kwargs)
-
-    extra = parameter_metrics(model)
-    if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        metrics = {**result.metrics, "train_samples": len(encoded["train"]), **extra}
-        trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        trainer.save_state()
-    trainer.save_model()
-    if training_args.do_eval:
-        metrics = {**trainer.evaluate(), "eval_samples": len(encoded["validation"]), **extra}
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-    if lors_args.check_ddp_sync:
-        write_ddp_sync(trainer.model, training_args.output_dir, wrapped=trainer.model_wrapped)
+    train_and_evaluate(trainer, lors_args)
     if push_to_hub and trainer.is_world_process_zero():
-        if lors_args.no_lors:
-            trainer.create_model_card(model_name=training_args.hub_model_id)
-        repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
-        logger.info("pushed: %s", push_output_dir(training_args.output_dir, repo_id, training_args.hub_token,
-                                                   training_args.hub_private_repo))
+        logger.info("pushed: %s", push_trained_model(trainer, trainer_model_card=lors_args.no_lors))
     return 0
 
 

@@ -17,7 +17,6 @@ next-token accuracy), ``parameter_report.{txt,json}``; ``--push_to_hub`` uploads
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
@@ -28,7 +27,6 @@ from itertools import chain
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
-import transformers
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -42,20 +40,21 @@ from lors_hf.metrics import load_metric
 from lors_hf.training_args import (
     DistillArguments,
     LorsArguments,
-    ScriptArgumentParser,
     ScriptError,
     apply_overrides,
     build_trainer,
     calibration_batches,
     check_file,
     convert_model,
-    parameter_metrics,
+    defer_push_to_hub,
+    load_teacher,
     parse_overrides,
-    push_output_dir,
+    parse_script_args,
+    push_trained_model,
     resolve_model_path,
     run_main,
+    train_and_evaluate,
     user_errors,
-    write_ddp_sync,
     write_parameter_report,
 )
 
@@ -156,11 +155,15 @@ def build_model(model_args: ModelArguments, block_size: int):
     return model, tokenizer, pretrained
 
 
+def perplexity(metrics: dict[str, float]) -> dict[str, float]:
+    """``{"perplexity": exp(eval_loss)}`` (inf where the exponential would overflow)."""
+    loss = metrics["eval_loss"]
+    return {"perplexity": math.exp(loss) if loss < 700 else float("inf")}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = ScriptArgumentParser((ModelArguments, DataArguments, LorsArguments, DistillArguments, TrainingArguments))
-    model_args, data_args, lors_args, distill_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity_warning()
+    model_args, data_args, lors_args, distill_args, training_args = parse_script_args(
+        (ModelArguments, DataArguments, LorsArguments, DistillArguments, TrainingArguments), argv)
     if distill_args.distill and lors_args.no_lors:
         raise ScriptError("--distill trains a LORS model from the dense one; drop --no_lors")
     if data_args.block_size < 2:
@@ -194,12 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         if limit is not None:
             blocks[name] = blocks[name].select(range(min(limit, len(blocks[name]))))
 
-    teacher = None
-    if distill_args.distill:
-        with user_errors():
-            teacher = (copy.deepcopy(model) if distill_args.teacher_model_name_or_path is None else
-                       AutoModelForCausalLM.from_pretrained(resolve_model_path(distill_args.teacher_model_name_or_path),
-                                                            dtype=torch.float32))
+    teacher = load_teacher(model, distill_args, AutoModelForCausalLM, dtype=torch.float32)
     batches = calibration_batches(blocks["train"], default_data_collator, training_args.per_device_train_batch_size,
                                   lors_args.lors_calibration_batches)
     model = convert_model(model, lors_args, pretrained=pretrained, calibration_batches=batches)
@@ -217,35 +215,15 @@ def main(argv: list[str] | None = None) -> int:
         keep = labels != -100
         return accuracy.compute(predictions=predictions[keep], references=labels[keep])
 
-    push_to_hub = training_args.push_to_hub
-    training_args.push_to_hub = False  # pushed once at the end, with the LORS model card and the reports
+    push_to_hub = defer_push_to_hub(training_args)
     trainer_kwargs = dict(model=model, args=training_args, train_dataset=blocks["train"],
                           eval_dataset=blocks["validation"], processing_class=tokenizer,
                           data_collator=default_data_collator, compute_metrics=compute_metrics,
                           preprocess_logits_for_metrics=preprocess_logits_for_metrics)
     trainer = build_trainer(teacher, distill_args, **trainer_kwargs)
-
-    extra = parameter_metrics(model)
-    if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        metrics = {**result.metrics, "train_samples": len(blocks["train"]), **extra}
-        trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        trainer.save_state()
-    trainer.save_model()
-    if training_args.do_eval:
-        metrics = {**trainer.evaluate(), "eval_samples": len(blocks["validation"]), **extra}
-        metrics["perplexity"] = math.exp(metrics["eval_loss"]) if metrics["eval_loss"] < 700 else float("inf")
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-    if lors_args.check_ddp_sync:
-        write_ddp_sync(trainer.model, training_args.output_dir, wrapped=trainer.model_wrapped)
+    train_and_evaluate(trainer, lors_args, eval_metrics=perplexity)
     if push_to_hub and trainer.is_world_process_zero():
-        if lors_args.no_lors:
-            trainer.create_model_card(model_name=training_args.hub_model_id)
-        repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
-        logger.info("pushed: %s", push_output_dir(training_args.output_dir, repo_id, training_args.hub_token,
-                                                   training_args.hub_private_repo))
+        logger.info("pushed: %s", push_trained_model(trainer, trainer_model_card=lors_args.no_lors))
     return 0
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import transformers
 from transformers import (
     DetrConfig,
     DetrForObjectDetection,
@@ -40,17 +38,17 @@ from transformers import (
 from lors_hf.metrics import load_metric
 from lors_hf.training_args import (
     LorsArguments,
-    ScriptArgumentParser,
     ScriptError,
     check_file,
     convert_model,
-    parameter_metrics,
+    defer_push_to_hub,
     parse_overrides,
-    push_output_dir,
+    parse_script_args,
+    push_trained_model,
     resolve_model_path,
     run_main,
+    train_and_evaluate,
     user_errors,
-    write_ddp_sync,
     write_parameter_report,
 )
 
@@ -258,10 +256,8 @@ def _reference_boxes(target: dict[str, torch.Tensor]) -> list[list[float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ScriptArgumentParser((ModelArguments, DataArguments, LorsArguments, TrainingArguments))
-    model_args, data_args, lors_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity_warning()
+    model_args, data_args, lors_args, training_args = parse_script_args(
+        (ModelArguments, DataArguments, LorsArguments, TrainingArguments), argv)
     if lors_args.lors_calibration_batches:
         raise ScriptError("--lors_calibration_batches is not supported for detection (DETR's decoder "
                           "needs the encoder's outputs; convert with --lors_init svd or alternating)")
@@ -308,36 +304,22 @@ def main(argv: list[str] | None = None) -> int:
     if training_args.should_save:
         logger.info("parameters:\n%s", write_parameter_report(model, training_args.output_dir))
 
-    push_to_hub = training_args.push_to_hub
-    training_args.push_to_hub = False  # pushed once at the end, with the LORS model card and the reports
+    push_to_hub = defer_push_to_hub(training_args)
     training_args.remove_unused_columns = False
     training_args.prediction_loss_only = True  # mAP is computed separately, on the whole validation set
     trainer = Trainer(model=model, args=training_args, train_dataset=datasets_.get("train"),
                       eval_dataset=datasets_.get("validation"), data_collator=collate)
 
-    extra = parameter_metrics(model)
-    if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        metrics = {**result.metrics, "train_samples": len(datasets_["train"]), **extra}
-        trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        trainer.save_state()
-    trainer.save_model()
-    if training_args.do_eval:
-        metrics = trainer.evaluate()
-        if trainer.is_world_process_zero():
-            category_of_label = dict(enumerate(category_ids))
-            metrics.update(detection_metrics(trainer.model, datasets_["validation"], category_of_label,
-                                             training_args.per_device_eval_batch_size))
-            metrics.update({"eval_samples": len(datasets_["validation"]), **extra})
-            trainer.log_metrics("eval", metrics)
-            trainer.save_metrics("eval", metrics)
-    if lors_args.check_ddp_sync:
-        write_ddp_sync(trainer.model, training_args.output_dir, wrapped=trainer.model_wrapped)
+    def map_metrics(metrics: dict[str, float]) -> dict[str, float]:
+        """COCO mAP on the main process (the other processes log and save no metrics)."""
+        if not trainer.is_world_process_zero():
+            return {}
+        return detection_metrics(trainer.model, datasets_["validation"], dict(enumerate(category_ids)),
+                                 training_args.per_device_eval_batch_size)
+
+    train_and_evaluate(trainer, lors_args, eval_metrics=map_metrics)
     if push_to_hub and trainer.is_world_process_zero():
-        repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
-        logger.info("pushed: %s", push_output_dir(training_args.output_dir, repo_id, training_args.hub_token,
-                                                   training_args.hub_private_repo))
+        logger.info("pushed: %s", push_trained_model(trainer))
     return 0
 
 

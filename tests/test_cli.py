@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
+from tiny_models import save_tiny_bert
 
 import lors_hf
 import lors_hf.assets
@@ -20,25 +21,13 @@ from lors_hf.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CI box is small and shared: one thread is faster than contended two
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # the CI box is small and shared
 
 
 @pytest.fixture(scope="module")
 def dense_dir(tmp_path_factory) -> Path:
     """A tiny dense BERT classifier (random weights) with the real MiniLM tokenizer."""
-    path = tmp_path_factory.mktemp("dense")
-    tokenizer = tf.AutoTokenizer.from_pretrained(lors_hf.assets.minilm_path())
-    torch.manual_seed(0)
-    config = tf.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                           intermediate_size=64, max_position_embeddings=64)
-    tf.BertForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_bert(tmp_path_factory.mktemp("dense"), layers=4, max_positions=64)
 
 
 def run_cli(*args: str) -> int:

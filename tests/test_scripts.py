@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
+from tiny_models import save_tiny_bert
 
 import lors_hf
 import lors_hf.assets
@@ -32,6 +33,8 @@ TINY_DETR = ["--config_overrides", "d_model=64,encoder_layers=2,decoder_layers=2
              "decoder_ffn_dim=64,encoder_attention_heads=2,decoder_attention_heads=2,num_queries=10",
              "--backbone_overrides", 'embedding_size=8,hidden_sizes=[16,32],depths=[1,1],out_features=["stage2"]',
              "--image_size", "64"]
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # the CI box is small and shared
 
 
 def load_script(name: str):
@@ -60,14 +63,6 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CI box is small and shared: one thread is faster than contended two
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """The small slices that ``scripts/prepare_data.py --small`` builds from the bundled real data."""
@@ -80,14 +75,7 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory) -> Path:
     """A tiny BERT classifier with the real MiniLM tokenizer (so real text goes through it)."""
-    path = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = tf.AutoTokenizer.from_pretrained(lors_hf.assets.minilm_path())
-    torch.manual_seed(0)
-    config = tf.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                           intermediate_size=64, max_position_embeddings=128)
-    tf.BertForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), layers=3, max_positions=128)
 
 
 def classification_args(data: Path, model: Path, out: Path, *extra: str) -> list[str]:

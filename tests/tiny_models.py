@@ -2,9 +2,13 @@
 
 `build(family)` returns ``(model, inputs)``; ``model(**inputs)`` runs. Used by the core and the
 persistence tests so that every family goes through the same checks.
+`save_tiny_bert(path, ...)` saves a tiny BERT classifier with the real MiniLM tokenizer (CLI and
+script tests).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import transformers as tf
@@ -65,6 +69,22 @@ def build(family: str, seed: int = 0, layers: int = 3) -> tuple[tf.PreTrainedMod
     else:
         raise ValueError(f"unknown family {family!r}")
     return model.eval(), inputs
+
+
+def save_tiny_bert(path: Path, layers: int, max_positions: int) -> Path:
+    """Save a tiny BERT classifier (random weights, seed 0) with the real MiniLM tokenizer into ``path``.
+
+    With the real tokenizer, real text goes through it (the script and CLI tests).
+    """
+    import lors_hf.assets  # here, not at the top: some tests load this module where lors_hf is blocked
+
+    tokenizer = tf.AutoTokenizer.from_pretrained(lors_hf.assets.minilm_path())
+    torch.manual_seed(0)
+    config = tf.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=layers,
+                           num_attention_heads=2, intermediate_size=64, max_position_embeddings=max_positions)
+    tf.BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 def main_output(outputs) -> torch.Tensor:

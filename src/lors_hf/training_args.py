@@ -10,6 +10,9 @@ The scripts follow the Hugging Face examples: an ``HfArgumentParser`` over a few
     lors_args, training_args = parser.parse_args_into_dataclasses()
     config = lors_args.to_config(pretrained=True)      # None with --no_lors (the dense baseline)
 
+So is their ending: `defer_push_to_hub` before building the ``Trainer``, then `train_and_evaluate`
+(``--do_train``, save, ``--do_eval``, ``--check_ddp_sync``) and `push_trained_model`.
+
 User mistakes (a missing file, a bad column, a rank that does not fit) end the scripts with one line,
 ``error: ...`` on stderr and exit status 1 (2 for unparsable arguments), instead of a traceback:
 raise `ScriptError` or wrap the setup in `user_errors`, and start the script with `run_main`.
@@ -18,22 +21,28 @@ raise `ScriptError` or wrap the setup in `user_errors`, and start the script wit
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
+import logging
 import os
 import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 from transformers import HfArgumentParser
+from transformers.utils import logging as hf_logging
 
 from .config import INIT_METHODS, LorsConfig
 from .report import parameter_report
 from .surgery import SHARED_CONTAINER
+
+if TYPE_CHECKING:
+    from transformers import Trainer, TrainingArguments
 
 BUNDLED_MODELS = {"minilm": "minilm_path", "smollm2": "smollm2_path"}
 """``bundled:<name>`` model names and the `lors_hf.assets` function giving their directory."""
@@ -154,6 +163,18 @@ class ScriptArgumentParser(HfArgumentParser):
         if any(getattr(t, "__name__", "") == "TrainingArguments" for t in self.dataclass_types):
             args = implied_arguments(args)
         return super().parse_args_into_dataclasses(args=args, **kwargs)
+
+
+def parse_script_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> tuple[Any, ...]:
+    """Parse ``argv`` into ``dataclass_types`` and set up logging: INFO for the script, warnings for transformers.
+
+    Example:
+        >>> # lors_args, training_args = parse_script_args((LorsArguments, TrainingArguments), argv)
+    """
+    parsed = ScriptArgumentParser(dataclass_types).parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    hf_logging.set_verbosity_warning()
+    return parsed
 
 
 def implied_arguments(args: list[str]) -> list[str]:
@@ -407,3 +428,77 @@ def build_trainer(teacher: torch.nn.Module | None, distill_args: DistillArgument
     return DistillationTrainer(
         teacher_model=teacher, temperature=distill_args.distill_temperature, alpha_kl=distill_args.distill_alpha_kl,
         alpha_hidden=distill_args.distill_alpha_hidden, alpha_task=distill_args.distill_alpha_task, **trainer_kwargs)
+
+
+def load_teacher(model: torch.nn.Module, distill_args: DistillArguments, model_class: Any,
+                 **from_pretrained_kwargs: Any) -> torch.nn.Module | None:
+    """The dense teacher of ``--distill`` (None without it): a copy of ``model``, taken before the conversion,
+    or ``model_class.from_pretrained(--teacher_model_name_or_path, **from_pretrained_kwargs)``.
+
+    Example:
+        >>> # teacher = load_teacher(model, distill_args, AutoModelForCausalLM, dtype=torch.float32)
+    """
+    if not distill_args.distill:
+        return None
+    with user_errors():
+        if distill_args.teacher_model_name_or_path is None:
+            return copy.deepcopy(model)
+        return model_class.from_pretrained(resolve_model_path(distill_args.teacher_model_name_or_path),
+                                           **from_pretrained_kwargs)
+
+
+def defer_push_to_hub(training_args: TrainingArguments) -> bool:
+    """Turn off the ``Trainer``'s own pushes and return whether ``--push_to_hub`` was given.
+
+    The scripts push once at the end instead (`push_trained_model`), with the LORS model card and the
+    reports. Call it before building the ``Trainer``.
+    """
+    push_to_hub = training_args.push_to_hub
+    training_args.push_to_hub = False
+    return push_to_hub
+
+
+def train_and_evaluate(trainer: Trainer, lors_args: LorsArguments,
+                       eval_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None) -> None:
+    """Train (``--do_train``), save the model, evaluate (``--do_eval``), write DDP digests (``--check_ddp_sync``).
+
+    The train and eval metrics, logged and saved as ``{train,eval,all}_results.json``, also hold the sample
+    count and `parameter_metrics`; ``eval_metrics(metrics)``, when given, returns task metrics to add to
+    the evaluation's (perplexity, mAP).
+
+    Example:
+        >>> # train_and_evaluate(trainer, lors_args, eval_metrics=lambda m: {"perplexity": math.exp(m["eval_loss"])})
+    """
+    args = trainer.args
+    extra = parameter_metrics(trainer.model)
+    if args.do_train:
+        result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        metrics = {**result.metrics, "train_samples": len(trainer.train_dataset), **extra}
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+    trainer.save_model()
+    if args.do_eval:
+        metrics = {**trainer.evaluate(), "eval_samples": len(trainer.eval_dataset), **extra}
+        if eval_metrics is not None:
+            metrics.update(eval_metrics(metrics))
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    if lors_args.check_ddp_sync:
+        write_ddp_sync(trainer.model, args.output_dir, wrapped=trainer.model_wrapped)
+
+
+def push_trained_model(trainer: Trainer, trainer_model_card: bool = False) -> str:
+    """Push ``--output_dir`` to ``--hub_model_id`` (default: the directory's name); return the commit URL.
+
+    ``trainer_model_card``: write the ``Trainer``'s model card first (the scripts do for a dense baseline;
+    a LORS model saves its own). Call it on the main process only.
+
+    Example:
+        >>> # if push_to_hub and trainer.is_world_process_zero(): push_trained_model(trainer)
+    """
+    args = trainer.args
+    if trainer_model_card:
+        trainer.create_model_card(model_name=args.hub_model_id)
+    repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+    return push_output_dir(args.output_dir, repo_id, args.hub_token, args.hub_private_repo)
