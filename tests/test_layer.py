@@ -124,7 +124,8 @@ def test_default_threshold_picks_factored_path_for_few_tokens_and_materialises_f
     original_addmm = torch.addmm
 
     def counting_addmm(*args, **kwargs):
-        materialised.append(1)
+        if args[0].shape == (64, 64):  # S + B A, not the factored path's (tokens, out) accumulation
+            materialised.append(1)
         return original_addmm(*args, **kwargs)
 
     monkeypatch.setattr(torch, "addmm", counting_addmm)

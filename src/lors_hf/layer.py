@@ -169,7 +169,10 @@ class LorsLinear(nn.Module):
             if torch.is_grad_enabled():
                 return _MaterializedLorsLinear.apply(x, shared, self.lors_A, self.lors_B, self.bias)
             return F.linear(x, torch.addmm(shared, self.lors_B, self.lors_A), self.bias)
-        return F.linear(x, shared, self.bias) + F.linear(F.linear(x, self.lors_A), self.lors_B)
+        # x S^T + b, then (x A^T) B^T added in the same matmul call (addmm): three kernels, no extra add.
+        flat = x.reshape(-1, self.in_features)
+        output = torch.addmm(F.linear(flat, shared, self.bias), F.linear(flat, self.lors_A), self.lors_B.mT)
+        return output.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
