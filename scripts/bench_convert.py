@@ -231,7 +231,7 @@ def bench_minilm(args, sizes, results: dict, save) -> None:
     workdir = tempfile.mkdtemp(prefix="bench_convert_minilm_")
 
     def fine_tune(model, name: str, max_steps: int, minutes: float, teacher=None) -> dict[str, Any]:
-        targs = training_arguments(f"{workdir}/{name}", sizes["minilm_batch"], 1e-4, max_steps)
+        targs = training_arguments(f"{workdir}/{name}", sizes["minilm_batch"], 1e-4, max_steps, schedule="linear")
         model.train()
         if teacher is None:
             info = train(tf.Trainer, model, train_set, targs, minutes, data_collator=collator)
@@ -353,7 +353,8 @@ def bench_smollm2(args, sizes, results: dict, save) -> None:
                      teacher_model=dense, temperature=1.0, alpha_kl=1.0, alpha_hidden=1.0, alpha_task=0.0)
         info["ppl_after"] = round(perplexity(student, eval_windows), 3)
         row = {"reduction": reduction, "method": method, "recovery": "distill", "ppl_before": before,
-               "dense_ppl": section["dense_ppl"], **info}
+               "dense_ppl": section["dense_ppl"], "learning_rate": targs.learning_rate,
+               "schedule": getattr(targs.lr_scheduler_type, "value", targs.lr_scheduler_type), "planned_steps": targs.max_steps, **info}
         print(f"[smollm2] {row}", flush=True)
         section["recovery"].append(row)
         save()
@@ -409,8 +410,8 @@ def markdown(results: dict, command: str, plot_name: str | None) -> str:
     recovery_rows = [(k, r) for k in ("minilm", "smollm2") for r in results.get(k, {}).get("recovery", [])]
     if recovery_rows:
         lines += ["### After recovery", "",
-                  "MiniLM: sentiment fine-tuning (train split, batch 32, max length 64, AdamW lr 1e-4 constant after "
-                  "warm-up, task loss), the same number of steps on the same batches for every model (`steps`). "
+                  "MiniLM: sentiment fine-tuning (train split, batch 32, max length 64, AdamW lr 1e-4 with warm-up "
+                  "and linear decay over the planned steps, task loss), the same number of steps on the same batches for every model (`steps`). "
                   "`fine-tune + distill` adds "
                   "`DistillationTrainer` losses towards the fine-tuned dense classifier (KL at T=2, hidden states, "
                   "task loss; weights 1/1/1). SmolLM2: `DistillationTrainer` from the dense model on Shakespeare "

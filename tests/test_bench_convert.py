@@ -46,6 +46,30 @@ def test_smoke_run_writes_the_table_the_plot_and_the_command(tmp_path):
     assert section.strip() in rebuilt.read_text()
 
 
+@pytest.mark.slow
+def test_recover_only_redoes_the_recovery_and_keeps_the_other_figures(tmp_path):
+    results_file = tmp_path / "RESULTS.md"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    base = [sys.executable, str(SCRIPT), "--smoke", "--model", "smollm2", "--results-file", str(results_file),
+            "--reductions", "0.3", "0.5"]
+    completed = subprocess.run(base, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    first = json.loads((tmp_path / "bench_convert.json").read_text())["smollm2"]
+    completed = subprocess.run(base + ["--merge", "--recover-only"], capture_output=True, text=True, timeout=300,
+                               env=env, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    second = json.loads((tmp_path / "bench_convert.json").read_text())["smollm2"]
+    assert second["command"] == first["command"]  # the conversion figures keep their provenance
+    assert "--recover-only" in second["recovery_run"]["command"]
+    assert len(second["conversion"]) == len(first["conversion"]) == 6
+    kept = [row for row in first["conversion"] if (row["reduction"], row["method"]) != (0.5, "data-aware")]
+    assert all(row in second["conversion"] for row in kept)
+    (row,) = second["recovery"]
+    assert row["schedule"] == "cosine" and row["learning_rate"] == 1e-4 and row["planned_steps"] == 2
+    section = results_file.read_text()
+    assert "--recover-only" in section and "SmolLM2 recovery" in section
+
+
 def _load_script():
     spec = importlib.util.spec_from_file_location("bench_convert", SCRIPT)
     module = importlib.util.module_from_spec(spec)
