@@ -39,6 +39,7 @@ class _MaterializedLorsLinear(torch.autograd.Function):
     Plain autograd would save each layer's ``(out, in)`` weight ``S + B A`` until backward, as much
     memory as the dense model's weights again; here backward rebuilds it (``out*in*r`` flops, small
     next to the ``tokens*out*in`` of the matmuls), so training keeps only the compact parameters.
+    Without grad (inference) it is the plain materialised matmul.
     """
 
     @staticmethod
@@ -155,7 +156,7 @@ class LorsLinear(nn.Module):
         shared = self.shared.weight
         key = (shared.data_ptr(), shared._version, self.lors_A._version, self.lors_B._version, shared.dtype)
         if self._cached is None or self._cached[0] != key:
-            self._cached = (key, torch.addmm(shared, self.lors_B, self.lors_A))
+            self._cached = (key, self.effective_weight())
         return self._cached[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,9 +167,7 @@ class LorsLinear(nn.Module):
             return F.linear(x, self._cached_weight(), self.bias)
         tokens = x.numel() // self.in_features
         if tokens > self.materialize_above:
-            if torch.is_grad_enabled():
-                return _MaterializedLorsLinear.apply(x, shared, self.lors_A, self.lors_B, self.bias)
-            return F.linear(x, torch.addmm(shared, self.lors_B, self.lors_A), self.bias)
+            return _MaterializedLorsLinear.apply(x, shared, self.lors_A, self.lors_B, self.bias)
         # x S^T + b, then (x A^T) B^T added in the same matmul call (addmm): three kernels, no extra add.
         flat = x.reshape(-1, self.in_features)
         output = torch.addmm(F.linear(flat, shared, self.bias), F.linear(flat, self.lors_A), self.lors_B.mT)
