@@ -70,12 +70,12 @@ def settings(smoke: bool) -> dict[str, Any]:
         return {"minilm_eval": 16, "minilm_calib": 8, "minilm_calib_batch": 4, "minilm_train": 32, "minilm_test": 16,
                 "minilm_max_length": 32, "minilm_batch": 8, "minilm_max_steps": 2,
                 "smol_eval_tokens": 256, "smol_window": 64, "smol_calib": 4, "smol_calib_batch": 2,
-                "smol_train_chars": 200_000, "smol_train_window": 64, "smol_train_windows": 16, "smol_train_batch": 2,
+                "smol_train_chars": 200_000, "smol_train_window": 64, "smol_train_windows": 16,
                 "smol_max_steps": 2}
     return {"minilm_eval": 1000, "minilm_calib": 256, "minilm_calib_batch": 32, "minilm_train": None,
             "minilm_test": None, "minilm_max_length": 64, "minilm_batch": 32, "minilm_max_steps": 100_000,
             "smol_eval_tokens": 16_384, "smol_window": 512, "smol_calib": 16, "smol_calib_batch": 4,
-            "smol_train_chars": 4_000_000, "smol_train_window": 256, "smol_train_windows": 20_000, "smol_train_batch": 4,
+            "smol_train_chars": 4_000_000, "smol_train_window": 256, "smol_train_windows": 20_000,
             "smol_max_steps": 100_000}
 
 
@@ -306,8 +306,11 @@ def bench_smollm2(args, sizes, results: dict, save) -> None:
     earlier = results.get("smollm2") if args.recover_only else None
     if args.recover_only and not earlier:
         raise SystemExit("--recover-only needs the conversion figures of an earlier run: add --merge.")
+    recipes = recovery_recipes(args)
     section = results["smollm2"] = {**(earlier or {}), "conversion": list((earlier or {}).get("conversion", [])),
-                                    "recovery": []}
+                                    # --recover-only redoes this run's recipes and keeps the others' rows
+                                    "recovery": [r for r in (earlier or {}).get("recovery", [])
+                                                 if r["recovery"] not in recipes]}
     start = time.perf_counter()
     section["dense_ppl"] = round(perplexity(dense, eval_windows), 3)
     section["eval_tokens"] = eval_windows.numel()
@@ -339,25 +342,53 @@ def bench_smollm2(args, sizes, results: dict, save) -> None:
 
     train_windows = windows_of(train_ids, sizes["smol_train_window"])
     train_windows = train_windows[torch.randperm(len(train_windows), generator=generator)[:sizes["smol_train_windows"]]]
-    train_set = datasets.Dataset.from_dict({"input_ids": train_windows.tolist()})
+    columns = {"input_ids": train_windows.tolist()}
+    if args.recover_lm_weight > 0:  # the student's own next-token loss on the training text
+        columns["labels"] = columns["input_ids"]
+    train_set = datasets.Dataset.from_dict(columns)
     workdir = tempfile.mkdtemp(prefix="bench_convert_smollm2_")
+    batch = args.recover_batch
+    planned = min(args.recover_steps, sizes["smol_max_steps"])
+
+    def record(row: dict, targs: tf.TrainingArguments) -> None:
+        row.update(dense_ppl=section["dense_ppl"], batch=batch, learning_rate=targs.learning_rate,
+                   schedule=getattr(targs.lr_scheduler_type, "value", targs.lr_scheduler_type),
+                   planned_steps=targs.max_steps)
+        print(f"[smollm2] {row}", flush=True)
+        section["recovery"].append(row)
+        save()
+
+    if args.recover_lm_weight > 0:  # like-for-like reference: the original model trained on the same text
+        reference = copy.deepcopy(dense)
+        for name, parameter in reference.named_parameters():
+            parameter.requires_grad_(".layers." in name)
+        targs = training_arguments(f"{workdir}/dense", batch, args.recover_lr, planned, schedule="cosine")
+        info = train(tf.Trainer, reference.train(), train_set, targs, args.recover_minutes)
+        info["ppl_after"] = round(perplexity(reference, eval_windows), 3)
+        del reference
+        record({"reduction": 0.0, "method": "dense", "recovery": recipes[1], "ppl_before": section["dense_ppl"],
+                **info}, targs)
     for (reduction, method), student in kept.items():
         before = next(r["error"] for r in section["conversion"] if r["reduction"] == reduction and r["method"] == method)
         for name, parameter in student.named_parameters():  # recovery trains the stack, not the embeddings
             parameter.requires_grad_("lors" in name or ".layers." in name)
         # Cosine decay over --recover-steps (the wall-time budget may stop it earlier): a constant 2e-4 diverged
         # after ~110 steps in an earlier run.
-        targs = training_arguments(f"{workdir}/{method}-{reduction}", sizes["smol_train_batch"], 1e-4,
-                                   min(args.recover_steps, sizes["smol_max_steps"]), schedule="cosine")
+        targs = training_arguments(f"{workdir}/{method}-{reduction}", batch, args.recover_lr, planned,
+                                   schedule="cosine")
         info = train(DistillationTrainer, student.train(), train_set, targs, args.recover_minutes,
-                     teacher_model=dense, temperature=1.0, alpha_kl=1.0, alpha_hidden=1.0, alpha_task=0.0)
+                     teacher_model=dense, temperature=1.0, alpha_kl=1.0, alpha_hidden=1.0,
+                     alpha_task=args.recover_lm_weight)
         info["ppl_after"] = round(perplexity(student, eval_windows), 3)
-        row = {"reduction": reduction, "method": method, "recovery": "distill", "ppl_before": before,
-               "dense_ppl": section["dense_ppl"], "learning_rate": targs.learning_rate,
-               "schedule": getattr(targs.lr_scheduler_type, "value", targs.lr_scheduler_type), "planned_steps": targs.max_steps, **info}
-        print(f"[smollm2] {row}", flush=True)
-        section["recovery"].append(row)
-        save()
+        record({"reduction": reduction, "method": method, "recovery": recipes[0], "ppl_before": before,
+                "lm_weight": args.recover_lm_weight, **info}, targs)
+
+
+def recovery_recipes(args) -> list[str]:
+    """The `recovery` labels of the SmolLM2 rows a run makes: the LORS model's, then the dense reference's."""
+    if args.recover_lm_weight > 0:
+        return ["distill + LM loss", "LM fine-tune"]
+    return ["distill"]
 
 
 # -------------------------------------------------------------------------------------------- report
@@ -408,6 +439,8 @@ def markdown(results: dict, command: str, plot_name: str | None) -> str:
               f"{meta['sizes']['smol_window']}), {results.get('smollm2', {}).get('calibration_tokens', '?')} "
               "calibration tokens (train split).", ""]
     recovery_rows = [(k, r) for k in ("minilm", "smollm2") for r in results.get(k, {}).get("recovery", [])]
+    lm_rows = [r for k, r in recovery_rows if k == "smollm2" and r.get("lm_weight")]
+    lm_reference = find(results.get("smollm2", {}).get("recovery", []), method="dense")
     if recovery_rows:
         lines += ["### After recovery", "",
                   "MiniLM: sentiment fine-tuning (train split, batch 32, max length 64, AdamW lr 1e-4 with warm-up "
@@ -415,8 +448,14 @@ def markdown(results: dict, command: str, plot_name: str | None) -> str:
                   "`fine-tune + distill` adds "
                   "`DistillationTrainer` losses towards the fine-tuned dense classifier (KL at T=2, hidden states, "
                   "task loss; weights 1/1/1). SmolLM2: `DistillationTrainer` from the dense model on Shakespeare "
-                  "train text (windows of 256 tokens, batch 4, AdamW lr 1e-4 with cosine decay over the planned "
-                  "steps, KL at T=1 + hidden states, no task loss; embeddings frozen) within the wall-time budget.",
+                  "train text (windows of 256 tokens; AdamW, cosine decay over the planned steps; batch, peak lr "
+                  "and planned steps in the `recovery` column; KL at T=1 + hidden states, no task loss; embeddings "
+                  "frozen) within the wall-time budget." + (
+                      " `distill + LM loss` adds the student's next-token loss on the same training text (weight "
+                      f"{lm_rows[0]['lm_weight']:g}). `dense` + `LM fine-tune` is the original model trained on that "
+                      "loss alone with the same batches, lr schedule and time budget: the like-for-like reference "
+                      "for it, since training on Shakespeare also adapts a model to the test text's domain."
+                      if lm_rows else ""),
                   "",
                   "| model | target | method | recovery | steps | minutes | result | reference |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -431,9 +470,16 @@ def markdown(results: dict, command: str, plot_name: str | None) -> str:
                              f"{row['steps']} | {minutes} | {result} | {reference} |")
             else:
                 ratio = row["ppl_after"] / row["dense_ppl"]
-                lines.append(f"| SmolLM2-135M | {row['reduction']:.0%} | {row['method']} | {row['recovery']} | "
+                recipe = (f"{row['recovery']} (batch {row.get('batch', 4)}, lr {row.get('learning_rate', 1e-4):g}, "
+                          f"{row.get('planned_steps', '?')} planned)")
+                reference = f"original {row['dense_ppl']} (x{ratio:.3f})"
+                if row.get("lm_weight") and lm_reference:
+                    reference += (f"; dense + LM fine-tune {lm_reference['ppl_after']} "
+                                  f"(x{row['ppl_after'] / lm_reference['ppl_after']:.3f})")
+                target = "-" if row["method"] == "dense" else f"{row['reduction']:.0%}"
+                lines.append(f"| SmolLM2-135M | {target} | {row['method']} | {recipe} | "
                              f"{row['steps']} | {minutes} | ppl {row['ppl_before']} -> {row['ppl_after']} | "
-                             f"dense {row['dense_ppl']} (x{ratio:.3f}) |")
+                             f"{reference} |")
         lines.append("")
     lines += ["### Targets", ""] + [f"- {line}" for line in target_lines(results)]
     return "\n".join(lines) + "\n"
@@ -450,9 +496,11 @@ def command_lines(results: dict, command: str) -> list[str]:
             runs.setdefault(section.get("command") or command, []).append(
                 f"{label} {wall} min{scope}, {section.get('date', results['meta']['date'])}")
     for key, label in (("minilm", "MiniLM"), ("smollm2", "SmolLM2")):
-        run = results.get(key, {}).get("recovery_run")
-        if run:  # a later run redid the recovery (and the conversion it starts from)
-            runs.setdefault(run["command"], []).append(f"{label} recovery {run['wall_minutes']} min, {run['date']}")
+        for row in results.get(key, {}).get("recovery", []):
+            run = row.get("run")  # a later run redid this recovery (and the conversion it starts from)
+            part = f"{label} recovery {run['wall_minutes']} min, {run['date']}" if run else None
+            if part and part not in runs.setdefault(run["command"], []):
+                runs[run["command"]].append(part)
     return [f"Command: `{cmd}` ({'; '.join(parts)})  " for cmd, parts in runs.items()]
 
 
@@ -480,11 +528,18 @@ def target_lines(results: dict) -> list[str]:
             out.append(f"MiniLM {row['reduction']:.0%} {row['method']} + {row['recovery']}: accuracy "
                        f"{100 * row['accuracy']:.2f}% vs dense fine-tuning {100 * dense['accuracy']:.2f}% "
                        f"({-gap:+.2f} pt); target within 1 pt: {'met' if gap <= 1 else 'MISSED'}.")
+    lm_reference = find(smol.get("recovery", []), method="dense")
     for row in smol.get("recovery", []):
+        if row["method"] == "dense":
+            continue
         ratio = row["ppl_after"] / row["dense_ppl"]
-        out.append(f"SmolLM2 {row['reduction']:.0%} {row['method']} + {row['recovery']} ({row['train_s'] / 60:.0f} min): "
-                   f"perplexity x{ratio:.3f} of the original; target within 10%: "
-                   f"{'met' if ratio <= 1.10 else 'MISSED'}.")
+        line = (f"SmolLM2 {row['reduction']:.0%} {row['method']} + {row['recovery']} ({row['train_s'] / 60:.0f} min): "
+                f"perplexity x{ratio:.3f} of the original; target within 10%: {'met' if ratio <= 1.10 else 'MISSED'}")
+        if row.get("lm_weight") and lm_reference:
+            like = row["ppl_after"] / lm_reference["ppl_after"]
+            line += (f"; like for like, against the dense model trained the same way ({lm_reference['ppl_after']}): "
+                     f"x{like:.3f}, {'within' if like <= 1.10 else 'not within'} 10%")
+        out.append(line + ".")
     return out
 
 
@@ -537,7 +592,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", choices=["minilm", "smollm2", "all"], default="all")
     parser.add_argument("--reductions", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--recover-minutes", type=float, default=20.0,
+    parser.add_argument("--recover-minutes", type=float, default=30.0,
                         help="SmolLM2 distillation budget (wall minutes); 0 skips every recovery run")
     parser.add_argument("--finetune-steps", type=int, default=320,
                         help="steps of each MiniLM sentiment fine-tuning run, dense and converted alike "
@@ -554,8 +609,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results-file", default=None, help="markdown file to update (default docs/RESULTS.md; "
                         "required with --smoke)")
     parser.add_argument("--from-json", default=None, help="only rewrite the report from saved results")
-    parser.add_argument("--recover-steps", type=int, default=150,
+    parser.add_argument("--recover-steps", type=int, default=480,
                         help="planned steps of the SmolLM2 distillation (the LR decays over them)")
+    parser.add_argument("--recover-lr", type=float, default=2e-4,
+                        help="peak learning rate of the SmolLM2 distillation (cosine decay over --recover-steps)")
+    parser.add_argument("--recover-batch", type=int, default=2,
+                        help="windows of 256 tokens per SmolLM2 distillation step")
+    parser.add_argument("--recover-lm-weight", type=float, default=0.0,
+                        help="SmolLM2: add the next-token loss on the training text to the distillation, with this "
+                             "weight, and train the dense model on that loss alone the same way as the reference")
     parser.add_argument("--recover-only", action="store_true",
                         help="SmolLM2: convert only the models to recover; keep the other figures (needs --merge)")
     parser.add_argument("--merge", action="store_true",
@@ -570,6 +632,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def read_results(path: Path) -> dict:
+    """The saved figures; an older file's single ``recovery_run`` becomes the ``run`` of each recovery row."""
+    results = json.loads(path.read_text())
+    for key in ("minilm", "smollm2"):
+        legacy = results.get(key, {}).pop("recovery_run", None)
+        for row in results.get(key, {}).get("recovery", []) if legacy else []:
+            row.setdefault("run", legacy)
+    return results
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     command = "python scripts/bench_convert.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None
@@ -578,7 +650,7 @@ def main(argv: list[str] | None = None) -> None:
     out_dir = Path(args.out) if args.out else (results_file.parent if args.smoke else RESULTS_FILE.parent)
     json_path = out_dir / f"{SECTION}.json"
     if args.from_json:
-        results = json.loads(Path(args.from_json).read_text())
+        results = read_results(Path(args.from_json))
         print(write_report(results, out_dir, results_file, results["meta"]["command"]))
         return
     torch.set_num_threads(args.threads)
@@ -593,7 +665,7 @@ def main(argv: list[str] | None = None) -> None:
         json_path.write_text(json.dumps(results, indent=1))
 
     if args.merge and json_path.exists():  # keep the other model's figures from the earlier run
-        earlier = json.loads(json_path.read_text())
+        earlier = read_results(json_path)
         for key in ("minilm", "smollm2"):
             if key in earlier and (args.model not in (key, "all") or (args.recover_only and key == "smollm2")):
                 results[key] = earlier[key]
@@ -608,8 +680,11 @@ def main(argv: list[str] | None = None) -> None:
         bench(args, sizes, results, save)
         provenance = {"command": command, "date": date.today().isoformat(),
                       "wall_minutes": round((time.perf_counter() - start) / 60, 1)}
-        if args.recover_only and key == "smollm2":
-            results[key]["recovery_run"] = provenance
+        if args.recover_only and key == "smollm2":  # each recovery row names the run that made it
+            recipes = recovery_recipes(args)
+            for row in results[key]["recovery"]:
+                if row["recovery"] in recipes:
+                    row["run"] = provenance
         else:
             results[key].update(provenance)
         save()

@@ -55,19 +55,32 @@ def test_recover_only_redoes_the_recovery_and_keeps_the_other_figures(tmp_path):
     completed = subprocess.run(base, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
     first = json.loads((tmp_path / "bench_convert.json").read_text())["smollm2"]
-    completed = subprocess.run(base + ["--merge", "--recover-only"], capture_output=True, text=True, timeout=300,
+    completed = subprocess.run(base + ["--merge", "--recover-only", "--recover-lr", "3e-4", "--recover-batch", "1"],
+                               capture_output=True, text=True, timeout=300,
                                env=env, cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
     second = json.loads((tmp_path / "bench_convert.json").read_text())["smollm2"]
     assert second["command"] == first["command"]  # the conversion figures keep their provenance
-    assert "--recover-only" in second["recovery_run"]["command"]
+    assert "--recover-only" in second["recovery"][0]["run"]["command"]
     assert len(second["conversion"]) == len(first["conversion"]) == 6
     kept = [row for row in first["conversion"] if (row["reduction"], row["method"]) != (0.5, "data-aware")]
     assert all(row in second["conversion"] for row in kept)
     (row,) = second["recovery"]
-    assert row["schedule"] == "cosine" and row["learning_rate"] == 1e-4 and row["planned_steps"] == 2
+    assert row["schedule"] == "cosine" and row["planned_steps"] == 2
+    assert row["learning_rate"] == 3e-4 and row["batch"] == 1
     section = results_file.read_text()
-    assert "--recover-only" in section and "SmolLM2 recovery" in section
+    assert "--recover-only" in section and "SmolLM2 recovery" in section and "batch 1, lr 0.0003" in section
+    # a recovery with the LM loss adds its rows and the dense reference, and keeps the distillation-only row
+    completed = subprocess.run(base + ["--merge", "--recover-only", "--recover-lm-weight", "1"], capture_output=True,
+                               text=True, timeout=300, env=env, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    third = json.loads((tmp_path / "bench_convert.json").read_text())["smollm2"]
+    assert [(r["method"], r["recovery"]) for r in third["recovery"]] == [
+        ("data-aware", "distill"), ("dense", "LM fine-tune"), ("data-aware", "distill + LM loss")]
+    assert third["recovery"][0] == row and third["recovery"][2]["lm_weight"] == 1.0
+    section = results_file.read_text()
+    assert "like for like" in section and "dense + LM fine-tune" in section
+    assert section.count("--recover-only") == 2  # both recovery commands are named
 
 
 def _load_script():
