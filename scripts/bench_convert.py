@@ -15,13 +15,15 @@ embeddings (mean pooling over tokens) of held-out Rotten Tomatoes test sentences
 on held-out Shakespeare test text. Then a short recovery (``--recover-minutes``, 0 skips it):
 MiniLM, sentiment fine-tuning of the dense model and of the converted models the same way (task loss,
 and task loss plus distillation from the fine-tuned dense model), test accuracy; SmolLM2, distillation
-from the dense model (`lors_hf.distill.DistillationTrainer`) on Shakespeare train text, perplexity.
+from the dense model (`lors_hf.distill.DistillationTrainer`) on Shakespeare train text, perplexity;
+with ``--recover-lm-weight`` also the student's next-token loss, next to the dense model trained on
+that loss the same way (the like-for-like reference, as both adapt to Shakespeare).
 
 Writes its section of docs/RESULTS.md (table, the command line, a PNG plot under docs/) and the raw
 figures as JSON next to the plot.
 
 Usage:
-    python scripts/bench_convert.py --model all --out docs            # the full run (~75 min on 2 cores)
+    python scripts/bench_convert.py --model all --out docs            # the full run (about 2 hours on 2 cores)
     python scripts/bench_convert.py --smoke --results-file /tmp/r.md   # tiny models and slices, seconds
     python scripts/bench_convert.py --from-json docs/bench_convert.json --out docs   # report only
 """
