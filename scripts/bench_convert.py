@@ -374,8 +374,8 @@ def bench_smollm2(args, sizes, results: dict, save) -> None:
         before = next(r["error"] for r in section["conversion"] if r["reduction"] == reduction and r["method"] == method)
         for name, parameter in student.named_parameters():  # recovery trains the stack, not the embeddings
             parameter.requires_grad_("lors" in name or ".layers." in name)
-        # Cosine decay over --recover-steps (the wall-time budget may stop it earlier): a constant 2e-4 diverged
-        # after ~110 steps in an earlier run.
+        # Cosine decay over --recover-steps (the wall-time budget may stop it earlier): an earlier run at a
+        # constant 2e-4 diverged after ~110 steps; decaying from the same peak did not.
         targs = training_arguments(f"{workdir}/{method}-{reduction}", batch, args.recover_lr, planned,
                                    schedule="cosine")
         info = train(DistillationTrainer, student.train(), train_set, targs, args.recover_minutes,
@@ -442,7 +442,7 @@ def markdown(results: dict, command: str, plot_name: str | None) -> str:
               "calibration tokens (train split).", ""]
     recovery_rows = [(k, r) for k in ("minilm", "smollm2") for r in results.get(k, {}).get("recovery", [])]
     lm_rows = [r for k, r in recovery_rows if k == "smollm2" and r.get("lm_weight")]
-    lm_reference = find(results.get("smollm2", {}).get("recovery", []), method="dense")
+    lm_reference = find(results.get("smollm2", {}).get("recovery", []), method="dense")  # the LM-loss reference
     if recovery_rows:
         lines += ["### After recovery", "",
                   "MiniLM: sentiment fine-tuning (train split, batch 32, max length 64, AdamW lr 1e-4 with warm-up "

@@ -56,8 +56,7 @@ def test_recover_only_redoes_the_recovery_and_keeps_the_other_figures(tmp_path):
     assert completed.returncode == 0, completed.stderr[-3000:]
     first = json.loads((tmp_path / "bench_convert.json").read_text())["smollm2"]
     completed = subprocess.run(base + ["--merge", "--recover-only", "--recover-lr", "3e-4", "--recover-batch", "1"],
-                               capture_output=True, text=True, timeout=300,
-                               env=env, cwd=tmp_path)
+                               capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
     second = json.loads((tmp_path / "bench_convert.json").read_text())["smollm2"]
     assert second["command"] == first["command"]  # the conversion figures keep their provenance
