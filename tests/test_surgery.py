@@ -339,6 +339,26 @@ def test_target_reduction_picks_the_largest_rank_that_reaches_it(family, target)
     assert parameter_report(bigger).stacks_total.reduction < target
 
 
+def test_target_reduction_is_not_overshot_when_a_projection_is_small():
+    # Grouped-query attention: k/v are 8 x 64, so their largest rank is 8. A uniform rank capped at 8
+    # would remove about half of the stacks whatever the target; past 8 they keep their exact rank 8.
+    def gqa_llama():
+        torch.manual_seed(0)
+        return tf.LlamaForCausalLM(tf.LlamaConfig(
+            vocab_size=99, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=8,
+            num_key_value_heads=1, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0))
+
+    model = gqa_llama()
+    lorsify(model, target_reduction=0.2)
+    reduction = parameter_report(model).stacks_total.reduction
+    assert 0.2 <= reduction < 0.25
+    ranks = {name.split(".")[-1].rstrip("$"): spec[0] for name, spec in get_lors_config(model).rank.items()}
+    assert ranks["k_proj"] == ranks["v_proj"] == 8 and ranks["q_proj"] == ranks["down_proj"] > 8
+    bigger = gqa_llama()
+    lorsify(bigger, rank={r"(k|v)_proj": 8, ".*": ranks["q_proj"] + 1})
+    assert parameter_report(bigger).stacks_total.reduction < 0.2
+
+
 def test_unreachable_target_reduction_is_refused():
     model, _ = build("bert")
     with pytest.raises(ValueError, match=r"target_reduction=0.95 cannot be reached.*even rank 0"):

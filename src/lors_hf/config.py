@@ -31,7 +31,8 @@ class LorsConfig:
             projection group's name, e.g. ``"encoder.layer.attention.self.query"``) to one of those,
             first match wins. Defaults to 32 unless ``target_reduction`` is given.
         target_reduction: instead of a rank, the fraction of the stacks' parameters to remove
-            (e.g. 0.6); the largest uniform rank that reaches it is chosen.
+            (e.g. 0.6); the largest uniform rank that reaches it is chosen (a projection too small
+            for it, such as grouped-query keys and values, keeps its largest rank, ``min(d_out, d_in)``).
         target_modules: which projections to convert: a list of names matched as suffixes of the
             module path (``["query", "value"]``, ``["mlp.fc1"]``), or one regex matched in full
             against the module path (``r".*decoder.*(q|v)_proj"``). Default: every linear

@@ -184,7 +184,7 @@ def plan_ranks(model: nn.Module, config: LorsConfig) -> list[Stack]:
     if config.target_reduction is not None:
         rank = _solve_uniform_rank(stacks, groups, float(config.target_reduction))
         for group in groups:
-            group.ranks = [rank] * len(group.layer_indices)
+            group.ranks = [min(rank, group.max_rank)] * len(group.layer_indices)
         return stacks
     for stack in stacks:
         for group in stack.groups:
@@ -230,8 +230,8 @@ def _solve_uniform_rank(stacks: list[Stack], groups: list[ProjectionGroup], targ
     dense_total = sum(stack_parameters(stack) for stack in stacks)
     dense_targeted = sum(group.dense_parameters() for group in groups)
 
-    def reduction(rank: int) -> float:
-        lors = sum(group.lors_parameters([rank] * len(group.layer_indices)) for group in groups)
+    def reduction(rank: int) -> float:  # a rank past a group's largest one stays at that (exact) rank
+        lors = sum(group.lors_parameters([min(rank, group.max_rank)] * len(group.layer_indices)) for group in groups)
         return 1.0 - (dense_total - dense_targeted + lors) / dense_total
 
     if reduction(0) < target:
@@ -239,7 +239,7 @@ def _solve_uniform_rank(stacks: list[Stack], groups: list[ProjectionGroup], targ
             f"lorsify: target_reduction={target} cannot be reached: even rank 0 (full sharing) removes only "
             f"{reduction(0):.1%} of the stacks' parameters. Lower target_reduction or target more modules."
         )
-    low, high = 0, min(group.max_rank for group in groups)
+    low, high = 0, max(group.max_rank for group in groups)
     while low < high:  # largest rank whose reduction still reaches the target
         mid = (low + high + 1) // 2
         if reduction(mid) >= target:
