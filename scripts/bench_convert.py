@@ -76,7 +76,7 @@ def settings(smoke: bool) -> dict[str, Any]:
                 "smol_max_steps": 2}
     return {"minilm_eval": 1000, "minilm_calib": 256, "minilm_calib_batch": 32, "minilm_train": None,
             "minilm_test": None, "minilm_max_length": 64, "minilm_batch": 32, "minilm_max_steps": 100_000,
-            "smol_eval_tokens": 16_384, "smol_window": 512, "smol_calib": 16, "smol_calib_batch": 4,
+            "smol_eval_tokens": 16_384, "smol_window": 512, "smol_calib": 64, "smol_calib_batch": 4,
             "smol_train_chars": 4_000_000, "smol_train_window": 256, "smol_train_windows": 20_000,
             "smol_max_steps": 100_000}
 
@@ -305,14 +305,18 @@ def bench_smollm2(args, sizes, results: dict, save) -> None:
     calibration = [all_windows[picks[i:i + sizes["smol_calib_batch"]]]
                    for i in range(0, len(picks), sizes["smol_calib_batch"])]
     dense = load_pretrained(tf.AutoModelForCausalLM, path, args.smoke)
-    earlier = results.get("smollm2") if args.recover_only else None
+    earlier = results.get("smollm2")  # with --merge: the figures of an earlier run
     if args.recover_only and not earlier:
         raise SystemExit("--recover-only needs the conversion figures of an earlier run: add --merge.")
+    earlier_recovery = [dict(r) for r in (earlier or {}).get("recovery", [])]
+    if earlier and not args.recover_only:  # the kept recovery rows name the earlier run that made them
+        for row in earlier_recovery:
+            row.setdefault("run", {k: earlier.get(k) for k in ("command", "date", "wall_minutes")})
     recipes = recovery_recipes(args)
-    section = results["smollm2"] = {**(earlier or {}), "conversion": list((earlier or {}).get("conversion", [])),
-                                    # --recover-only redoes this run's recipes and keeps the others' rows
-                                    "recovery": [r for r in (earlier or {}).get("recovery", [])
-                                                 if r["recovery"] not in recipes]}
+    # this run redoes its recovery recipes and keeps the other rows; --recover-only also keeps the conversions
+    section = results["smollm2"] = {**(earlier or {} if args.recover_only else {}),
+                                    "conversion": list(earlier["conversion"]) if args.recover_only else [],
+                                    "recovery": [r for r in earlier_recovery if r["recovery"] not in recipes]}
     start = time.perf_counter()
     section["dense_ppl"] = round(perplexity(dense, eval_windows), 3)
     section["eval_tokens"] = eval_windows.numel()
@@ -356,11 +360,23 @@ def bench_smollm2(args, sizes, results: dict, save) -> None:
         row.update(dense_ppl=section["dense_ppl"], batch=batch, learning_rate=targs.learning_rate,
                    schedule=getattr(targs.lr_scheduler_type, "value", targs.lr_scheduler_type),
                    planned_steps=targs.max_steps)
+        if row["method"] != "dense":
+            row["calibration_tokens"] = section["calibration_tokens"]
         print(f"[smollm2] {row}", flush=True)
         section["recovery"].append(row)
         save()
 
-    if args.recover_lm_weight > 0:  # like-for-like reference: the original model trained on the same text
+    # The dense reference of an earlier run is kept when it trained the same recipe to the end within this budget.
+    same_reference = next((r for r in earlier_recovery if r["method"] == "dense" and r["recovery"] == recipes[-1]
+                           and r.get("batch") == batch and r.get("learning_rate") == args.recover_lr
+                           and r.get("planned_steps") == planned and r["steps"] == planned
+                           and r["train_s"] <= args.recover_minutes * 60), None)
+    if args.recover_lm_weight > 0 and same_reference:
+        print(f"[smollm2] keeping the dense LM fine-tune of {same_reference['run']['date']}: same batch, lr and "
+              f"planned steps, all {planned} steps done in {same_reference['train_s']} s", flush=True)
+        section["recovery"].append(same_reference)
+        save()
+    elif args.recover_lm_weight > 0:  # like-for-like reference: the original model trained on the same text
         reference = copy.deepcopy(dense)
         for name, parameter in reference.named_parameters():
             parameter.requires_grad_(".layers." in name)
@@ -472,8 +488,10 @@ def markdown(results: dict, command: str, plot_name: str | None) -> str:
                              f"{row['steps']} | {minutes} | {result} | {reference} |")
             else:
                 ratio = row["ppl_after"] / row["dense_ppl"]
+                calibrated = (f", from {row['calibration_tokens']} calibration tokens"
+                              if row.get("calibration_tokens") else "")
                 recipe = (f"{row['recovery']} (batch {row.get('batch', 4)}, lr {row.get('learning_rate', 1e-4):g}, "
-                          f"{row.get('planned_steps', '?')} planned)")
+                          f"{row.get('planned_steps', '?')} planned{calibrated})")
                 reference = f"original {row['dense_ppl']} (x{ratio:.3f})"
                 if row.get("lm_weight") and lm_reference:
                     reference += (f"; dense + LM fine-tune {lm_reference['ppl_after']} "
@@ -623,7 +641,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--recover-only", action="store_true",
                         help="SmolLM2: convert only the models to recover; keep the other figures (needs --merge)")
     parser.add_argument("--merge", action="store_true",
-                        help="keep the other model's figures from the JSON of an earlier run (rerun one model)")
+                        help="keep the other model's figures from the JSON of an earlier run (rerun one model); "
+                             "SmolLM2 also keeps the recovery rows of recipes this run does not redo")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args(argv)
     if args.smoke and args.results_file is None:
@@ -641,6 +660,10 @@ def read_results(path: Path) -> dict:
         legacy = results.get(key, {}).pop("recovery_run", None)
         for row in results.get(key, {}).get("recovery", []) if legacy else []:
             row.setdefault("run", legacy)
+    smol = results.get("smollm2", {})
+    for row in smol.get("recovery", []):  # rows older than the field: made from the section's calibration
+        if row["method"] != "dense" and "calibration_tokens" in smol:
+            row.setdefault("calibration_tokens", smol["calibration_tokens"])
     return results
 
 
@@ -669,7 +692,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.merge and json_path.exists():  # keep the other model's figures from the earlier run
         earlier = read_results(json_path)
         for key in ("minilm", "smollm2"):
-            if key in earlier and (args.model not in (key, "all") or (args.recover_only and key == "smollm2")):
+            if key in earlier and (args.model not in (key, "all") or key == "smollm2"):
                 results[key] = earlier[key]
                 if "command" not in results[key]:  # a run that did both models: its command and total time
                     results[key].update(command=earlier["meta"].get("command"), date=earlier["meta"].get("date"),
@@ -685,7 +708,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.recover_only and key == "smollm2":  # each recovery row names the run that made it
             recipes = recovery_recipes(args)
             for row in results[key]["recovery"]:
-                if row["recovery"] in recipes:
+                if row["recovery"] in recipes and "run" not in row:  # a kept reference names its own run
                     row["run"] = provenance
         else:
             results[key].update(provenance)

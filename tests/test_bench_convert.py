@@ -80,6 +80,17 @@ def test_recover_only_redoes_the_recovery_and_keeps_the_other_figures(tmp_path):
     section = results_file.read_text()
     assert "like for like" in section and "dense + LM fine-tune" in section
     assert section.count("--recover-only") == 2  # both recovery commands are named
+    assert "from 256 calibration tokens" in section  # each LORS recovery names the calibration it started from
+    # a full rerun with --merge redoes the conversions and its recipe, keeps the other rows, and keeps the
+    # dense reference that trained the same recipe to the end instead of training it again
+    completed = subprocess.run(base + ["--merge", "--recover-lm-weight", "1"], capture_output=True, text=True,
+                               timeout=300, env=env, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "keeping the dense LM fine-tune" in completed.stdout
+    fourth = json.loads((tmp_path / "bench_convert.json").read_text())["smollm2"]
+    assert "--recover-only" not in fourth["command"] and len(fourth["conversion"]) == 6
+    assert fourth["recovery"][:2] == third["recovery"][:2]  # distillation-only row and dense reference, as they were
+    assert fourth["recovery"][2]["recovery"] == "distill + LM loss" and "run" not in fourth["recovery"][2]
 
 
 def _load_script():
