@@ -427,7 +427,9 @@ def markdown(results: dict, command: str, plot_name: str | None) -> str:
         + (" **Smoke run: tiny random models, tiny slices; the figures mean nothing.**" if meta["smoke"] else ""),
         "",
         "Same private rank for every method at a given budget (`target_reduction` = fraction of the stacks' "
-        "parameters removed; the rank is the largest that reaches it). Error right after conversion, no training: "
+        "parameters removed; the rank is the largest that reaches it; a projection too small for it keeps its "
+        "largest rank, `min(d_out, d_in)`, and the `rank` column lists both). "
+        "Error right after conversion, no training: "
         "MiniLM `1 - cosine` between dense and converted sentence embeddings (mean pooling) of held-out "
         "Rotten Tomatoes test sentences; SmolLM2-135M-Instruct perplexity on held-out Shakespeare test text. "
         "`data-aware` = `lorsify(..., init=\"alternating\", calibration_data=...)`: fit to each projection's outputs "
