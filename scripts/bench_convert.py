@@ -366,26 +366,27 @@ def bench_smollm2(args, sizes, results: dict, save) -> None:
         section["recovery"].append(row)
         save()
 
-    # The dense reference of an earlier run is kept when it trained the same recipe to the end within this budget.
-    same_reference = next((r for r in earlier_recovery if r["method"] == "dense" and r["recovery"] == recipes[-1]
-                           and r.get("batch") == batch and r.get("learning_rate") == args.recover_lr
-                           and r.get("planned_steps") == planned and r["steps"] == planned
-                           and r["train_s"] <= args.recover_minutes * 60), None)
-    if args.recover_lm_weight > 0 and same_reference:
-        print(f"[smollm2] keeping the dense LM fine-tune of {same_reference['run']['date']}: same batch, lr and "
-              f"planned steps, all {planned} steps done in {same_reference['train_s']} s", flush=True)
-        section["recovery"].append(same_reference)
-        save()
-    elif args.recover_lm_weight > 0:  # like-for-like reference: the original model trained on the same text
-        reference = copy.deepcopy(dense)
-        for name, parameter in reference.named_parameters():
-            parameter.requires_grad_(".layers." in name)
-        targs = training_arguments(f"{workdir}/dense", batch, args.recover_lr, planned, schedule="cosine")
-        info = train(tf.Trainer, reference.train(), train_set, targs, args.recover_minutes)
-        info["ppl_after"] = round(perplexity(reference, eval_windows), 3)
-        del reference
-        record({"reduction": 0.0, "method": "dense", "recovery": recipes[1], "ppl_before": section["dense_ppl"],
-                **info}, targs)
+    if args.recover_lm_weight > 0:  # like-for-like reference: the original model trained on the same text
+        # an earlier run's reference is kept when it trained the same recipe to the end within this budget
+        same = next((r for r in earlier_recovery if r["method"] == "dense" and r["recovery"] == recipes[1]
+                     and r.get("batch") == batch and r.get("learning_rate") == args.recover_lr
+                     and r.get("planned_steps") == planned == r["steps"]
+                     and r["train_s"] <= args.recover_minutes * 60), None)
+        if same:
+            print(f"[smollm2] keeping the dense LM fine-tune of {same['run']['date']}: same batch, lr and planned "
+                  f"steps, all {planned} steps done in {same['train_s']} s", flush=True)
+            section["recovery"].append(same)
+            save()
+        else:
+            reference = copy.deepcopy(dense)
+            for name, parameter in reference.named_parameters():
+                parameter.requires_grad_(".layers." in name)
+            targs = training_arguments(f"{workdir}/dense", batch, args.recover_lr, planned, schedule="cosine")
+            info = train(tf.Trainer, reference.train(), train_set, targs, args.recover_minutes)
+            info["ppl_after"] = round(perplexity(reference, eval_windows), 3)
+            del reference
+            record({"reduction": 0.0, "method": "dense", "recovery": recipes[1], "ppl_before": section["dense_ppl"],
+                    **info}, targs)
     for (reduction, method), student in kept.items():
         before = next(r["error"] for r in section["conversion"] if r["reduction"] == reduction and r["method"] == method)
         for name, parameter in student.named_parameters():  # recovery trains the stack, not the embeddings

@@ -42,9 +42,10 @@ DEFAULT_DAMPING = 0.3
 their mean diagonal. Tuned at 50% fewer stack parameters with the sequential round (round 1 alone is
 insensitive to it): MiniLM 1-cos 0.240 / 0.227 / 0.236 / 0.276 and SmolLM2 perplexity
 832 / 452 / 287 / 212 for damping 0.01 / 0.1 / 0.3 / 1.0: the deeper model with fewer calibration
-tokens per input dimension wants more; 0.3 is the compromise. (Figures of the evaluation of the time, 4096
-SmolLM2 calibration tokens; read them as relative: `scripts/bench_convert.py` now prints 2400 for the same
-setting.) More calibration tokens help more: the same benchmark at 16384 tokens prints 1032."""
+tokens per input dimension wants more; 0.3 is the compromise. These figures come from the evaluation
+used when this code landed (4096 SmolLM2 calibration tokens): read them as relative, since
+`scripts/bench_convert.py` now prints 2400 for that setting. More calibration tokens help more: the
+same benchmark prints 1032 at 16384 tokens."""
 
 DEFAULT_ROUNDS = 2
 """First fit on the dense model's activations, then one sequential round on the converted model's.
