@@ -91,6 +91,18 @@ def test_recover_only_redoes_the_recovery_and_keeps_the_other_figures(tmp_path):
     assert "--recover-only" not in fourth["command"] and len(fourth["conversion"]) == 6
     assert fourth["recovery"][:2] == third["recovery"][:2]  # distillation-only row and dense reference, as they were
     assert fourth["recovery"][2]["recovery"] == "distill + LM loss" and "run" not in fourth["recovery"][2]
+    # the LM loss alone on the converted model: the dense reference's recipe, next to it and kept like it
+    completed = subprocess.run(base + ["--merge", "--recover-only", "--recover-lm-weight", "1", "--recover-no-distill"],
+                               capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "keeping the dense LM fine-tune" in completed.stdout
+    fifth = json.loads((tmp_path / "bench_convert.json").read_text())["smollm2"]
+    (lm_alone,) = [r for r in fifth["recovery"] if r not in fourth["recovery"]]
+    assert all(r in fifth["recovery"] for r in fourth["recovery"]) and len(fifth["recovery"]) == 4
+    assert (lm_alone["method"], lm_alone["recovery"]) == ("data-aware", "LM fine-tune")
+    assert "--recover-no-distill" in lm_alone["run"]["command"]
+    section = results_file.read_text()
+    assert "no teacher" in section and "data-aware + LM fine-tune" in section
 
 
 def _load_script():
@@ -109,3 +121,6 @@ def test_smoke_refuses_to_write_docs_results(capsys):
     assert args.reductions == [0.5] and args.methods == ["svd", "alternating", "data-aware"]
     with pytest.raises(SystemExit):
         bench.parse_args(["--reductions", "1.5"])
+    with pytest.raises(SystemExit):  # the LM loss alone needs the LM loss
+        bench.parse_args(["--recover-no-distill"])
+    assert "--recover-lm-weight" in capsys.readouterr().err
