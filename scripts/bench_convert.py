@@ -315,10 +315,17 @@ def bench_smollm2(args, sizes, results: dict, save) -> None:
         for row in earlier_recovery:
             row.setdefault("run", {k: earlier.get(k) for k in ("command", "date", "wall_minutes")})
     recipes = recovery_recipes(args)
-    # this run redoes its recovery recipes and keeps the other rows; --recover-only also keeps the conversions
+    batch = args.recover_batch
+    planned = min(args.recover_steps, sizes["smol_max_steps"])
+    # this run redoes its recovery recipes and keeps the other rows, and the dense reference of a kept row
+    # trained with other settings than this run's; --recover-only also keeps the conversions
+    kept_rows = [r for r in earlier_recovery if r["recovery"] not in recipes]
+    this_run = {"batch": batch, "learning_rate": args.recover_lr, "planned_steps": planned}
+    kept_rows += [r for r in earlier_recovery if r["method"] == "dense" and r not in kept_rows
+                  and any(lm_reference(k, [r]) for k in kept_rows if k.get("lm_weight")) and not lm_reference(this_run, [r])]
     section = results["smollm2"] = {**(earlier or {} if args.recover_only else {}),
                                     "conversion": list(earlier["conversion"]) if args.recover_only else [],
-                                    "recovery": [r for r in earlier_recovery if r["recovery"] not in recipes]}
+                                    "recovery": kept_rows}
     start = time.perf_counter()
     section["dense_ppl"] = round(perplexity(dense, eval_windows), 3)
     section["eval_tokens"] = eval_windows.numel()
@@ -356,8 +363,6 @@ def bench_smollm2(args, sizes, results: dict, save) -> None:
         columns["labels"] = columns["input_ids"]
     train_set = datasets.Dataset.from_dict(columns)
     workdir = tempfile.mkdtemp(prefix="bench_convert_smollm2_")
-    batch = args.recover_batch
-    planned = min(args.recover_steps, sizes["smol_max_steps"])
 
     def record(row: dict, targs: tf.TrainingArguments) -> None:
         row.update(dense_ppl=section["dense_ppl"], batch=batch, learning_rate=targs.learning_rate,
@@ -425,6 +430,12 @@ def find(rows: list[dict], **match) -> dict | None:
     return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
 
 
+def lm_reference(row: dict, rows: list[dict]) -> dict | None:
+    """The dense `LM fine-tune` row trained with `row`'s batch, peak lr and planned steps (its like-for-like)."""
+    return find(rows, method="dense", recovery="LM fine-tune", batch=row.get("batch"),
+                learning_rate=row.get("learning_rate"), planned_steps=row.get("planned_steps"))
+
+
 def markdown(results: dict, command: str, plot_name: str | None) -> str:
     meta = results["meta"]
     lines = [
@@ -469,7 +480,6 @@ def markdown(results: dict, command: str, plot_name: str | None) -> str:
               "calibration tokens (train split).", ""]
     recovery_rows = [(k, r) for k in ("minilm", "smollm2") for r in results.get(k, {}).get("recovery", [])]
     lm_rows = [r for k, r in recovery_rows if k == "smollm2" and r.get("lm_weight")]
-    lm_reference = find(results.get("smollm2", {}).get("recovery", []), method="dense")  # the LM-loss reference
     lm_alone = any(r["method"] != "dense" and r["recovery"] == "LM fine-tune" for k, r in recovery_rows)
     if recovery_rows:
         lines += ["### After recovery", "",
@@ -484,7 +494,7 @@ def markdown(results: dict, command: str, plot_name: str | None) -> str:
                       " `distill + LM loss` adds the student's next-token loss on the same training text (weight "
                       f"{lm_rows[0]['lm_weight']:g}). `dense` + `LM fine-tune` is the original model trained on that "
                       "loss alone with the same batches, lr schedule and time budget: the like-for-like reference "
-                      "for it, since training on Shakespeare also adapts a model to the test text's domain."
+                      "of each row with the same batch, lr and planned steps, since training on Shakespeare also adapts a model to the test text's domain."
                       if lm_rows else "") + (
                       " A converted model's `LM fine-tune` is that reference's recipe applied to it: the next-token "
                       "loss alone, no teacher." if lm_alone else ""),
@@ -507,9 +517,9 @@ def markdown(results: dict, command: str, plot_name: str | None) -> str:
                 recipe = (f"{row['recovery']} (batch {row.get('batch', 4)}, lr {row.get('learning_rate', 1e-4):g}, "
                           f"{row.get('planned_steps', '?')} planned{calibrated})")
                 reference = f"original {row['dense_ppl']} (x{ratio:.3f})"
-                if row.get("lm_weight") and lm_reference:
-                    reference += (f"; dense + LM fine-tune {lm_reference['ppl_after']} "
-                                  f"(x{row['ppl_after'] / lm_reference['ppl_after']:.3f})")
+                like = lm_reference(row, results["smollm2"]["recovery"]) if row.get("lm_weight") else None
+                if like:
+                    reference += f"; dense + LM fine-tune {like['ppl_after']} (x{row['ppl_after'] / like['ppl_after']:.3f})"
                 target = "-" if row["method"] == "dense" else f"{row['reduction']:.0%}"
                 lines.append(f"| SmolLM2-135M | {target} | {row['method']} | {recipe} | "
                              f"{row['steps']} | {minutes} | ppl {row['ppl_before']} -> {row['ppl_after']} | "
@@ -562,16 +572,16 @@ def target_lines(results: dict) -> list[str]:
             out.append(f"MiniLM {row['reduction']:.0%} {row['method']} + {row['recovery']}: accuracy "
                        f"{100 * row['accuracy']:.2f}% vs dense fine-tuning {100 * dense['accuracy']:.2f}% "
                        f"({-gap:+.2f} pt); target within 1 pt: {'met' if gap <= 1 else 'MISSED'}.")
-    lm_reference = find(smol.get("recovery", []), method="dense")
     for row in smol.get("recovery", []):
         if row["method"] == "dense":
             continue
         ratio = row["ppl_after"] / row["dense_ppl"]
         line = (f"SmolLM2 {row['reduction']:.0%} {row['method']} + {row['recovery']} ({row['train_s'] / 60:.0f} min): "
                 f"perplexity x{ratio:.3f} of the original; target within 10%: {'met' if ratio <= 1.10 else 'MISSED'}")
-        if row.get("lm_weight") and lm_reference:
-            like = row["ppl_after"] / lm_reference["ppl_after"]
-            line += (f"; like for like, against the dense model trained the same way ({lm_reference['ppl_after']}): "
+        reference = lm_reference(row, smol["recovery"]) if row.get("lm_weight") else None
+        if reference:
+            like = row["ppl_after"] / reference["ppl_after"]
+            line += (f"; like for like, against the dense model trained the same way ({reference['ppl_after']}): "
                      f"x{like:.3f}, {'within' if like <= 1.10 else 'not within'} 10%")
         out.append(line + ".")
     return out

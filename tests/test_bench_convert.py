@@ -103,6 +103,22 @@ def test_recover_only_redoes_the_recovery_and_keeps_the_other_figures(tmp_path):
     assert "--recover-no-distill" in lm_alone["run"]["command"]
     section = results_file.read_text()
     assert "no teacher" in section and "data-aware + LM fine-tune" in section
+    # other settings: a new dense reference for them; the kept distill + LM loss row keeps its own reference
+    completed = subprocess.run(base + ["--merge", "--recover-only", "--recover-lm-weight", "1", "--recover-no-distill",
+                                       "--recover-lr", "3e-4"], capture_output=True, text=True, timeout=300, env=env,
+                               cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "keeping the dense LM fine-tune" not in completed.stdout
+    sixth = json.loads((tmp_path / "bench_convert.json").read_text())["smollm2"]["recovery"]
+    assert [(r["method"], r["recovery"], r["learning_rate"]) for r in sixth] == [
+        ("data-aware", "distill", 3e-4), ("data-aware", "distill + LM loss", 2e-4), ("dense", "LM fine-tune", 2e-4),
+        ("dense", "LM fine-tune", 3e-4), ("data-aware", "LM fine-tune", 3e-4)]
+    old_reference, new_reference = sixth[2]["ppl_after"], sixth[3]["ppl_after"]
+    section = results_file.read_text()
+    distilled = next(line for line in section.splitlines() if "+ distill + LM loss (" in line)
+    assert f"({old_reference})" in distilled
+    alone = next(line for line in section.splitlines() if "data-aware + LM fine-tune (" in line)
+    assert f"({new_reference})" in alone
 
 
 def _load_script():
