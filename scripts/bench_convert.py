@@ -478,7 +478,8 @@ def markdown(results: dict, command: str, plot_name: str | None) -> str:
               f"SmolLM2: {results.get('smollm2', {}).get('eval_tokens', '?')} test tokens (windows of "
               f"{meta['sizes']['smol_window']}), {results.get('smollm2', {}).get('calibration_tokens', '?')} "
               "calibration tokens (train split).", ""]
-    recovery_rows = [(k, r) for k in ("minilm", "smollm2") for r in results.get(k, {}).get("recovery", [])]
+    recovery_rows = [(k, r) for k in ("minilm", "smollm2")  # the dense rows (the references) first
+                     for r in sorted(results.get(k, {}).get("recovery", []), key=lambda r: r["method"] != "dense")]
     lm_rows = [r for k, r in recovery_rows if k == "smollm2" and r.get("lm_weight")]
     lm_alone = any(r["method"] != "dense" and r["recovery"] == "LM fine-tune" for k, r in recovery_rows)
     if recovery_rows:
