@@ -376,11 +376,8 @@ def bench_smollm2(args, sizes, results: dict, save) -> None:
 
     if args.recover_lm_weight > 0:  # like-for-like reference: the original model trained on the same text
         # an earlier run's reference is kept when it trained the same recipe to the end within this budget
-        same = next((r for r in earlier_recovery if r["method"] == "dense" and r["recovery"] == recipes[1]
-                     and r.get("batch") == batch and r.get("learning_rate") == args.recover_lr
-                     and r.get("planned_steps") == planned == r["steps"]
-                     and r["train_s"] <= args.recover_minutes * 60), None)
-        if same:
+        same = lm_reference(this_run, earlier_recovery)
+        if same and same["steps"] == planned and same["train_s"] <= args.recover_minutes * 60:
             print(f"[smollm2] keeping the dense LM fine-tune of {same['run']['date']}: same batch, lr and planned "
                   f"steps, all {planned} steps done in {same['train_s']} s", flush=True)
             section["recovery"].append(same)
