@@ -18,6 +18,7 @@ bundled plays); a character unseen in training would map to an extra ``<unk>`` i
 
 Usage:
     HF_HUB_OFFLINE=1 python scripts/bench_scratch.py                 # default CPU run, writes docs/RESULTS.md
+    HF_HUB_OFFLINE=1 python scripts/bench_scratch.py --preset long   # 20x the steps at width 128 (own section)
     HF_HUB_OFFLINE=1 python scripts/bench_scratch.py --smoke --results-file /tmp/r.md   # seconds
 """
 
@@ -44,6 +45,14 @@ from lors_hf import lorsify, parameter_report
 from lors_hf.assets import shakespeare_splits
 
 SECTION = "bench_scratch"  # "bench_scratch_gpu" for a --device cuda run, so CPU and GPU figures coexist
+PRESETS: dict[str, dict[str, int]] = {
+    # 153.6k tokens in 150 steps: the model the issue names (8 x 256), ~25 min on 2 cores.
+    "default": {"layers": 8, "d_model": 256, "seq_len": 128, "batch_size": 8, "steps": 150, "jobs": 1},
+    # 3.07M tokens in 3,000 steps: a narrower model so that 20x the steps fit in ~45 min with 2 runs at once.
+    "long": {"layers": 8, "d_model": 128, "seq_len": 64, "batch_size": 16, "steps": 3000, "jobs": 2},
+}
+"""Model shape and budget of each ``--preset`` (explicit flags override them). A preset other than
+``default`` writes its own RESULTS.md section, ``bench_scratch_<preset>``."""
 VARIANT_NAMES = ("dense", "lors-60", "lors-70", "shared", "shallow")
 
 
@@ -365,6 +374,7 @@ def render_markdown(results: list[RunResult], specs: list[VariantSpec], args: ar
     seeds = ", ".join(str(s) for s in args.seeds)
     lines = [
         "## From scratch: GPT-2 character model on Shakespeare (`scripts/bench_scratch.py`)"
+        + (f", preset `{args.preset}`" if args.preset != "default" else "")
         + (" on GPU" if args.device != "cpu" else ""),
         "",
         f"Machine: {machine_description()}; device {args.device}{', bf16 autocast' if args.bf16 else ', fp32'}"
@@ -429,12 +439,14 @@ def render_markdown(results: list[RunResult], specs: list[VariantSpec], args: ar
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                        help="model shape and token budget (explicit flags override them)")
+    parser.add_argument("--layers", type=int)
+    parser.add_argument("--d-model", type=int)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--seq-len", type=int)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--weight-decay", type=float, default=0.1)
@@ -443,13 +455,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1: on a shared 2-core box two OpenMP threads ran 3.7x slower)")
-    parser.add_argument("--jobs", type=int, default=1,
+    parser.add_argument("--jobs", type=int,
                         help="runs trained at once, one process each (CPU; 2 on a 2-core box with --threads 1)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (on cuda)")
     parser.add_argument("--smoke", action="store_true", help="a tiny run in seconds (for tests)")
     parser.add_argument("--results-file", default=str(RESULTS_FILE))
     args = parser.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.smoke:
         args.layers, args.d_model, args.heads, args.seq_len = 6, 32, 2, 32
         args.steps, args.batch_size, args.eval_tokens, args.log_every = 4, 4, 512, 2
@@ -469,7 +484,7 @@ def main(argv: list[str] | None = None) -> None:
               f"model {sum(p.numel() for p in model.parameters()):,}", flush=True)
     results = train_all(specs, data, args)
     results_file = Path(args.results_file)
-    section = device_section(SECTION, args.device)
+    section = device_section(SECTION if args.preset == "default" else f"{SECTION}_{args.preset}", args.device)
     plots = save_plots(results, specs, results_file.parent, smoothing=max(1, args.steps // 20),
                        prefix=section)
     markdown = render_markdown(results, specs, args, data, plots, command.strip(), time.perf_counter() - wall)

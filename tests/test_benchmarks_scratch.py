@@ -92,12 +92,15 @@ def test_detr_table_has_both_variants(results: Path) -> None:
     assert plots and all((results.parent / plot).is_file() for plot in plots)
 
 
-def test_scratch_parallel_runs_give_the_same_figures(results: Path, tmp_path: Path) -> None:
-    """--jobs 2 trains the runs in worker processes; every run's perplexity must equal the serial run's."""
+def test_scratch_long_preset_runs_in_parallel_with_the_same_figures(results: Path, tmp_path: Path) -> None:
+    """--preset long trains two runs at once in worker processes and writes its own section; with --smoke's
+    shapes every run's perplexity must equal the serial default run's."""
     parallel_file = tmp_path / "RESULTS.md"
-    _run("bench_scratch.py", "--jobs", "2", "--results-file", str(parallel_file))
-    serial, parallel = _table(_section(results, "bench_scratch")), _table(_section(parallel_file, "bench_scratch"))
+    _run("bench_scratch.py", "--preset", "long", "--results-file", str(parallel_file))
+    section = _section(parallel_file, "bench_scratch_long")
+    assert "preset `long`" in section and "2 run(s) at once" in section
+    serial, parallel = _table(_section(results, "bench_scratch")), _table(section)
     assert set(parallel) == set(SCRATCH_VARIANTS)
     for name in SCRATCH_VARIANTS:
         assert parallel[name][7] == serial[name][7], name  # per-seed test perplexities
-    assert "2 run(s) at once" in _section(parallel_file, "bench_scratch")
+    assert "<!-- bench_scratch:start -->" not in parallel_file.read_text(encoding="utf-8")
