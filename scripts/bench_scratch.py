@@ -9,8 +9,6 @@ held-out perplexity on the test split:
 * ``lors-60`` / ``lors-70``: the same model through ``lorsify(model, target_reduction=0.6 / 0.7,
   init="scratch")`` (the paper's init: shared weight = the first layer's dense init, ``A``
   Kaiming-uniform, ``B`` zeros).
-* ``lors-60-mlp``: LORS at the ``lors-60`` stack size with all the private rank in the MLP projections
-  (attention fully shared, rank 0): where the private parameters are spent.
 * ``shared``: full sharing, rank 0 (ALBERT-style; only biases and LayerNorms stay private).
 * ``shallow``: a dense model with fewer layers (and a width adjusted to match) whose stack holds about as
   many parameters as the ``lors-60`` stack.
@@ -55,7 +53,7 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 """Model shape and budget of each ``--preset`` (explicit flags override them). A preset other than
 ``default`` writes its own RESULTS.md section, ``bench_scratch_<preset>``."""
-VARIANT_NAMES = ("dense", "lors-60", "lors-60-mlp", "lors-70", "shared", "shallow")
+VARIANT_NAMES = ("dense", "lors-60", "lors-70", "shared", "shallow")
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -182,20 +180,8 @@ def match_shallow_dense(target: int, layers: int, width: int, heads: int) -> tup
     return best[1], best[2]
 
 
-def mlp_only_rank(target: int, args: argparse.Namespace, vocab_size: int) -> int:
-    """The largest private rank of the MLP projections (attention fully shared) whose stack fits in `target`."""
-
-    def stack(rank: int) -> int:
-        spec = VariantSpec("probe", args.layers, args.d_model, lorsify_kwargs={"rank": {"mlp": rank, ".*": 0}})
-        return stack_parameter_count(build_model(spec, args.heads, args.seq_len, vocab_size, seed=0))
-
-    base = stack(0)
-    return (target - base) // (stack(1) - base)  # the stack grows linearly with the rank
-
-
 def variant_specs(args: argparse.Namespace, vocab_size: int) -> list[VariantSpec]:
-    """The variants of `VARIANT_NAMES`; ``lors-60-mlp`` and the shallow baseline are sized from the LORS-60
-    model's stack parameter count."""
+    """The five variants; the shallow baseline is sized from the LORS-60 model's stack parameter count."""
     base = {"layers": args.layers, "width": args.d_model}
     specs = [
         VariantSpec("dense", **base, description="dense GPT-2"),
@@ -207,9 +193,6 @@ def variant_specs(args: argparse.Namespace, vocab_size: int) -> list[VariantSpec
     ]
     lors60 = build_model(specs[1], args.heads, args.seq_len, vocab_size, seed=0)
     target = stack_parameter_count(lors60)
-    mlp_rank = mlp_only_rank(target, args, vocab_size)
-    specs.insert(2, VariantSpec("lors-60-mlp", **base, lorsify_kwargs={"rank": {"mlp": mlp_rank, ".*": 0}},
-                                description="LORS, private rank in the MLP only, attention fully shared"))
     layers, width = match_shallow_dense(target, args.layers, args.d_model, args.heads)
     specs.append(VariantSpec("shallow", layers, width, description=f"dense, {layers} layers x {width}"))
     return specs
@@ -434,14 +417,13 @@ def render_markdown(results: list[RunResult], specs: list[VariantSpec], args: ar
     lines += [
         "",
         f"Equal-parameter baseline: `shallow` has {shallow.stack_params:,} stack parameters against {lors60.stack_params:,} "
-        f"for `lors-60` ({shallow.stack_params / lors60.stack_params - 1:+.1%}) and "
-        f"{by_variant['lors-60-mlp'][0].stack_params:,} for `lors-60-mlp`.",
+        f"for `lors-60` ({shallow.stack_params / lors60.stack_params - 1:+.1%}).",
         "",
         "Targets (computed from the table):",
         "",
     ]
     ppl = {name: summarize([r.test_ppl for r in runs])[0] for name, runs in by_variant.items()}
-    for name in ("lors-60", "lors-60-mlp", "lors-70"):
+    for name in ("lors-60", "lors-70"):
         gap = ppl[name] / ppl["dense"] - 1
         lines.append(f"- `{name}` within 2% of dense perplexity: {'HIT' if gap <= 0.02 else 'MISSED'} ({gap:+.2%}).")
         for baseline in ("shared", "shallow"):
