@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from bench_results import RESULTS_FILE, device_section, machine_description, setup_run, update_section
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from lors_hf import lorsify, parameter_report
+from lors_hf import lors_parameter_groups, lorsify, parameter_report
 from lors_hf.assets import shakespeare_splits
 
 SECTION = "bench_scratch"  # "bench_scratch_gpu" for a --device cuda run, so CPU and GPU figures coexist
@@ -209,11 +209,21 @@ def lr_at(step: int, steps: int, warmup: int, peak: float, final_fraction: float
     return peak * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW; matrices (ndim >= 2: shared weights, LORS factors, dense weights, embeddings) decay, the rest not."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, b_lr_ratio: float = 1.0) -> torch.optim.AdamW:
+    """AdamW; matrices (ndim >= 2: shared weights, LORS factors, dense weights, embeddings) decay, the rest not.
+
+    A model with private LORS factors gets `lors_parameter_groups`: its ``lors_B`` at ``b_lr_ratio`` times the
+    learning rate. Every group records its ``lr_scale`` (its learning rate over `lr`) for the schedule.
+    """
+    if any(name.endswith("lors_B") and p.numel() for name, p in model.named_parameters()):
+        groups = lors_parameter_groups(model, lr, weight_decay, b_lr_ratio)
+    else:
+        decay = [p for p in model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.ndim < 2]
+        groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay},
+                  {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
+    for group in groups:
+        group["lr_scale"] = group["lr"] / lr
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
 
@@ -250,14 +260,14 @@ def train_variant(spec: VariantSpec, seed: int, data: CharData, args: argparse.N
     if spec.lorsify_kwargs is not None:
         ranks = {r for per_layer in model.config.lors_config["rank"].values() for r in per_layer}
         rank = ",".join(str(r) for r in sorted(ranks))
-    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, args.b_lr_ratio)
     generator = torch.Generator().manual_seed(1000 + seed)  # the same batches for every variant of a seed
     warmup = max(1, int(args.warmup_fraction * args.steps))
     losses: list[torch.Tensor] = []  # kept on the device: no sync per step
     start = time.perf_counter()
     for step in range(args.steps):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args.steps, warmup, args.lr)
+            group["lr"] = lr_at(step, args.steps, warmup, args.lr) * group["lr_scale"]
         batch = sample_batch(data.train, args.batch_size, args.seq_len, generator).to(device, non_blocking=True)
         with autocast(device, args.bf16):
             logits = model(input_ids=batch[:, :-1]).logits.float()
@@ -375,6 +385,7 @@ def render_markdown(results: list[RunResult], specs: list[VariantSpec], args: ar
     lines = [
         "## From scratch: GPT-2 character model on Shakespeare (`scripts/bench_scratch.py`)"
         + (f", preset `{args.preset}`" if args.preset != "default" else "")
+        + (f", `lors_B` at {args.b_lr_ratio:g}x the learning rate" if args.b_lr_ratio != 1 else "")
         + (" on GPU" if args.device != "cpu" else ""),
         "",
         f"Machine: {machine_description()}; device {args.device}{', bf16 autocast' if args.bf16 else ', fp32'}"
@@ -393,7 +404,9 @@ def render_markdown(results: list[RunResult], specs: list[VariantSpec], args: ar
         f"Token budget per run: {args.steps} steps x {args.batch_size} x {args.seq_len} = {tokens:,} tokens "
         f"({tokens / len(data.train):.2f} epochs of the {len(data.train):,}-character train split). AdamW "
         f"(betas 0.9/0.95, weight decay {args.weight_decay} on matrices), peak lr {args.lr} for every parameter "
-        f"(LORS factors included), {args.warmup_fraction:.0%} linear warmup then cosine to 10%, gradient clipping 1.0. "
+        + ("(LORS factors included), " if args.b_lr_ratio == 1 else
+           f"except the LORS factors `lors_B` ({args.b_lr_ratio:g}x: `lors_hf.lors_parameter_groups`), ")
+        + f"{args.warmup_fraction:.0%} linear warmup then cosine to 10%, gradient clipping 1.0. "
         f"Perplexity = exp(mean NLL per character) over the first {args.eval_tokens:,} characters of each held-out split "
         f"(non-overlapping windows of {args.seq_len}). Seeds: {seeds}; spread = half the range over seeds.",
         "",
@@ -450,6 +463,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--b-lr-ratio", type=float, default=1.0,
+                        help="learning rate of the LORS factors lors_B over the peak lr (1: the paper's single lr; a "
+                             "run with another ratio writes its own section, suffixed _b<ratio>)")
     parser.add_argument("--warmup-fraction", type=float, default=0.1)
     parser.add_argument("--eval-tokens", type=int, default=32_768, help="characters scored per held-out split")
     parser.add_argument("--log-every", type=int, default=25)
@@ -484,7 +500,8 @@ def main(argv: list[str] | None = None) -> None:
               f"model {sum(p.numel() for p in model.parameters()):,}", flush=True)
     results = train_all(specs, data, args)
     results_file = Path(args.results_file)
-    section = device_section(SECTION if args.preset == "default" else f"{SECTION}_{args.preset}", args.device)
+    section = SECTION + (f"_{args.preset}" if args.preset != "default" else "")
+    section = device_section(section + (f"_b{args.b_lr_ratio:g}" if args.b_lr_ratio != 1 else ""), args.device)
     plots = save_plots(results, specs, results_file.parent, smoothing=max(1, args.steps // 20),
                        prefix=section)
     markdown = render_markdown(results, specs, args, data, plots, command.strip(), time.perf_counter() - wall)

@@ -104,3 +104,17 @@ def test_scratch_long_preset_runs_in_parallel_with_the_same_figures(results: Pat
     for name in SCRATCH_VARIANTS:
         assert parallel[name][7] == serial[name][7], name  # per-seed test perplexities
     assert "<!-- bench_scratch:start -->" not in parallel_file.read_text(encoding="utf-8")
+
+
+def test_scratch_b_lr_ratio_changes_only_the_lors_runs(results: Path, tmp_path: Path) -> None:
+    """--b-lr-ratio 8 trains lors_B 8x faster and writes its own section: the models without private factors
+    (dense, shared, shallow) must give the default run's figures, the LORS ones others."""
+    ratio_file = tmp_path / "RESULTS.md"
+    _run("bench_scratch.py", "--b-lr-ratio", "8", "--results-file", str(ratio_file))
+    section = _section(ratio_file, "bench_scratch_b8")
+    assert "`lors_B` at 8x the learning rate" in section and "lors_parameter_groups" in section
+    default, faster_b = _table(_section(results, "bench_scratch")), _table(section)
+    for name in ("dense", "shared", "shallow"):
+        assert faster_b[name][7] == default[name][7], name
+    for name in ("lors-60", "lors-70"):
+        assert faster_b[name][7] != default[name][7], name

@@ -12,6 +12,7 @@ Importing lors_hf also teaches ``from_pretrained`` to rebuild LORS checkpoints (
 
 from .config import LorsConfig
 from .layer import LorsLinear, SharedWeight
+from .optim import lors_parameter_groups
 from .persistence import install as _install_hooks
 from .persistence import load_lors_config, write_model_card
 from .report import ParameterReport, parameter_report
@@ -29,6 +30,7 @@ __all__ = [
     "get_lors_config",
     "is_lorsified",
     "load_lors_config",
+    "lors_parameter_groups",
     "lorsify",
     "merge_and_unload",
     "parameter_report",

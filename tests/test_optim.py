@@ -1,0 +1,85 @@
+"""`lors_parameter_groups`: every parameter once, `lors_B` faster, and the ratio kept by the Trainer's schedule."""
+
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+import transformers as tf
+
+from lors_hf import LorsLinear, SharedWeight, lors_parameter_groups, lorsify
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_models import build  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _lors_gpt2(rank: int = 4):
+    model, _ = build("gpt2", layers=3)
+    return lorsify(model, rank=rank)
+
+
+def test_groups_hold_every_trainable_parameter_once_with_lors_b_faster():
+    model = _lors_gpt2()
+    model.transformer.wte.weight.requires_grad_(False)  # frozen parameters stay out
+    groups = lors_parameter_groups(model, lr=1e-3, weight_decay=0.1, b_lr_ratio=8)
+    grouped = [id(p) for group in groups for p in group["params"]]
+    assert len(grouped) == len(set(grouped))
+    assert set(grouped) == {id(p) for p in model.parameters() if p.requires_grad}
+    by_lr = {group["lr"]: group for group in groups if group["lr"] != 1e-3}
+    assert list(by_lr) == [pytest.approx(8e-3)]
+    private_b = {id(m.lors_B) for m in model.modules() if isinstance(m, LorsLinear)}
+    assert {id(p) for p in by_lr[8e-3]["params"]} == private_b and by_lr[8e-3]["weight_decay"] == 0.1
+    decay = next(g for g in groups if g["lr"] == 1e-3 and g["weight_decay"] == 0.1)
+    shared = [m.weight for m in model.modules() if isinstance(m, SharedWeight)]
+    assert shared and {id(w) for w in shared} <= {id(p) for p in decay["params"]}
+    no_decay = next(g for g in groups if g["weight_decay"] == 0.0)
+    assert all(p.ndim == 1 for p in no_decay["params"])
+
+
+@pytest.mark.parametrize(
+    ("model_factory", "kwargs", "message"),
+    [
+        (lambda: build("gpt2", layers=3)[0], {}, "lorsify"),
+        (lambda: _lors_gpt2(rank=0), {}, "private rank"),
+        (_lors_gpt2, {"lr": 0.0}, "positive"),
+        (_lors_gpt2, {"b_lr_ratio": -1.0}, "positive"),
+    ],
+)
+def test_bad_input_is_named(model_factory, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        lors_parameter_groups(model_factory(), **{"lr": 1e-3, **kwargs})
+
+
+class _LearningRates(tf.TrainerCallback):
+    def __init__(self):
+        self.seen: list[list[float]] = []
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        self.seen.append([group["lr"] for group in optimizer.param_groups])
+
+
+def test_trainer_schedule_keeps_the_ratio_and_the_model_learns(tmp_path):
+    model = _lors_gpt2()
+    starts = torch.randint(0, 99, (256, 1), generator=torch.Generator().manual_seed(0))
+    ids = ((starts + torch.arange(12)) % 99).tolist()  # counting sequences: the next token is predictable
+    dataset = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
+    args = tf.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=40, per_device_train_batch_size=16, learning_rate=1e-2, warmup_steps=4,
+        lr_scheduler_type="cosine", logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+        disable_tqdm=True, seed=0, dataloader_num_workers=0,
+    )
+    optimizer = torch.optim.AdamW(lors_parameter_groups(model, lr=args.learning_rate, weight_decay=0.01))
+    rates = _LearningRates()
+    trainer = tf.Trainer(model=model, args=args, train_dataset=dataset, optimizers=(optimizer, None),
+                         callbacks=[rates])
+    trainer.train()
+    assert len(rates.seen) == 40
+    assert len({round(lrs[0], 12) for lrs in rates.seen}) > 10  # the schedule moved the learning rate
+    for lrs in rates.seen:
+        if lrs[0] > 0:
+            assert max(lrs) / min(lrs) == pytest.approx(8.0)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert sum(losses[-4:]) / 4 < 0.7 * sum(losses[:4]) / 4, losses
