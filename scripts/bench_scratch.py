@@ -2,8 +2,8 @@
 """The paper's setting from scratch: a GPT-2-style character model on Shakespeare, dense against LORS.
 
 Every variant is trained from random initialisation on the same token budget (same batches, same
-optimiser, same schedule, same learning rate for every parameter, LORS factors included) and scored by
-held-out perplexity on the test split:
+optimiser, same schedule, same learning rate for every parameter, LORS factors included, unless
+``--b-lr-ratio`` gives the factors ``lors_B`` a larger one) and scored by held-out perplexity on the test split:
 
 * ``dense``: the GPT-2 decoder as configured (default 8 layers, width 256, 4 heads, context 128).
 * ``lors-60`` / ``lors-70``: the same model through ``lorsify(model, target_reduction=0.6 / 0.7,
@@ -19,6 +19,7 @@ bundled plays); a character unseen in training would map to an extra ``<unk>`` i
 Usage:
     HF_HUB_OFFLINE=1 python scripts/bench_scratch.py                 # default CPU run, writes docs/RESULTS.md
     HF_HUB_OFFLINE=1 python scripts/bench_scratch.py --preset long   # 20x the steps at width 128 (own section)
+    HF_HUB_OFFLINE=1 python scripts/bench_scratch.py --preset long --b-lr-ratio 8   # lors_B learns 8x faster
     HF_HUB_OFFLINE=1 python scripts/bench_scratch.py --smoke --results-file /tmp/r.md   # seconds
 """
 

@@ -43,6 +43,7 @@ from lors_hf.training_args import (
     convert_model,
     defer_push_to_hub,
     load_teacher,
+    lors_optimizers,
     parse_script_args,
     push_trained_model,
     resolve_model_path,
@@ -178,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
 
     trainer_kwargs = dict(model=model, args=training_args, train_dataset=encoded.get("train"),
                           eval_dataset=encoded.get("validation"), processing_class=tokenizer,
-                          data_collator=collator, compute_metrics=compute_metrics)
+                          data_collator=collator, compute_metrics=compute_metrics,
+                          optimizers=lors_optimizers(model, training_args, lors_args))
     push_to_hub = defer_push_to_hub(training_args)
     trainer = build_trainer(teacher, distill_args, **trainer_kwargs)
     train_and_evaluate(trainer, lors_args)

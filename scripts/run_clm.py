@@ -48,6 +48,7 @@ from lors_hf.training_args import (
     convert_model,
     defer_push_to_hub,
     load_teacher,
+    lors_optimizers,
     parse_overrides,
     parse_script_args,
     push_trained_model,
@@ -219,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     trainer_kwargs = dict(model=model, args=training_args, train_dataset=blocks["train"],
                           eval_dataset=blocks["validation"], processing_class=tokenizer,
                           data_collator=default_data_collator, compute_metrics=compute_metrics,
-                          preprocess_logits_for_metrics=preprocess_logits_for_metrics)
+                          preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+                          optimizers=lors_optimizers(model, training_args, lors_args))
     trainer = build_trainer(teacher, distill_args, **trainer_kwargs)
     train_and_evaluate(trainer, lors_args, eval_metrics=perplexity)
     if push_to_hub and trainer.is_world_process_zero():

@@ -42,6 +42,7 @@ from lors_hf.training_args import (
     check_file,
     convert_model,
     defer_push_to_hub,
+    lors_optimizers,
     parse_overrides,
     parse_script_args,
     push_trained_model,
@@ -308,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     training_args.remove_unused_columns = False
     training_args.prediction_loss_only = True  # mAP is computed separately, on the whole validation set
     trainer = Trainer(model=model, args=training_args, train_dataset=datasets_.get("train"),
-                      eval_dataset=datasets_.get("validation"), data_collator=collate)
+                      eval_dataset=datasets_.get("validation"), data_collator=collate,
+                      optimizers=lors_optimizers(model, training_args, lors_args))
 
     def map_metrics(metrics: dict[str, float]) -> dict[str, float]:
         """COCO mAP on the main process (the other processes log and save no metrics)."""

@@ -111,7 +111,8 @@ def accuracy_of(model_dir: Path, csv_file: Path, max_length: int) -> float:
 def test_classification_lors_saves_what_it_evaluated(data, tiny_bert, tmp_path):
     out = tmp_path / "cls"
     code = run_script("run_classification", *classification_args(
-        data, tiny_bert, out, "--lors_rank", "4", "--lors_calibration_batches", "2", "--do_train", "--do_eval"))
+        data, tiny_bert, out, "--lors_rank", "4", "--lors_calibration_batches", "2", "--lors_b_lr_ratio", "4",
+        "--do_train", "--do_eval"))
     assert code == 0
     results = read_json(out / "all_results.json")
     report = read_json(out / "parameter_report.json")
@@ -159,7 +160,8 @@ def test_classification_distill(data, tiny_bert, tmp_path):
 def test_clm_from_scratch(data, tmp_path):
     out = tmp_path / "clm"
     code = run_script(
-        "run_clm", *TINY_GPT2, "--lors_rank", "4", "--train_file", str(data / "shakespeare/train.txt"),
+        "run_clm", *TINY_GPT2, "--lors_rank", "4", "--lors_b_lr_ratio", "8",
+        "--train_file", str(data / "shakespeare/train.txt"),
         "--validation_file", str(data / "shakespeare/validation.txt"), "--block_size", "32",
         "--per_device_train_batch_size", "4", "--max_steps", "3", "--max_eval_samples", "8",
         "--do_train", "--do_eval", "--output_dir", str(out), *COMMON)
@@ -315,6 +317,8 @@ def test_push_to_hub(data, tiny_bert, tmp_path, local_hub):
         ("run_classification", ["--train_file", "{data}/rotten_tomatoes/train.csv", "--lors_init", "scratch",
                                 "--lors_calibration_batches", "2"], 1, "needs --lors_init svd"),
         ("run_clm", ["--train_file", "{data}/shakespeare/train.txt"], 1, "--model_type"),
+        ("run_clm", [*TINY_GPT2, "--train_file", "{data}/shakespeare/train.txt", "--block_size", "32",
+                     "--lors_rank", "0", "--lors_b_lr_ratio", "8"], 1, "no trainable LORS layer with a private rank"),
         ("run_clm", ["--model_type", "gpt2", "--config_overrides", "n_layers=2", "--train_file",
                      "{data}/shakespeare/train.txt"], 1, "has no field 'n_layers'"),
         ("run_clm", ["--model_type", "gpt2", "--config_overrides", "n_layer=2,n_embd=32,n_head=2,n_positions=16",
@@ -354,6 +358,25 @@ def test_lors_arguments_to_config():
     assert (config.rank, config.target_reduction, config.init) == (None, 0.5, "alternating")
     with pytest.raises(ValueError, match="either `rank` or `target_reduction`"):
         LorsArguments(lors_rank=4, lors_target_reduction=0.5).to_config()
+
+
+def test_lors_optimizers_only_with_a_ratio(tmp_path):
+    from lors_hf.training_args import LorsArguments, ScriptError, lors_optimizers
+
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=99, n_embd=32, n_layer=3, n_head=2, n_positions=64))
+    lors_hf.lorsify(model, rank=4)
+    args = tf.TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, weight_decay=0.01, adam_beta2=0.98,
+                                report_to="none", use_cpu=True)
+    assert lors_optimizers(model, args, LorsArguments()) == (None, None)  # the Trainer's own optimizer
+    assert lors_optimizers(model, args, LorsArguments(no_lors=True, lors_b_lr_ratio=8)) == (None, None)
+    optimizer, scheduler = lors_optimizers(model, args, LorsArguments(lors_b_lr_ratio=8))
+    assert scheduler is None and isinstance(optimizer, torch.optim.AdamW)
+    assert sorted({group["lr"] for group in optimizer.param_groups}) == [pytest.approx(1e-3), pytest.approx(8e-3)]
+    assert optimizer.defaults["betas"] == (0.9, 0.98)
+    b_ids = {id(m.lors_B) for m in model.modules() if isinstance(m, lors_hf.LorsLinear)}
+    assert {id(p) for g in optimizer.param_groups if g["lr"] > 2e-3 for p in g["params"]} == b_ids
+    with pytest.raises(ScriptError, match="must be positive"):
+        lors_optimizers(model, args, LorsArguments(lors_b_lr_ratio=0))
 
 
 def test_overrides_and_torchrun_on_cpu_implies_use_cpu(monkeypatch):

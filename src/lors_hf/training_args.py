@@ -38,6 +38,7 @@ from transformers import HfArgumentParser
 from transformers.utils import logging as hf_logging
 
 from .config import INIT_METHODS, LorsConfig
+from .optim import lors_parameter_groups
 from .report import parameter_report
 from .surgery import SHARED_CONTAINER
 
@@ -50,6 +51,8 @@ BUNDLED_MODELS = {"minilm": "minilm_path", "smollm2": "smollm2_path"}
 PARAMETER_REPORT_TEXT = "parameter_report.txt"
 PARAMETER_REPORT_JSON = "parameter_report.json"
 DDP_SYNC_DIR = "ddp_sync"
+
+logger = logging.getLogger(__name__)
 
 
 class ScriptError(Exception):
@@ -92,6 +95,14 @@ class LorsArguments:
         metadata={
             "help": "Data-aware conversion: run this many training batches through the dense model and "
             "minimise the error of each projection's outputs on them (needs svd/alternating init)."
+        },
+    )
+    lors_b_lr_ratio: float = field(
+        default=1.0,
+        metadata={
+            "help": "Learning rate of the private factors lors_B over --learning_rate (AdamW over "
+            "lors_hf.lors_parameter_groups, in place of --optim). 1: one learning rate for all. Training from "
+            "scratch, 8 did much better (scripts/bench_scratch.py --preset long). Ignored with --no_lors."
         },
     )
     no_lors: bool = field(default=False, metadata={"help": "Train the dense model instead (the baseline)."})
@@ -293,6 +304,31 @@ def apply_overrides(config: Any, overrides: dict[str, Any], option: str = "--con
 
 
 # ------------------------------------------------------------------------------------------------- LORS
+
+
+def lors_optimizers(model: torch.nn.Module, training_args: TrainingArguments,
+                    lors_args: LorsArguments) -> tuple[torch.optim.Optimizer | None, None]:
+    """The ``Trainer``'s ``optimizers=`` argument: ``(None, None)`` (its own optimizer) unless
+    ``--lors_b_lr_ratio`` differs from 1, then an AdamW over `lors_parameter_groups` (``lors_B`` at that
+    ratio times ``--learning_rate``; ``--weight_decay``, ``--adam_beta1/2``, ``--adam_epsilon`` apply).
+    The Trainer's scheduler scales every group, so the ratio holds throughout.
+
+    Example:
+        >>> # trainer = Trainer(..., optimizers=lors_optimizers(model, training_args, lors_args))
+    """
+    ratio = lors_args.lors_b_lr_ratio
+    if lors_args.no_lors or ratio == 1:
+        return None, None
+    if not ratio > 0:
+        raise ScriptError(f"--lors_b_lr_ratio must be positive (got {ratio})")
+    try:
+        groups = lors_parameter_groups(model, training_args.learning_rate, training_args.weight_decay, ratio)
+    except ValueError as error:
+        raise ScriptError(f"--lors_b_lr_ratio {ratio:g}: {error}") from None
+    logger.info("optimizer: AdamW, lors_B at %gx the learning rate (%d tensors)", ratio, len(groups[-1]["params"]))
+    optimizer = torch.optim.AdamW(groups, betas=(training_args.adam_beta1, training_args.adam_beta2),
+                                  eps=training_args.adam_epsilon)
+    return optimizer, None
 
 
 def convert_model(model: torch.nn.Module, lors_args: LorsArguments, pretrained: bool,
