@@ -319,9 +319,7 @@ def lors_optimizers(model: torch.nn.Module, training_args: TrainingArguments,
     ratio = lors_args.lors_b_lr_ratio
     if lors_args.no_lors or ratio == 1:
         return None, None
-    if not ratio > 0:
-        raise ScriptError(f"--lors_b_lr_ratio must be positive (got {ratio})")
-    try:
+    try:  # lors_parameter_groups names a non-positive ratio and a model without private rank
         groups = lors_parameter_groups(model, training_args.learning_rate, training_args.weight_decay, ratio)
     except ValueError as error:
         raise ScriptError(f"--lors_b_lr_ratio {ratio:g}: {error}") from None
