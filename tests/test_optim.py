@@ -21,22 +21,30 @@ def _lors_gpt2(rank: int = 4):
     return lorsify(model, rank=rank)
 
 
-def test_groups_hold_every_trainable_parameter_once_with_lors_b_faster():
+@pytest.mark.parametrize("stack_lr_ratio", [1.0, 0.5])
+def test_groups_hold_every_trainable_parameter_once_with_lors_b_faster(stack_lr_ratio):
     model = _lors_gpt2()
     model.transformer.wte.weight.requires_grad_(False)  # frozen parameters stay out
-    groups = lors_parameter_groups(model, lr=1e-3, weight_decay=0.1, b_lr_ratio=8)
+    groups = lors_parameter_groups(model, lr=1e-3, weight_decay=0.1, b_lr_ratio=8, stack_lr_ratio=stack_lr_ratio)
     grouped = [id(p) for group in groups for p in group["params"]]
     assert len(grouped) == len(set(grouped))
     assert set(grouped) == {id(p) for p in model.parameters() if p.requires_grad}
-    by_lr = {group["lr"]: group for group in groups if group["lr"] != 1e-3}
-    assert list(by_lr) == [pytest.approx(8e-3)]
-    private_b = {id(m.lors_B) for m in model.modules() if isinstance(m, LorsLinear)}
-    assert {id(p) for p in by_lr[8e-3]["params"]} == private_b and by_lr[8e-3]["weight_decay"] == 0.1
-    decay = next(g for g in groups if g["lr"] == 1e-3 and g["weight_decay"] == 0.1)
+
+    def group_of(param):
+        return next(group for group in groups if any(p is param for p in group["params"]))
+
+    layers = [m for m in model.modules() if isinstance(m, LorsLinear)]
     shared = [m.weight for m in model.modules() if isinstance(m, SharedWeight)]
-    assert shared and {id(w) for w in shared} <= {id(p) for p in decay["params"]}
-    no_decay = next(g for g in groups if g["weight_decay"] == 0.0)
-    assert all(p.ndim == 1 for p in no_decay["params"])
+    assert layers and shared
+    for weight in [*shared, *(layer.lors_A for layer in layers)]:
+        assert group_of(weight)["lr"] == pytest.approx(1e-3 * stack_lr_ratio) and group_of(weight)["weight_decay"] == 0.1
+    for layer in layers:
+        assert group_of(layer.lors_B)["lr"] == pytest.approx(8e-3 * stack_lr_ratio)
+        assert group_of(layer.lors_B)["weight_decay"] == 0.1
+        assert group_of(layer.bias)["lr"] == 1e-3 and group_of(layer.bias)["weight_decay"] == 0.0  # private bias
+    head = group_of(model.transformer.wpe.weight)
+    assert head["lr"] == 1e-3 and head["weight_decay"] == 0.1
+    assert all(p.ndim == 1 for group in groups if group["weight_decay"] == 0.0 for p in group["params"])
 
 
 @pytest.mark.parametrize(
@@ -46,6 +54,7 @@ def test_groups_hold_every_trainable_parameter_once_with_lors_b_faster():
         (lambda: _lors_gpt2(rank=0), {}, "private rank"),
         (_lors_gpt2, {"lr": 0.0}, "positive"),
         (_lors_gpt2, {"b_lr_ratio": -1.0}, "positive"),
+        (_lors_gpt2, {"stack_lr_ratio": 0.0}, "positive"),
     ],
 )
 def test_bad_input_is_named(model_factory, kwargs, message):

@@ -160,7 +160,7 @@ def test_classification_distill(data, tiny_bert, tmp_path):
 def test_clm_from_scratch(data, tmp_path):
     out = tmp_path / "clm"
     code = run_script(
-        "run_clm", *TINY_GPT2, "--lors_rank", "4", "--lors_b_lr_ratio", "8",
+        "run_clm", *TINY_GPT2, "--lors_rank", "4", "--lors_b_lr_ratio", "8", "--lors_stack_lr_ratio", "0.5",
         "--train_file", str(data / "shakespeare/train.txt"),
         "--validation_file", str(data / "shakespeare/validation.txt"), "--block_size", "32",
         "--per_device_train_batch_size", "4", "--max_steps", "3", "--max_eval_samples", "8",
@@ -377,6 +377,13 @@ def test_lors_optimizers_only_with_a_ratio(tmp_path):
     assert {id(p) for g in optimizer.param_groups if g["lr"] > 2e-3 for p in g["params"]} == b_ids
     with pytest.raises(ScriptError, match="must be positive"):
         lors_optimizers(model, args, LorsArguments(lors_b_lr_ratio=0))
+    optimizer, _ = lors_optimizers(model, args, LorsArguments(lors_stack_lr_ratio=0.5))  # the stack ratio alone
+    shared_ids = {id(m.weight) for m in model.modules() if isinstance(m, lors_hf.SharedWeight)}
+    slower = {id(p) for g in optimizer.param_groups if g["lr"] == pytest.approx(5e-4) for p in g["params"]}
+    a_ids = {id(m.lors_A) for m in model.modules() if isinstance(m, lors_hf.LorsLinear)}
+    assert slower == shared_ids | a_ids | b_ids  # --lors_b_lr_ratio 1: lors_B moves with the stack
+    with pytest.raises(ScriptError, match="--lors_stack_lr_ratio -1.*must be positive"):
+        lors_optimizers(model, args, LorsArguments(lors_stack_lr_ratio=-1))
 
 
 def test_overrides_and_torchrun_on_cpu_implies_use_cpu(monkeypatch):

@@ -21,6 +21,8 @@ from typing import Any
 
 from torch import nn
 
+from .layer import SharedWeight
+
 DEFAULT_B_LR_RATIO = 8.0
 """From ``scripts/bench_scratch.py --preset long --b-lr-ratio 8`` (LORS-60 went from +6.0% to -0.1% perplexity
 against dense, both at peak lr 2e-3; a dense model at 4e-3 stays ahead); 16 did a little worse than 8 in
@@ -28,33 +30,47 @@ a one-seed probe. Not tuned further."""
 
 
 def lors_parameter_groups(
-    model: nn.Module, lr: float, weight_decay: float = 0.0, b_lr_ratio: float = DEFAULT_B_LR_RATIO
+    model: nn.Module,
+    lr: float,
+    weight_decay: float = 0.0,
+    b_lr_ratio: float = DEFAULT_B_LR_RATIO,
+    stack_lr_ratio: float = 1.0,
 ) -> list[dict[str, Any]]:
-    """Parameter groups for a torch optimizer: ``lors_B`` at ``b_lr_ratio * lr``, the rest at ``lr``.
+    """Parameter groups for a torch optimizer: ``lors_B`` learns `b_lr_ratio` times faster than the stack.
 
-    Matrices (``ndim >= 2``: shared weights, ``lors_A``, ``lors_B``, dense weights, embeddings) get
-    `weight_decay`; biases and norms get none. Every trainable parameter appears in exactly one group;
-    a shared weight appears once. Empty groups are left out.
+    Learning rates: the shared weights and ``lors_A`` at ``stack_lr_ratio * lr``; ``lors_B`` at
+    ``stack_lr_ratio * b_lr_ratio * lr``; everything else (embeddings, norms, biases, heads, layers outside a
+    LORS stack) at `lr`. A shared weight moves all N layers of its stack at once, so a learning rate
+    that suits the rest of the model can be too large for it: from scratch at the dense model's best
+    learning rate, ``stack_lr_ratio=0.5`` did better than 1 (``scripts/bench_scratch.py --preset long``).
+
+    Matrices (``ndim >= 2``) get `weight_decay`; biases and norms get none. Every trainable parameter
+    appears in exactly one group; a shared weight appears once. Empty groups are left out.
 
     Raises:
         ValueError: `model` has no LORS layer with a private rank (call `lorsify` first, or use plain
-            parameter groups), or `lr` / `b_lr_ratio` is not positive.
+            parameter groups), or `lr`, `b_lr_ratio` or `stack_lr_ratio` is not positive.
 
     Example:
         >>> groups = lors_parameter_groups(model, lr=1e-3, weight_decay=0.01)  # doctest: +SKIP
-        >>> [g["lr"] for g in groups]  # doctest: +SKIP
-        [0.001, 0.001, 0.008]
+        >>> sorted(g["lr"] for g in groups)  # doctest: +SKIP
+        [0.001, 0.001, 0.001, 0.008]
     """
-    if not lr > 0 or not b_lr_ratio > 0:
-        raise ValueError(f"lors_parameter_groups: lr and b_lr_ratio must be positive (got lr={lr}, "
-                         f"b_lr_ratio={b_lr_ratio}).")
-    decay, no_decay, private_b = [], [], []
+    if not lr > 0 or not b_lr_ratio > 0 or not stack_lr_ratio > 0:
+        raise ValueError(f"lors_parameter_groups: lr, b_lr_ratio and stack_lr_ratio must be positive (got lr={lr}, "
+                         f"b_lr_ratio={b_lr_ratio}, stack_lr_ratio={stack_lr_ratio}).")
+    shared_ids = {id(module.weight) for module in model.modules() if isinstance(module, SharedWeight)}
+    decay, no_decay, stack, private_b = [], [], [], []
     for name, param in model.named_parameters():  # named_parameters yields a shared weight once
         if not param.requires_grad:
             continue
-        if name.rsplit(".", 1)[-1] == "lors_B":
+        kind = name.rsplit(".", 1)[-1]
+        if kind == "lors_B":
             if param.numel():
                 private_b.append(param)
+        elif kind == "lors_A" or id(param) in shared_ids:
+            if param.numel():
+                stack.append(param)
         elif param.ndim >= 2:
             decay.append(param)
         else:
@@ -67,6 +83,7 @@ def lors_parameter_groups(
     groups = [
         {"params": decay, "lr": lr, "weight_decay": weight_decay},
         {"params": no_decay, "lr": lr, "weight_decay": 0.0},
-        {"params": private_b, "lr": lr * b_lr_ratio, "weight_decay": weight_decay},
+        {"params": stack, "lr": lr * stack_lr_ratio, "weight_decay": weight_decay},
+        {"params": private_b, "lr": lr * stack_lr_ratio * b_lr_ratio, "weight_decay": weight_decay},
     ]
     return [group for group in groups if group["params"]]

@@ -105,6 +105,15 @@ class LorsArguments:
             "scratch, 8 did much better (scripts/bench_scratch.py --preset long). Ignored with --no_lors."
         },
     )
+    lors_stack_lr_ratio: float = field(
+        default=1.0,
+        metadata={
+            "help": "Learning rate of the shared weights and lors_A over --learning_rate (lors_B: this times "
+            "--lors_b_lr_ratio; embeddings, norms, biases and heads keep --learning_rate). A shared weight moves "
+            "every layer of its stack: from scratch at the dense model's best learning rate, 0.5 did better than 1 "
+            "(scripts/bench_scratch.py --preset long --lr 4e-3). Ignored with --no_lors."
+        },
+    )
     no_lors: bool = field(default=False, metadata={"help": "Train the dense model instead (the baseline)."})
     check_ddp_sync: bool = field(
         default=False,
@@ -309,21 +318,23 @@ def apply_overrides(config: Any, overrides: dict[str, Any], option: str = "--con
 def lors_optimizers(model: torch.nn.Module, training_args: TrainingArguments,
                     lors_args: LorsArguments) -> tuple[torch.optim.Optimizer | None, None]:
     """The ``Trainer``'s ``optimizers=`` argument: ``(None, None)`` (its own optimizer) unless
-    ``--lors_b_lr_ratio`` differs from 1, then an AdamW over `lors_parameter_groups` (``lors_B`` at that
-    ratio times ``--learning_rate``; ``--weight_decay``, ``--adam_beta1/2``, ``--adam_epsilon`` apply).
+    ``--lors_b_lr_ratio`` or ``--lors_stack_lr_ratio`` differs from 1, then an AdamW over
+    `lors_parameter_groups` (shared weights and ``lors_A`` at the stack ratio times ``--learning_rate``,
+    ``lors_B`` at both ratios times it; ``--weight_decay``, ``--adam_beta1/2``, ``--adam_epsilon`` apply).
     The Trainer's scheduler scales every group, so the ratio holds throughout.
 
     Example:
         >>> # trainer = Trainer(..., optimizers=lors_optimizers(model, training_args, lors_args))
     """
-    ratio = lors_args.lors_b_lr_ratio
-    if lors_args.no_lors or ratio == 1:
+    ratio, stack = lors_args.lors_b_lr_ratio, lors_args.lors_stack_lr_ratio
+    if lors_args.no_lors or ratio == stack == 1:
         return None, None
     try:  # lors_parameter_groups names a non-positive ratio and a model without private rank
-        groups = lors_parameter_groups(model, training_args.learning_rate, training_args.weight_decay, ratio)
+        groups = lors_parameter_groups(model, training_args.learning_rate, training_args.weight_decay, ratio, stack)
     except ValueError as error:
-        raise ScriptError(f"--lors_b_lr_ratio {ratio:g}: {error}") from None
-    logger.info("optimizer: AdamW, lors_B at %gx the learning rate (%d tensors)", ratio, len(groups[-1]["params"]))
+        raise ScriptError(f"--lors_b_lr_ratio {ratio:g} --lors_stack_lr_ratio {stack:g}: {error}") from None
+    logger.info("optimizer: AdamW, shared weights and lors_A at %gx the learning rate, lors_B at %gx (%d tensors)",
+                stack, stack * ratio, len(groups[-1]["params"]))
     optimizer = torch.optim.AdamW(groups, betas=(training_args.adam_beta1, training_args.adam_beta2),
                                   eps=training_args.adam_epsilon)
     return optimizer, None
