@@ -20,6 +20,7 @@ Usage:
     HF_HUB_OFFLINE=1 python scripts/bench_scratch.py                 # default CPU run, writes docs/RESULTS.md
     HF_HUB_OFFLINE=1 python scripts/bench_scratch.py --preset long   # 20x the steps at width 128 (own section)
     HF_HUB_OFFLINE=1 python scripts/bench_scratch.py --preset long --b-lr-ratio 8   # lors_B learns 8x faster
+    HF_HUB_OFFLINE=1 python scripts/bench_scratch.py --preset long --lr 4e-3 --b-lr-ratio 8 --stack-lr-ratio 0.5
     HF_HUB_OFFLINE=1 python scripts/bench_scratch.py --smoke --results-file /tmp/r.md   # seconds
 """
 
@@ -46,6 +47,7 @@ from lors_hf import lors_parameter_groups, lorsify, parameter_report
 from lors_hf.assets import shakespeare_splits
 
 SECTION = "bench_scratch"  # "bench_scratch_gpu" for a --device cuda run, so CPU and GPU figures coexist
+DEFAULT_LR = 2e-3
 PRESETS: dict[str, dict[str, int]] = {
     # 153.6k tokens in 150 steps: the model the issue names (8 x 256), ~25 min on 2 cores.
     "default": {"layers": 8, "d_model": 256, "seq_len": 128, "batch_size": 8, "steps": 150, "jobs": 1},
@@ -210,14 +212,17 @@ def lr_at(step: int, steps: int, warmup: int, peak: float, final_fraction: float
     return peak * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, b_lr_ratio: float = 1.0) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, b_lr_ratio: float = 1.0,
+                   stack_lr_ratio: float = 1.0) -> torch.optim.AdamW:
     """AdamW; matrices (ndim >= 2: shared weights, LORS factors, dense weights, embeddings) decay, the rest not.
 
-    A model with private LORS factors gets `lors_parameter_groups`: its ``lors_B`` at ``b_lr_ratio`` times the
-    learning rate. Every group records its ``lr_scale`` (its learning rate over `lr`) for the schedule.
+    A model with private LORS factors gets `lors_parameter_groups`: its shared weights and ``lors_A`` at
+    ``stack_lr_ratio`` times the learning rate, its ``lors_B`` at ``stack_lr_ratio * b_lr_ratio`` times. The
+    dense, shallow and fully shared (no ``lors_B``) models keep one learning rate. Every group records its
+    ``lr_scale`` (its learning rate over `lr`) for the schedule.
     """
     if any(name.endswith("lors_B") and p.numel() for name, p in model.named_parameters()):
-        groups = lors_parameter_groups(model, lr, weight_decay, b_lr_ratio)
+        groups = lors_parameter_groups(model, lr, weight_decay, b_lr_ratio, stack_lr_ratio)
     else:
         decay = [p for p in model.parameters() if p.ndim >= 2]
         no_decay = [p for p in model.parameters() if p.ndim < 2]
@@ -261,7 +266,7 @@ def train_variant(spec: VariantSpec, seed: int, data: CharData, args: argparse.N
     if spec.lorsify_kwargs is not None:
         ranks = {r for per_layer in model.config.lors_config["rank"].values() for r in per_layer}
         rank = ",".join(str(r) for r in sorted(ranks))
-    optimizer = make_optimizer(model, args.lr, args.weight_decay, args.b_lr_ratio)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, args.b_lr_ratio, args.stack_lr_ratio)
     generator = torch.Generator().manual_seed(1000 + seed)  # the same batches for every variant of a seed
     warmup = max(1, int(args.warmup_fraction * args.steps))
     losses: list[torch.Tensor] = []  # kept on the device: no sync per step
@@ -375,6 +380,15 @@ def save_plots(results: list[RunResult], specs: list[VariantSpec], out_dir: Path
     return names
 
 
+def lors_learning_rates(args: argparse.Namespace) -> str:
+    """How the LORS models' learning rates differ from the peak lr, as a clause of the setup sentence."""
+    if args.b_lr_ratio == 1 and args.stack_lr_ratio == 1:
+        return "(LORS factors included), "
+    stack = args.stack_lr_ratio
+    return (f"except in the LORS models (`lors_hf.lors_parameter_groups`): shared weights and `lors_A` at {stack:g}x, "
+            f"`lors_B` at {stack * args.b_lr_ratio:g}x; the dense, shallow and fully shared models use one lr; ")
+
+
 def render_markdown(results: list[RunResult], specs: list[VariantSpec], args: argparse.Namespace, data: CharData,
                     plots: list[str], command: str, wall_seconds: float) -> str:
     """The ``bench_scratch`` section of RESULTS.md: setup, command, table, targets, plots."""
@@ -386,7 +400,11 @@ def render_markdown(results: list[RunResult], specs: list[VariantSpec], args: ar
     lines = [
         "## From scratch: GPT-2 character model on Shakespeare (`scripts/bench_scratch.py`)"
         + (f", preset `{args.preset}`" if args.preset != "default" else "")
-        + (f", `lors_B` at {args.b_lr_ratio:g}x the learning rate" if args.b_lr_ratio != 1 else "")
+        + (f", peak lr {args.lr:g}" if args.lr != DEFAULT_LR else "")
+        + (f", `lors_B` at {args.b_lr_ratio:g}x the learning rate" if args.b_lr_ratio != 1 and args.stack_lr_ratio == 1
+           else "")
+        + (f", LORS stack (shared weights, `lors_A`) at {args.stack_lr_ratio:g}x the learning rate and `lors_B` at "
+           f"{args.b_lr_ratio:g}x that" if args.stack_lr_ratio != 1 else "")
         + (" on GPU" if args.device != "cpu" else ""),
         "",
         f"Machine: {machine_description()}; device {args.device}{', bf16 autocast' if args.bf16 else ', fp32'}"
@@ -405,8 +423,7 @@ def render_markdown(results: list[RunResult], specs: list[VariantSpec], args: ar
         f"Token budget per run: {args.steps} steps x {args.batch_size} x {args.seq_len} = {tokens:,} tokens "
         f"({tokens / len(data.train):.2f} epochs of the {len(data.train):,}-character train split). AdamW "
         f"(betas 0.9/0.95, weight decay {args.weight_decay} on matrices), peak lr {args.lr} for every parameter "
-        + ("(LORS factors included), " if args.b_lr_ratio == 1 else
-           f"except the LORS factors `lors_B` ({args.b_lr_ratio:g}x: `lors_hf.lors_parameter_groups`), ")
+        + lors_learning_rates(args)
         + f"{args.warmup_fraction:.0%} linear warmup then cosine to 10%, gradient clipping 1.0. "
         f"Perplexity = exp(mean NLL per character) over the first {args.eval_tokens:,} characters of each held-out split "
         f"(non-overlapping windows of {args.seq_len}). Seeds: {seeds}; spread = half the range over seeds.",
@@ -462,11 +479,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--seq-len", type=int)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR,
+                        help="peak learning rate (another value writes a section suffixed _lr<value>)")
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--b-lr-ratio", type=float, default=1.0,
                         help="learning rate of the LORS factors lors_B over the peak lr (1: the paper's single lr; a "
                              "run with another ratio writes its own section, suffixed _b<ratio>)")
+    parser.add_argument("--stack-lr-ratio", type=float, default=1.0,
+                        help="learning rate of the LORS models' shared weights and lors_A over the peak lr (lors_B "
+                             "gets this times --b-lr-ratio; other ratios write a section suffixed _s<ratio>)")
     parser.add_argument("--warmup-fraction", type=float, default=0.1)
     parser.add_argument("--eval-tokens", type=int, default=32_768, help="characters scored per held-out split")
     parser.add_argument("--log-every", type=int, default=25)
@@ -502,7 +523,10 @@ def main(argv: list[str] | None = None) -> None:
     results = train_all(specs, data, args)
     results_file = Path(args.results_file)
     section = SECTION + (f"_{args.preset}" if args.preset != "default" else "")
-    section = device_section(section + (f"_b{args.b_lr_ratio:g}" if args.b_lr_ratio != 1 else ""), args.device)
+    section += f"_lr{args.lr:g}" if args.lr != DEFAULT_LR else ""
+    section += f"_b{args.b_lr_ratio:g}" if args.b_lr_ratio != 1 else ""
+    section += f"_s{args.stack_lr_ratio:g}" if args.stack_lr_ratio != 1 else ""
+    section = device_section(section, args.device)
     plots = save_plots(results, specs, results_file.parent, smoothing=max(1, args.steps // 20),
                        prefix=section)
     markdown = render_markdown(results, specs, args, data, plots, command.strip(), time.perf_counter() - wall)

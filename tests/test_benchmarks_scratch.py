@@ -118,3 +118,19 @@ def test_scratch_b_lr_ratio_changes_only_the_lors_runs(results: Path, tmp_path: 
         assert faster_b[name][7] == default[name][7], name
     for name in ("lors-60", "lors-70"):
         assert faster_b[name][7] != default[name][7], name
+
+
+def test_scratch_stack_lr_ratio_slows_only_the_lors_stack(results: Path, tmp_path: Path) -> None:
+    """--stack-lr-ratio 0.5 halves the LORS models' shared weights and lors_A (lors_B keeps its ratio to them)
+    and writes its own section: the dense, shared and shallow runs must not change, the LORS ones must."""
+    ratio_file = tmp_path / "RESULTS.md"
+    _run("bench_scratch.py", "--b-lr-ratio", "8", "--results-file", str(ratio_file))
+    _run("bench_scratch.py", "--b-lr-ratio", "8", "--stack-lr-ratio", "0.5", "--results-file", str(ratio_file))
+    section = _section(ratio_file, "bench_scratch_b8_s0.5")
+    assert "shared weights and `lors_A` at 0.5x, `lors_B` at 4x" in section
+    default, b_only, slower_stack = (_table(_section(results, "bench_scratch")),
+                                     _table(_section(ratio_file, "bench_scratch_b8")), _table(section))
+    for name in ("dense", "shared", "shallow"):
+        assert slower_stack[name][7] == default[name][7], name
+    for name in ("lors-60", "lors-70"):
+        assert slower_stack[name][7] != b_only[name][7], name
