@@ -1,15 +1,22 @@
-"""Optimizer parameter groups for LORS models: the private ``lors_B`` factors learn faster.
+"""Optimizer parameter groups for LORS models: the private ``lors_B`` learn faster; the stack has its own rate.
 
 ``B`` starts at zero (the paper's init), so early on a layer's private residual ``B_i @ A_i`` moves only
 as fast as ``B`` does. With one learning rate for everything, a LORS model trained from scratch kept
 following the fully shared model (``scripts/bench_scratch.py --preset long``). Giving ``B`` a larger
 learning rate than ``A`` and the shared weight (as LoRA+ does for LoRA) lets the private parts grow.
 
+A shared weight, on the other hand, moves all N layers of its stack with each step. At the learning rate
+that suits the dense model (and the rest of the LORS model: embeddings, norms, biases), the stack did better
+at half of it: ``stack_lr_ratio=0.5`` (``scripts/bench_scratch.py --preset long --lr 4e-3 --b-lr-ratio 8
+--stack-lr-ratio 0.5``; in seed-0 probes 0.35, 0.7 and 1 did worse). The default stays 1 (one learning rate
+for the stack and the rest) because the best ratio depends on how the base learning rate was chosen.
+
 Example:
     >>> import torch
     >>> from lors_hf import lorsify, lors_parameter_groups
     >>> model = lorsify(model, init="scratch", target_reduction=0.6)  # doctest: +SKIP
     >>> optimizer = torch.optim.AdamW(lors_parameter_groups(model, lr=2e-3, weight_decay=0.1))  # doctest: +SKIP
+    >>> groups = lors_parameter_groups(model, lr=4e-3, weight_decay=0.1, stack_lr_ratio=0.5)  # doctest: +SKIP
 
 With the ``Trainer``, pass ``optimizers=(optimizer, None)``: its scheduler scales every group's own
 learning rate, so the ratio holds throughout the schedule.
