@@ -11,6 +11,9 @@ at half of it: ``stack_lr_ratio=0.5`` (``scripts/bench_scratch.py --preset long 
 --stack-lr-ratio 0.5``; in seed-0 probes 0.35, 0.7 and 1 did worse). The default stays 1 (one learning rate
 for the stack and the rest) because the best ratio depends on how the base learning rate was chosen.
 
+Both ratios are for training from scratch: on a converted pretrained model (``B`` from the SVD) they did
+worse than one learning rate (the MiniLM demo, README).
+
 Example:
     >>> import torch
     >>> from lors_hf import lorsify, lors_parameter_groups

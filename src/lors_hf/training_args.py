@@ -102,7 +102,8 @@ class LorsArguments:
         metadata={
             "help": "Learning rate of the private factors lors_B over --learning_rate (AdamW over "
             "lors_hf.lors_parameter_groups, in place of --optim). 1: one learning rate for all. Training from "
-            "scratch, 8 did much better (scripts/bench_scratch.py --preset long). Ignored with --no_lors."
+            "scratch, 8 did much better (scripts/bench_scratch.py --preset long); on a converted pretrained model it did "
+            "worse (the MiniLM demo, README). Ignored with --no_lors."
         },
     )
     lors_stack_lr_ratio: float = field(
@@ -111,7 +112,8 @@ class LorsArguments:
             "help": "Learning rate of the shared weights and lors_A over --learning_rate (lors_B: this times "
             "--lors_b_lr_ratio; embeddings, norms, biases and heads keep --learning_rate). A shared weight moves "
             "every layer of its stack: from scratch at the dense model's best learning rate, 0.5 did better than 1 "
-            "(scripts/bench_scratch.py --preset long --lr 4e-3). Ignored with --no_lors."
+            "(scripts/bench_scratch.py --preset long --lr 4e-3); on a converted pretrained model it did worse (README). "
+            "Ignored with --no_lors."
         },
     )
     no_lors: bool = field(default=False, metadata={"help": "Train the dense model instead (the baseline)."})
