@@ -3,7 +3,8 @@
 
 Every variant is trained from random initialisation on the same token budget (same batches, same
 optimiser, same schedule, same learning rate for every parameter, LORS factors included, unless
-``--b-lr-ratio`` gives the factors ``lors_B`` a larger one) and scored by held-out perplexity on the test split:
+``--b-lr-ratio`` gives the factors ``lors_B`` a larger one or ``--stack-lr-ratio`` the LORS stack its own)
+and scored by held-out perplexity on the test split:
 
 * ``dense``: the GPT-2 decoder as configured (default 8 layers, width 256, 4 heads, context 128).
 * ``lors-60`` / ``lors-70``: the same model through ``lorsify(model, target_reduction=0.6 / 0.7,

@@ -42,6 +42,14 @@ def test_groups_hold_every_trainable_parameter_once_with_lors_b_faster(stack_lr_
         assert group_of(layer.lors_B)["lr"] == pytest.approx(8e-3 * stack_lr_ratio)
         assert group_of(layer.lors_B)["weight_decay"] == 0.1
         assert group_of(layer.bias)["lr"] == 1e-3 and group_of(layer.bias)["weight_decay"] == 0.0  # private bias
+    def ids_at(lr):
+        return {id(p) for group in groups if group["lr"] == pytest.approx(lr) for p in group["params"]}
+
+    private_b = {id(layer.lors_B) for layer in layers}
+    stack = {id(w) for w in shared} | {id(layer.lors_A) for layer in layers}
+    assert ids_at(8e-3 * stack_lr_ratio) == private_b  # nothing else learns at lors_B's rate
+    rest = set(grouped) - private_b - stack
+    assert ids_at(1e-3) == (rest | stack if stack_lr_ratio == 1 else rest)
     head = group_of(model.transformer.wpe.weight)
     assert head["lr"] == 1e-3 and head["weight_decay"] == 0.1
     assert all(p.ndim == 1 for group in groups if group["weight_decay"] == 0.0 for p in group["params"])
