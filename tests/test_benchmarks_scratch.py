@@ -134,3 +134,27 @@ def test_scratch_stack_lr_ratio_slows_only_the_lors_stack(results: Path, tmp_pat
         assert slower_stack[name][7] == default[name][7], name
     for name in ("lors-60", "lors-70"):
         assert slower_stack[name][7] != b_only[name][7], name
+
+
+def test_detr_two_jobs_give_the_serial_figures(results: Path, tmp_path: Path) -> None:
+    """--jobs 2 trains dense and LORS at once in worker processes: the same losses and metrics as one by one."""
+    parallel_file = tmp_path / "RESULTS.md"
+    _run("bench_detr.py", "--jobs", "2", "--results-file", str(parallel_file), "--data-dir", str(tmp_path / "data"))
+    section = _section(parallel_file, "bench_detr")
+    assert "2 run(s) at once" in section
+    serial, parallel = _table(_section(results, "bench_detr")), _table(section)
+    for name in ("dense", "lors"):
+        assert parallel[name][5:10] == serial[name][5:10], name  # AP .. AR@10 and the final loss
+
+
+def test_detr_backbone_norm_is_trainable_by_default(results: Path, tmp_path: Path) -> None:
+    """The default backbone has trainable BatchNorm; --backbone-norm frozen keeps DETR's frozen one and trains
+    differently."""
+    assert "trainable BatchNorm in place of DETR's frozen one" in _section(results, "bench_detr")
+    frozen_file = tmp_path / "RESULTS.md"
+    _run("bench_detr.py", "--backbone-norm", "frozen", "--results-file", str(frozen_file),
+         "--data-dir", str(tmp_path / "data"))
+    section = _section(frozen_file, "bench_detr")
+    assert "frozen-identity BatchNorm as DETR builds it" in section
+    batch, frozen = _table(_section(results, "bench_detr")), _table(section)
+    assert frozen["dense"][9] != batch["dense"][9]  # final training loss
