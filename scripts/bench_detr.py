@@ -407,6 +407,14 @@ def save_plots(results: list[VariantResult], out_dir: Path, steps: int, prefix: 
     return [name]
 
 
+def section_name(args: argparse.Namespace) -> str:
+    """The run's RESULTS.md section: ``bench_detr``, suffixed ``_lr<value>`` for a learning rate other than the
+    preset's, ``_frozen_bn`` for ``--backbone-norm frozen`` and ``_gpu`` on CUDA, so such runs keep their own."""
+    section = SECTION + (f"_lr{args.lr:g}" if args.lr != PRESETS[args.preset]["lr"] else "")
+    section += "_frozen_bn" if args.backbone_norm == "frozen" else ""
+    return device_section(section, args.device)
+
+
 def render_markdown(results: list[VariantResult], args: argparse.Namespace, train: DetectionTensors,
                     val: DetectionTensors, data_seconds: float, plots: list[str], command: str, wall: float) -> str:
     """The ``bench_detr`` section of RESULTS.md."""
@@ -417,7 +425,9 @@ def render_markdown(results: list[VariantResult], args: argparse.Namespace, trai
                         "with other jobs: times are noisy)")
     lines = [
         "## DETR from scratch on a Fashion-MNIST detection set (`scripts/bench_detr.py`)"
-        + (" on GPU" if args.device != "cpu" else ""),
+        + (" on GPU" if args.device != "cpu" else "")
+        + (f", {args.preset} preset at peak lr {args.lr:g}" if args.lr != PRESETS[args.preset]["lr"] else "")
+        + (", frozen backbone BatchNorm" if args.backbone_norm == "frozen" else ""),
         "",
         f"Machine: {machine_description()}; {device_line}. Total wall time {wall / 60:.1f} min "
         f"(data generation and loading {data_seconds:.0f} s).",
@@ -476,7 +486,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--num-train", type=int)
     parser.add_argument("--num-val", type=int)
-    parser.add_argument("--lr", type=float)
+    parser.add_argument("--lr", type=float, help="peak learning rate (other than the preset's: own section, _lr<value>)")
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--clip", type=float, default=0.1, help="gradient-norm clipping (DETR's 0.1)")
     parser.add_argument("--d-model", type=int, default=128)
@@ -520,7 +530,7 @@ def main(argv: list[str] | None = None) -> None:
     train, val = train.to(device), val.to(device)
     results = train_all(train, val, args, mean, std)
     results_file = Path(args.results_file)
-    section = device_section(SECTION, args.device)
+    section = section_name(args)
     plots = save_plots(results, results_file.parent, args.steps, prefix=section)
     markdown = render_markdown(results, args, train, val, data_seconds, plots, command.strip(), time.perf_counter() - wall)
     update_section(section, markdown, results_file)

@@ -154,7 +154,18 @@ def test_detr_backbone_norm_is_trainable_by_default(results: Path, tmp_path: Pat
     frozen_file = tmp_path / "RESULTS.md"
     _run("bench_detr.py", "--backbone-norm", "frozen", "--results-file", str(frozen_file),
          "--data-dir", str(tmp_path / "data"))
-    section = _section(frozen_file, "bench_detr")
+    section = _section(frozen_file, "bench_detr_frozen_bn")
     assert "frozen-identity BatchNorm as DETR builds it" in section
     batch, frozen = _table(_section(results, "bench_detr")), _table(section)
     assert frozen["dense"][9] != batch["dense"][9]  # final training loss
+
+
+def test_detr_other_learning_rate_writes_its_own_section(results: Path, tmp_path: Path) -> None:
+    """A peak lr other than the preset's writes ``bench_detr_lr<value>`` and leaves the preset's section alone."""
+    lr_file = tmp_path / "RESULTS.md"
+    _run("bench_detr.py", "--lr", "1e-4", "--results-file", str(lr_file), "--data-dir", str(tmp_path / "data"))
+    text = lr_file.read_text(encoding="utf-8")
+    assert "<!-- bench_detr:start -->" not in text
+    section = _section(lr_file, "bench_detr_lr0.0001")
+    assert "at peak lr 0.0001" in section and "AdamW lr 0.0001" in section
+    assert _table(section)["dense"][9] != _table(_section(results, "bench_detr"))["dense"][9]
