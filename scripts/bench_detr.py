@@ -409,9 +409,11 @@ def save_plots(results: list[VariantResult], out_dir: Path, steps: int, prefix: 
 
 def section_name(args: argparse.Namespace) -> str:
     """The run's RESULTS.md section: ``bench_detr``, suffixed ``_lr<value>`` for a learning rate other than the
-    preset's, ``_frozen_bn`` for ``--backbone-norm frozen`` and ``_gpu`` on CUDA, so such runs keep their own."""
+    preset's, ``_frozen_bn`` for ``--backbone-norm frozen``, ``_seed<N>`` for a seed other than 0 and ``_gpu`` on
+    CUDA, so such runs keep their own."""
     section = SECTION + (f"_lr{args.lr:g}" if args.lr != PRESETS[args.preset]["lr"] else "")
     section += "_frozen_bn" if args.backbone_norm == "frozen" else ""
+    section += f"_seed{args.seed}" if args.seed != 0 else ""
     return device_section(section, args.device)
 
 
@@ -427,7 +429,8 @@ def render_markdown(results: list[VariantResult], args: argparse.Namespace, trai
         "## DETR from scratch on a Fashion-MNIST detection set (`scripts/bench_detr.py`)"
         + (" on GPU" if args.device != "cpu" else "")
         + (f", {args.preset} preset at peak lr {args.lr:g}" if args.lr != PRESETS[args.preset]["lr"] else "")
-        + (", frozen backbone BatchNorm" if args.backbone_norm == "frozen" else ""),
+        + (", frozen backbone BatchNorm" if args.backbone_norm == "frozen" else "")
+        + (f", seed {args.seed}" if args.seed != 0 else ""),
         "",
         f"Machine: {machine_description()}; {device_line}. Total wall time {wall / 60:.1f} min "
         f"(data generation and loading {data_seconds:.0f} s).",
@@ -451,8 +454,8 @@ def render_markdown(results: list[VariantResult], args: argparse.Namespace, trai
         f"removing >= {args.reduction:.0%} of its stack's parameters. mAP: pycocotools COCOeval (bbox) on the val set, "
         "every query's best class as a detection.",
         "",
-        "| variant | decoder params | encoder params | model params | private rank (enc/dec) | AP | AP50 | AP75 | "
-        "AR@10 | final loss | train time | s / step |",
+        "| variant | decoder params | encoder params | model params | private rank (enc/dec) | AP % | AP50 % | AP75 % | "
+        "AR@10 % | final loss | train time | s / step |",
         "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for result in results:
@@ -493,7 +496,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=6, help="encoder layers = decoder layers")
     parser.add_argument("--queries", type=int, default=10)
     parser.add_argument("--reduction", type=float, default=0.7, help="LORS: fraction of each stack's parameters removed")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the detection set, the init and the batches (not 0: own section, _seed<N>)")
     parser.add_argument("--backbone-norm", choices=("batch", "frozen"), default="batch",
                         help="backbone BatchNorm: trainable (batch) or DETR's frozen one, the identity from scratch")
     parser.add_argument("--jobs", type=int, help="variants trained at once in worker processes (CPU preset: 2)")

@@ -160,12 +160,14 @@ def test_detr_backbone_norm_is_trainable_by_default(results: Path, tmp_path: Pat
     assert frozen["dense"][9] != batch["dense"][9]  # final training loss
 
 
-def test_detr_other_learning_rate_writes_its_own_section(results: Path, tmp_path: Path) -> None:
-    """A peak lr other than the preset's writes ``bench_detr_lr<value>`` and leaves the preset's section alone."""
+def test_detr_other_learning_rate_or_seed_writes_its_own_section(results: Path, tmp_path: Path) -> None:
+    """A peak lr other than the preset's and a seed other than 0 write ``bench_detr_lr<value>_seed<N>`` and leave
+    the preset's section alone."""
     lr_file = tmp_path / "RESULTS.md"
-    _run("bench_detr.py", "--lr", "1e-4", "--results-file", str(lr_file), "--data-dir", str(tmp_path / "data"))
+    _run("bench_detr.py", "--lr", "1e-4", "--seed", "1", "--results-file", str(lr_file),
+         "--data-dir", str(tmp_path / "data"))
     text = lr_file.read_text(encoding="utf-8")
     assert "<!-- bench_detr:start -->" not in text
-    section = _section(lr_file, "bench_detr_lr0.0001")
-    assert "at peak lr 0.0001" in section and "AdamW lr 0.0001" in section
+    section = _section(lr_file, "bench_detr_lr0.0001_seed1")
+    assert "at peak lr 0.0001, seed 1" in section and "AdamW lr 0.0001" in section
     assert _table(section)["dense"][9] != _table(_section(results, "bench_detr"))["dense"][9]
