@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """The paper's kind of model: DETR trained from scratch on a Fashion-MNIST detection set, dense against LORS.
 
-Both variants start from the same random DETR (ResNet backbone from a small ``ResNetConfig``, no timm, no
-download). The LORS variant shares its encoder's and its decoder's projections across layers with
+Both variants start from the same random DETR (ResNet backbone from a small ``ResNetConfig`` with trainable
+BatchNorm, no timm, no download). The LORS variant shares its encoder's and its decoder's projections across layers with
 ``lorsify`` (``init="scratch"``, the paper's init), each stack at the largest uniform private rank that
 removes at least 70% of its parameters. Both are trained with the same batches, optimiser and schedule,
 then scored by COCO mAP (``pycocotools.COCOeval``) on the validation images.
@@ -14,6 +14,7 @@ pipeline (random horizontal flips), and DETR's own loss (Hungarian matching, aux
 Usage:
     HF_HUB_OFFLINE=1 python scripts/bench_detr.py                      # CPU default (~30 min, 2 runs at once)
     HF_HUB_OFFLINE=1 python scripts/bench_detr.py --preset gpu --device cuda --bf16   # ~6 min on an H100
+    HF_HUB_OFFLINE=1 python scripts/bench_detr.py --lr 1.5e-4 --variants dense        # one model, own section
     HF_HUB_OFFLINE=1 python scripts/bench_detr.py --smoke --results-file /tmp/r.md    # seconds
 """
 
@@ -359,15 +360,16 @@ def _run_in_worker(variant: str, args: argparse.Namespace, mean: float, std: flo
 
 def train_all(train: DetectionTensors, val: DetectionTensors, args: argparse.Namespace, mean: float,
               std: float) -> list[VariantResult]:
-    """Dense then LORS; with ``args.jobs`` > 1 both train at once in worker processes (same figures, as each run
-    depends only on its variant and arguments)."""
+    """``args.variants`` in order (dense, LORS); with ``args.jobs`` > 1 they train at once in worker processes
+    (same figures, as each run depends only on its variant and arguments)."""
     if args.jobs <= 1:
-        return [_report(run_variant(variant, train, val, args, mean, std)) for variant in VARIANTS]
+        return [_report(run_variant(variant, train, val, args, mean, std)) for variant in args.variants]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(min(args.jobs, len(VARIANTS)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_run_in_worker, variant, args, mean, std) for variant in VARIANTS]
+    workers = min(args.jobs, len(args.variants))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_run_in_worker, variant, args, mean, std) for variant in args.variants]
         return [_report(future.result()) for future in futures]
 
 
@@ -409,11 +411,12 @@ def save_plots(results: list[VariantResult], out_dir: Path, steps: int, prefix: 
 
 def section_name(args: argparse.Namespace) -> str:
     """The run's RESULTS.md section: ``bench_detr``, suffixed ``_lr<value>`` for a learning rate other than the
-    preset's, ``_frozen_bn`` for ``--backbone-norm frozen``, ``_seed<N>`` for a seed other than 0 and ``_gpu`` on
-    CUDA, so such runs keep their own."""
+    preset's, ``_frozen_bn`` for ``--backbone-norm frozen``, ``_seed<N>`` for a seed other than 0, the variant's name
+    for a run of one variant and ``_gpu`` on CUDA, so such runs keep their own."""
     section = SECTION + (f"_lr{args.lr:g}" if args.lr != PRESETS[args.preset]["lr"] else "")
     section += "_frozen_bn" if args.backbone_norm == "frozen" else ""
     section += f"_seed{args.seed}" if args.seed != 0 else ""
+    section += "".join(f"_{variant}" for variant in args.variants) if len(args.variants) < len(VARIANTS) else ""
     return device_section(section, args.device)
 
 
@@ -500,6 +503,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seeds the detection set, the init and the batches (not 0: own section, _seed<N>)")
     parser.add_argument("--backbone-norm", choices=("batch", "frozen"), default="batch",
                         help="backbone BatchNorm: trainable (batch) or DETR's frozen one, the identity from scratch")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="which models to train (default both)")
     parser.add_argument("--jobs", type=int, help="variants trained at once in worker processes (CPU preset: 2)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the network (loss in fp32)")

@@ -171,3 +171,14 @@ def test_detr_other_learning_rate_or_seed_writes_its_own_section(results: Path, 
     section = _section(lr_file, "bench_detr_lr0.0001_seed1")
     assert "at peak lr 0.0001, seed 1" in section and "AdamW lr 0.0001" in section
     assert _table(section)["dense"][9] != _table(_section(results, "bench_detr"))["dense"][9]
+
+
+def test_detr_one_variant_gives_its_figures_alone(results: Path, tmp_path: Path) -> None:
+    """--variants dense trains only the dense model, with the figures it has in the run of both, into its own
+    section."""
+    dense_file = tmp_path / "RESULTS.md"
+    _run("bench_detr.py", "--variants", "dense", "--results-file", str(dense_file), "--data-dir", str(tmp_path / "data"))
+    assert "<!-- bench_detr:start -->" not in dense_file.read_text(encoding="utf-8")
+    rows = _table(_section(dense_file, "bench_detr_dense"))
+    assert set(rows) == {"dense"}
+    assert rows["dense"][5:10] == _table(_section(results, "bench_detr"))["dense"][5:10]
