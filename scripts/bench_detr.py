@@ -2,9 +2,9 @@
 """The paper's kind of model: DETR trained from scratch on a Fashion-MNIST detection set, dense against LORS.
 
 Both variants start from the same random DETR (ResNet backbone from a small ``ResNetConfig`` with trainable
-BatchNorm, no timm, no download). The LORS variant shares its encoder's and its decoder's projections across layers with
-``lorsify`` (``init="scratch"``, the paper's init), each stack at the largest uniform private rank that
-removes at least 70% of its parameters. Both are trained with the same batches, optimiser and schedule,
+BatchNorm, no timm, no download). The LORS variant shares its encoder's and its decoder's projections
+across layers with ``lorsify`` (``init="scratch"``, the paper's init), each stack at the largest uniform
+private rank that removes at least 70% of its parameters. Both are trained with the same batches, optimiser and schedule,
 then scored by COCO mAP (``pycocotools.COCOeval``) on the validation images.
 
 Data: ``lors_hf.assets.make_detection_set`` pastes 1-4 real Fashion-MNIST items (10 classes) on black
