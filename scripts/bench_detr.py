@@ -4,8 +4,8 @@
 Both variants start from the same random DETR (ResNet backbone from a small ``ResNetConfig`` with trainable
 BatchNorm, no timm, no download). The LORS variant shares its encoder's and its decoder's projections
 across layers with ``lorsify`` (``init="scratch"``, the paper's init), each stack at the largest uniform
-private rank that removes at least 70% of its parameters. Both are trained with the same batches, optimiser and schedule,
-then scored by COCO mAP (``pycocotools.COCOeval``) on the validation images.
+private rank that removes at least 70% of its parameters. Both are trained with the same batches,
+optimiser and schedule, then scored by COCO mAP (``pycocotools.COCOeval``) on the validation images.
 
 Data: ``lors_hf.assets.make_detection_set`` pastes 1-4 real Fashion-MNIST items (10 classes) on black
 128x128 canvases and writes COCO json + PNGs (cached under ``--data-dir``). Training uses a plain tensor
@@ -37,7 +37,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
-from bench_results import RESULTS_FILE, device_section, machine_description, setup_run, update_section
+from bench_results import (
+    RESULTS_FILE,
+    device_section,
+    machine_description,
+    run_in_processes,
+    setup_run,
+    update_section,
+)
 from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
 
 from lors_hf import LorsConfig, lorsify, parameter_report
@@ -364,13 +371,8 @@ def train_all(train: DetectionTensors, val: DetectionTensors, args: argparse.Nam
     (same figures, as each run depends only on its variant and arguments)."""
     if args.jobs <= 1:
         return [_report(run_variant(variant, train, val, args, mean, std)) for variant in args.variants]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    workers = min(args.jobs, len(args.variants))
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_run_in_worker, variant, args, mean, std) for variant in args.variants]
-        return [_report(future.result()) for future in futures]
+    results = run_in_processes(_run_in_worker, [(variant, args, mean, std) for variant in args.variants], args.jobs)
+    return [_report(result) for result in results]
 
 
 # ------------------------------------------------------------------------------------------- report

@@ -41,7 +41,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 import torch.nn.functional as F
-from bench_results import RESULTS_FILE, device_section, machine_description, setup_run, update_section
+from bench_results import (
+    RESULTS_FILE,
+    device_section,
+    machine_description,
+    run_in_processes,
+    setup_run,
+    update_section,
+)
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from lors_hf import lors_parameter_groups, lorsify, parameter_report
@@ -321,12 +328,8 @@ def train_all(specs: list[VariantSpec], data: CharData, args: argparse.Namespace
     runs = [(spec, seed) for seed in args.seeds for spec in specs]
     if args.jobs <= 1:
         return [_report(train_variant(spec, seed, data, args)) for spec, seed in runs]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_train_in_worker, spec, seed, args) for spec, seed in runs]
-        return [_report(future.result()) for future in futures]
+    results = run_in_processes(_train_in_worker, [(spec, seed, args) for spec, seed in runs], args.jobs)
+    return [_report(result) for result in results]
 
 
 # ------------------------------------------------------------------------------------------- report

@@ -42,6 +42,7 @@ def test_groups_hold_every_trainable_parameter_once_with_lors_b_faster(stack_lr_
         assert group_of(layer.lors_B)["lr"] == pytest.approx(8e-3 * stack_lr_ratio)
         assert group_of(layer.lors_B)["weight_decay"] == 0.1
         assert group_of(layer.bias)["lr"] == 1e-3 and group_of(layer.bias)["weight_decay"] == 0.0  # private bias
+
     def ids_at(lr):
         return {id(p) for group in groups if group["lr"] == pytest.approx(lr) for p in group["params"]}
 
