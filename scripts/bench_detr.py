@@ -45,6 +45,7 @@ from bench_results import (
     setup_run,
     update_section,
 )
+from run_detection import train_backbone_from_scratch
 from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
 
 from lors_hf import LorsConfig, lorsify, parameter_report
@@ -182,37 +183,12 @@ def stack_ranks(model: DetrForObjectDetection, reduction: float) -> dict[str, in
     return ranks
 
 
-def use_trainable_batch_norm(backbone: torch.nn.Module) -> int:
-    """Replace DETR's frozen BatchNorms in `backbone` by trainable ``nn.BatchNorm2d``; returns how many.
-
-    DETR freezes its backbone's BatchNorm because the backbone is pretrained. From scratch a frozen
-    BatchNorm is the identity, so the ResNet trains without normalisation; in CPU probes it then reached
-    AP 0.01% after 2,000 steps, against 0.54% with trainable BatchNorm (see README).
-    """
-    from transformers.models.detr.modeling_detr import DetrFrozenBatchNorm2d
-
-    replaced = 0
-    for parent in list(backbone.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, DetrFrozenBatchNorm2d):
-                setattr(parent, name, torch.nn.BatchNorm2d(child.weight.shape[0]))
-                replaced += 1
-    return replaced
-
-
 def build_model(variant: str, args: argparse.Namespace, seed: int) -> DetrForObjectDetection:
-    """Dense DETR or its LORS version (same random init before lorsify); the backbone is made trainable.
-
-    transformers' DETR freezes backbone parameters whose names lack ``stage.1``..``stage.3`` (a timm-era
-    rule that matches no parameter of a transformers ResNet, whose stages are ``stages.N``), which
-    freezes the whole randomly initialised backbone: from scratch it must train, so it is unfrozen.
-    With ``--backbone-norm batch`` its frozen BatchNorms become trainable ones (`use_trainable_batch_norm`).
-    """
+    """Dense DETR or its LORS version (same random init before lorsify); the backbone is made trainable
+    (`run_detection.train_backbone_from_scratch`), its BatchNorms too unless ``--backbone-norm frozen``."""
     torch.manual_seed(seed)
     model = DetrForObjectDetection(detr_config(args.d_model, args.layers, args.queries, len(FASHION_MNIST_CLASSES)))
-    model.model.unfreeze_backbone()
-    if args.backbone_norm == "batch" and not use_trainable_batch_norm(model.model.backbone):
-        raise RuntimeError("--backbone-norm batch: the DETR backbone has no frozen BatchNorm to replace")
+    train_backbone_from_scratch(model, trainable_norm=args.backbone_norm == "batch")
     if variant == "lors":
         ranks = stack_ranks(model, args.reduction)
         lorsify(model, rank={rf"^model\.{stack}\.": rank for stack, rank in ranks.items()}, init="scratch")

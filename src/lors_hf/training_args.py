@@ -180,11 +180,17 @@ class ScriptArgumentParser(HfArgumentParser):
         self.exit(2, f"error: {one_line(message)} (see --help)\n")
 
     def parse_args_into_dataclasses(self, args: list[str] | None = None, **kwargs: Any) -> tuple[Any, ...]:
-        """As ``HfArgumentParser``'s, plus `implied_arguments` (``--use_cpu`` under torchrun without a GPU)."""
+        """As ``HfArgumentParser``'s, plus `implied_arguments` (``--use_cpu`` under torchrun without a GPU);
+        an unknown argument is a one-line error too (``HfArgumentParser`` raises a ValueError with a traceback)."""
         args = list(sys.argv[1:] if args is None else args)
         if any(getattr(t, "__name__", "") == "TrainingArguments" for t in self.dataclass_types):
             args = implied_arguments(args)
-        return super().parse_args_into_dataclasses(args=args, **kwargs)
+        if kwargs.get("return_remaining_strings"):
+            return super().parse_args_into_dataclasses(args=args, **kwargs)
+        *parsed, remaining = super().parse_args_into_dataclasses(args=args, return_remaining_strings=True, **kwargs)
+        if remaining:
+            self.error(f"unrecognized arguments: {' '.join(remaining)}")
+        return tuple(parsed)
 
 
 def parse_script_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> tuple[Any, ...]:
