@@ -47,9 +47,12 @@ def load_script(name: str):
 
 def run_script(name: str, *args: str) -> int:
     """Run ``scripts/<name>.py`` in this process; returns its exit status (argparse errors included)."""
-    module = load_script(name)
+    return run_script_module(load_script(name), list(args))
+
+
+def run_script_module(module, args: list[str]) -> int:
     try:
-        return module.run_main(module.main, list(args))
+        return module.run_main(module.main, args)
     except SystemExit as exit_:
         return exit_.code
 
@@ -362,6 +365,47 @@ def test_wrong_arguments_give_one_line(script, args, status, message, data, tiny
     assert run_script(script, *args, "--output_dir", str(tmp_path / "out"), "--report_to", "none") == status
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], lines
+
+
+
+def readme_script_commands() -> list[tuple[str, list[str]]]:
+    """``(script, arguments)`` of each ``python scripts/run_*.py`` command in the README (continuations joined)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8").replace("\\\n", " ")
+    commands = []
+    for line in text.splitlines():
+        words = line.split("#")[0].split()
+        if words[:2] and words[0] == "python" and words[1].startswith("scripts/run_"):
+            commands.append((Path(words[1]).stem, words[2:]))
+    return commands
+
+
+def test_readme_script_commands_parse(data, monkeypatch):
+    """Every run_* command the README shows uses only arguments its script accepts."""
+    commands = readme_script_commands()
+    assert {name for name, _ in commands} == {"run_classification", "run_clm", "run_detection"}
+    for name, args in commands:
+        module = load_script(name)
+        parsed = []
+
+        def parse_only(dataclass_types, argv, parse=module.parse_script_args, parsed=parsed):
+            parsed.append(parse(dataclass_types, argv))
+            raise SystemExit(0)
+
+        monkeypatch.setattr(module, "parse_script_args", parse_only)
+        assert run_script_module(module, [a.replace("data/", f"{data}/") for a in args]) == 0, (name, args)
+        assert parsed, name
+
+
+def test_readme_detection_command_trains(data, tmp_path):
+    """The README's detection command, cut to 2 steps, builds, converts and evaluates its model."""
+    (args,) = [args for name, args in readme_script_commands() if name == "run_detection"]
+    args = [a.replace("data/", f"{data}/") for a in args]
+    at = args.index("--output_dir")
+    args = args[:at] + args[at + 2:]
+    assert run_script("run_detection", *args, "--output_dir", str(tmp_path / "out"), "--max_steps", "2",
+                      "--max_eval_samples", "4", *COMMON) == 0
+    report = read_json(tmp_path / "out" / "parameter_report.json")
+    assert report["stacks_total"]["reduction"] >= 0.7 and len(report["stacks"]) == 2
 
 
 def test_error_in_a_real_process_has_no_traceback(tmp_path):
