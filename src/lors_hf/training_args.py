@@ -185,8 +185,8 @@ class ScriptArgumentParser(HfArgumentParser):
         args = list(sys.argv[1:] if args is None else args)
         if any(getattr(t, "__name__", "") == "TrainingArguments" for t in self.dataclass_types):
             args = implied_arguments(args)
-        if kwargs.get("return_remaining_strings"):
-            return super().parse_args_into_dataclasses(args=args, **kwargs)
+        if kwargs.pop("return_remaining_strings", False):
+            return super().parse_args_into_dataclasses(args=args, return_remaining_strings=True, **kwargs)
         *parsed, remaining = super().parse_args_into_dataclasses(args=args, return_remaining_strings=True, **kwargs)
         if remaining:
             self.error(f"unrecognized arguments: {' '.join(remaining)}")
