@@ -11,6 +11,8 @@ pycocotools (through the shipped ``coco_map`` metric)::
     # the dense baseline: add --no_lors; a bigger model: --config_overrides d_model=256,encoder_layers=6
 
 Images are resized to ``--image_size`` squares (boxes are kept in relative coordinates, so they follow).
+A DETR built from a config trains its whole backbone, BatchNorm included (`train_backbone_from_scratch`);
+a checkpoint keeps DETR's frozen BatchNorm.
 Writes to ``--output_dir``: the model, ``{train,eval,all}_results.json`` (loss, mAP, AP50, ...),
 ``parameter_report.{txt,json}``; ``--push_to_hub`` uploads them.
 """
