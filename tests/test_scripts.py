@@ -367,7 +367,6 @@ def test_wrong_arguments_give_one_line(script, args, status, message, data, tiny
     assert len(lines) == 1 and message in lines[0], lines
 
 
-
 def readme_script_commands() -> list[tuple[str, list[str]]]:
     """``(script, arguments)`` of each ``python scripts/run_*.py`` command in the README (continuations joined)."""
     text = (ROOT / "README.md").read_text(encoding="utf-8").replace("\\\n", " ")
