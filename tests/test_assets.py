@@ -167,6 +167,21 @@ def test_make_detection_set(tmp_path: Path) -> None:
     assert Path(other["train"]).read_text() != Path(paths["train"]).read_text()
 
 
+def test_detection_test_split_leaves_train_and_val_unchanged(tmp_path: Path) -> None:
+    """num_test adds a held-out split with its own images; train and val stay byte for byte the same."""
+    without = assets.make_detection_set(tmp_path / "a", num_train=6, num_val=4, seed=3)
+    with_test = assets.make_detection_set(tmp_path / "b", num_train=6, num_val=4, seed=3, num_test=5)
+    assert "test" not in without
+    for split in ("train", "val"):
+        assert Path(with_test[split]).read_text() == Path(without[split]).read_text()
+    test = json.loads(Path(with_test["test"]).read_text())
+    assert len(test["images"]) == 5 and _check_coco(test, Path(with_test["images"]), 128, 10) >= 5
+    val_png = (Path(with_test["images"]) / "val_000001.png").read_bytes()
+    assert (Path(with_test["images"]) / "test_000001.png").read_bytes() != val_png
+    with pytest.raises(ValueError, match="non-negative"):
+        assets.make_detection_set(tmp_path / "c", num_train=1, num_val=1, num_test=-1)
+
+
 def test_detection_set_loads_in_pycocotools(tmp_path: Path) -> None:
     coco_mod = pytest.importorskip("pycocotools.coco")
     paths = assets.make_detection_set(tmp_path, num_train=3, num_val=2, seed=0)

@@ -52,6 +52,20 @@ def _table(section: str) -> dict[str, list[str]]:
     return rows
 
 
+def _columns(section: str) -> dict[str, dict[str, str]]:
+    """Rows of the section's markdown table keyed by variant, each a dict from column header to cell."""
+    header = next(line for line in section.splitlines() if line.startswith("| variant"))
+    names = [c.strip() for c in header.strip().strip("|").split("|")]
+    return {variant: dict(zip(names, cells, strict=True)) for variant, cells in _table(section).items()}
+
+
+DETR_FIGURES = ("val AP %", "val AP50 %", "val AP75 %", "val AR@10 %", "test AP %", "test AP50 %", "final loss")
+
+
+def _figures(row: dict[str, str]) -> list[str]:
+    return [row[name] for name in DETR_FIGURES]
+
+
 def _number(cell: str) -> float:
     match = re.search(r"[-+]?\d[\d,]*\.?\d*", cell)
     assert match, f"no number in {cell!r}"
@@ -79,15 +93,17 @@ def test_scratch_table_has_every_variant(results: Path) -> None:
 def test_detr_table_has_both_variants(results: Path) -> None:
     section = _section(results, "bench_detr")
     assert "python scripts/bench_detr.py --smoke" in section
-    rows = _table(section)
+    rows = _columns(section)
     assert set(rows) == {"dense", "lors"}
-    for name, cells in rows.items():
-        for cell in cells[5:9]:  # AP, AP50, AP75, AR@10 in percent
-            assert 0.0 <= _number(cell) <= 100.0, (name, cell)
-        assert math.isfinite(_number(cells[9])), cells[9]  # final training loss
-    decoder_change = float(re.search(r"\(([-+][\d.]+)%\)", rows["lors"][1]).group(1))
+    for name, row in rows.items():
+        for column in DETR_FIGURES[:-1]:  # val and test COCO metrics in percent
+            assert 0.0 <= _number(row[column]) <= 100.0, (name, column, row[column])
+        assert math.isfinite(_number(row["final loss"])), row["final loss"]
+        assert _number(row["peak lr"]) == 3e-4  # the smoke preset's, for both
+    decoder_change = float(re.search(r"\(([-+][\d.]+)%\)", rows["lors"]["decoder params"]).group(1))
     assert decoder_change <= -70.0
-    assert "(+0.0%)" in rows["dense"][1]
+    assert "(+0.0%)" in rows["dense"]["decoder params"]
+    assert "8 val / 8 test images" in section and re.search(r"LORS minus dense, in points: val AP .*; test AP", section)
     plots = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", section)
     assert plots and all((results.parent / plot).is_file() for plot in plots)
 
@@ -142,9 +158,9 @@ def test_detr_two_jobs_give_the_serial_figures(results: Path, tmp_path: Path) ->
     _run("bench_detr.py", "--jobs", "2", "--results-file", str(parallel_file), "--data-dir", str(tmp_path / "data"))
     section = _section(parallel_file, "bench_detr")
     assert "2 run(s) at once" in section
-    serial, parallel = _table(_section(results, "bench_detr")), _table(section)
+    serial, parallel = _columns(_section(results, "bench_detr")), _columns(section)
     for name in ("dense", "lors"):
-        assert parallel[name][5:10] == serial[name][5:10], name  # AP .. AR@10 and the final loss
+        assert _figures(parallel[name]) == _figures(serial[name]), name
 
 
 def test_detr_backbone_norm_is_trainable_by_default(results: Path, tmp_path: Path) -> None:
@@ -156,8 +172,8 @@ def test_detr_backbone_norm_is_trainable_by_default(results: Path, tmp_path: Pat
          "--data-dir", str(tmp_path / "data"))
     section = _section(frozen_file, "bench_detr_frozen_bn")
     assert "frozen-identity BatchNorm as DETR builds it" in section
-    batch, frozen = _table(_section(results, "bench_detr")), _table(section)
-    assert frozen["dense"][9] != batch["dense"][9]  # final training loss
+    batch, frozen = _columns(_section(results, "bench_detr")), _columns(section)
+    assert frozen["dense"]["final loss"] != batch["dense"]["final loss"]
 
 
 def test_detr_other_learning_rate_or_seed_writes_its_own_section(results: Path, tmp_path: Path) -> None:
@@ -169,8 +185,23 @@ def test_detr_other_learning_rate_or_seed_writes_its_own_section(results: Path, 
     text = lr_file.read_text(encoding="utf-8")
     assert "<!-- bench_detr:start -->" not in text
     section = _section(lr_file, "bench_detr_lr0.0001_seed1")
-    assert "at peak lr 0.0001, seed 1" in section and "AdamW lr 0.0001" in section
-    assert _table(section)["dense"][9] != _table(_section(results, "bench_detr"))["dense"][9]
+    assert "at peak lr 0.0001, seed 1" in section
+    rows = _columns(section)
+    assert rows["dense"]["peak lr"] == rows["lors"]["peak lr"] == "0.0001"
+    assert rows["dense"]["final loss"] != _columns(_section(results, "bench_detr"))["dense"]["final loss"]
+
+
+def test_detr_per_variant_learning_rate_changes_only_that_variant(results: Path, tmp_path: Path) -> None:
+    """--lors-lr trains LORS at its own peak lr into ``bench_detr_dense-lr<v>_lors-lr<v>``: the dense figures must be
+    the default run's, the LORS ones others."""
+    lr_file = tmp_path / "RESULTS.md"
+    _run("bench_detr.py", "--lors-lr", "3e-3", "--results-file", str(lr_file), "--data-dir", str(tmp_path / "data"))
+    section = _section(lr_file, "bench_detr_dense-lr0.0003_lors-lr0.003")
+    assert "at peak lr 0.0003 (dense) / 0.003 (lors)" in section
+    default, faster_lors = _columns(_section(results, "bench_detr")), _columns(section)
+    assert faster_lors["lors"]["peak lr"] == "0.003" and faster_lors["dense"]["peak lr"] == "0.0003"
+    assert _figures(faster_lors["dense"]) == _figures(default["dense"])
+    assert faster_lors["lors"]["final loss"] != default["lors"]["final loss"]
 
 
 def test_detr_one_variant_gives_its_figures_alone(results: Path, tmp_path: Path) -> None:
@@ -179,6 +210,6 @@ def test_detr_one_variant_gives_its_figures_alone(results: Path, tmp_path: Path)
     dense_file = tmp_path / "RESULTS.md"
     _run("bench_detr.py", "--variants", "dense", "--results-file", str(dense_file), "--data-dir", str(tmp_path / "data"))
     assert "<!-- bench_detr:start -->" not in dense_file.read_text(encoding="utf-8")
-    rows = _table(_section(dense_file, "bench_detr_dense"))
+    rows = _columns(_section(dense_file, "bench_detr_dense"))
     assert set(rows) == {"dense"}
-    assert rows["dense"][5:10] == _table(_section(results, "bench_detr"))["dense"][5:10]
+    assert _figures(rows["dense"]) == _figures(_columns(_section(results, "bench_detr"))["dense"])

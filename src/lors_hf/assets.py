@@ -501,20 +501,25 @@ def make_detection_set(
     max_objects: int = 4,
     seed: int = 0,
     num_classes: int = 10,
+    num_test: int = 0,
 ) -> dict:
     """Write a small COCO-format detection set built from real Fashion-MNIST items.
 
     Each image is a black ``canvas x canvas`` RGB PNG holding 1..``max_objects`` items of the first
     ``num_classes`` Fashion-MNIST classes, each rescaled by a random factor in [0.8, 2.0] and pasted at a
     random position without overlapping the others (an item that finds no free spot is skipped). Train
-    images use items of the official train split, val images items of the official test split.
+    images use items of the official train split, val images items of the official test split. With
+    ``num_test`` > 0 a third, held-out split ``test`` is drawn like val (official test items, its own random
+    stream): train and val are the same with or without it, so settings chosen on val can be checked on test.
 
-    Layout: ``out_dir/train.json``, ``out_dir/val.json`` and ``out_dir/images/{train,val}_NNNNNN.png``;
+    Layout: ``out_dir/train.json``, ``out_dir/val.json`` (``out_dir/test.json``) and
+    ``out_dir/images/{train,val,test}_NNNNNN.png``;
     ``file_name`` in the JSON is relative to ``out_dir/images``. ``bbox`` is ``[x, y, w, h]`` tight around
     the item's nonzero pixels; category ids are the Fashion-MNIST labels (0-based, ``0..num_classes-1``),
     image and annotation ids start at 1. Deterministic given ``seed``.
 
-    Returns ``{"train": train.json path, "val": val.json path, "images": image dir}`` (all ``str``).
+    Returns ``{"train": train.json path, "val": val.json path, "images": image dir}`` (all ``str``), plus
+    ``"test"`` when ``num_test`` > 0.
 
     Example:
         >>> paths = make_detection_set("data/fashion_detection", num_train=40, num_val=20, num_classes=5)
@@ -523,7 +528,7 @@ def make_detection_set(
     """
     if not 1 <= num_classes <= len(FASHION_MNIST_CLASSES):
         raise ValueError(f"num_classes must be in 1..{len(FASHION_MNIST_CLASSES)}, got {num_classes}")
-    if max_objects < 1 or canvas < 28 or num_train < 0 or num_val < 0:
+    if max_objects < 1 or canvas < 28 or min(num_train, num_val, num_test) < 0:
         raise ValueError("need max_objects >= 1, canvas >= 28 and non-negative image counts")
     images, labels = fashion_mnist()
     out = Path(out_dir)
@@ -533,8 +538,9 @@ def make_detection_set(
         {"id": i, "name": FASHION_MNIST_CLASSES[i], "supercategory": "fashion"} for i in range(num_classes)
     ]
     paths = {"images": str(image_dir)}
-    official = {"train": slice(0, 60_000), "val": slice(60_000, None)}
-    for offset, (split, n) in enumerate((("train", num_train), ("val", num_val))):
+    official = {"train": slice(0, 60_000), "val": slice(60_000, None), "test": slice(60_000, None)}
+    splits = (("train", num_train), ("val", num_val)) + ((("test", num_test),) if num_test else ())
+    for offset, (split, n) in enumerate(splits):  # offset keys each split's own random stream
         pool_x, pool_y = images[official[split]], labels[official[split]]
         keep = pool_y < num_classes
         rng = np.random.default_rng([seed, offset])
