@@ -490,8 +490,9 @@ def render_markdown(results: list[VariantResult], args: argparse.Namespace, data
         + (f" / {len(test.counts):,} test" if test else "")
         + f" images (128x128, 1-4 Fashion-MNIST items of 10 classes, {sum(train.counts):,} / {sum(val.counts):,}"
         + (f" / {sum(test.counts):,}" if test else "")
-        + " boxes; val and test items come from Fashion-MNIST's test split, each split from its own random stream), "
-        f"random horizontal flips. Same batches, AdamW at each variant's peak lr (in the table; weight decay "
+        + (" boxes; val and test items come from Fashion-MNIST's test split, each split from its own random stream), "
+           if test else " boxes; val items come from Fashion-MNIST's test split), ")
+        + f"random horizontal flips. Same batches, AdamW at each variant's peak lr (in the table; weight decay "
         f"{args.weight_decay}), 5% warmup then cosine to 10%, gradient "
         f"clipping {args.clip}, {args.steps} steps x {args.batch_size} images "
         f"({args.steps * args.batch_size / len(train.counts):.1f} epochs), seed {args.seed}. "
@@ -574,7 +575,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    args.lrs = {variant: getattr(args, f"{variant}_lr") or args.lr or args.lrs[variant] for variant in VARIANTS}
+    for variant in VARIANTS:  # --dense-lr / --lors-lr, else --lr, else the preset's
+        for given in (getattr(args, f"{variant}_lr"), args.lr):
+            if given is not None:
+                args.lrs = {**args.lrs, variant: given}
+                break
     if min(args.lrs.values()) <= 0 or args.num_test < 0:
         parser.error(f"learning rates must be > 0 and --num-test >= 0, got lrs {args.lrs}, --num-test {args.num_test}")
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -204,6 +204,13 @@ def test_detr_per_variant_learning_rate_changes_only_that_variant(results: Path,
     assert faster_lors["lors"]["final loss"] != default["lors"]["final loss"]
 
 
+@pytest.mark.parametrize("flag", ["--lr", "--dense-lr", "--lors-lr"])
+def test_detr_rejects_a_learning_rate_that_is_not_positive(flag: str) -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_detr.py"), "--smoke", flag, "0"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "learning rates must be > 0" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_detr_one_variant_gives_its_figures_alone(results: Path, tmp_path: Path) -> None:
     """--variants dense trains only the dense model, with the figures it has in the run of both, into its own
     section."""
