@@ -10,8 +10,9 @@ optimiser and schedule (each at its own peak learning rate), then scored by COCO
 chosen by validation AP, so the test split is the unbiased check.
 
 Data: ``lors_hf.assets.make_detection_set`` pastes 1-4 real Fashion-MNIST items (10 classes) on black
-128x128 canvases and writes COCO json + PNGs for train, val and test (cached under ``--data-dir``). Training uses a plain tensor
-pipeline (random horizontal flips), and DETR's own loss (Hungarian matching, auxiliary decoder losses).
+128x128 canvases and writes COCO json + PNGs for train, val and test (cached under ``--data-dir``).
+Training uses a plain tensor pipeline (random horizontal flips), and DETR's own loss (Hungarian matching,
+auxiliary decoder losses).
 
 Usage:
     HF_HUB_OFFLINE=1 python scripts/bench_detr.py                      # CPU default (~30 min, 2 runs at once)
