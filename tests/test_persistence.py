@@ -25,6 +25,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 from tiny_models import FAMILIES, build, main_output
 
+import lors_hf
 from lors_hf import LorsConfig, is_lorsified, lorsify, merge_and_unload, parameter_report
 from lors_hf.layer import LorsLinear
 from lors_hf.persistence import GUARD_MESSAGE, GUARD_NOTICE_KEY, guard_key
@@ -555,3 +556,59 @@ def test_save_into_an_existing_folder(tmp_path):
     assert torch.equal(output(load(folder), inputs), output(first, inputs))
     assert {name: (folder / name).read_bytes() for name in others} == others
     assert staging_leftovers(folder) == []
+
+
+# ------------------------------------------------------------------------- another class, from_config
+
+
+@pytest.mark.parametrize(("saved_class", "loaded_class", "base"), [
+    ("BertModel", "BertForSequenceClassification", "bert"),
+    ("BertForSequenceClassification", "BertModel", "bert"),
+    ("GPT2LMHeadModel", "GPT2Model", "transformer"),
+    ("GPT2Model", "GPT2LMHeadModel", "transformer"),
+])
+def test_checkpoint_reloads_into_the_bare_model_or_one_with_a_head(saved_class, loaded_class, base, tmp_path):
+    """transformers loads a bare model's weights into a model with a head and back; a LORS checkpoint too."""
+    family = "bert" if base == "bert" else "gpt2"
+    tiny, inputs = build(family)
+    model = getattr(transformers, saved_class)(tiny.config).eval()
+    lorsify(model, LorsConfig(rank=list(RANKS), init="svd"))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = getattr(transformers, loaded_class).from_pretrained(tmp_path / "ckpt").eval()
+    assert is_lorsified(loaded)
+    bare = [m if not hasattr(m, base) else getattr(m, base) for m in (model, loaded)]
+    with torch.no_grad(), one_thread():
+        expected, got = (m(input_ids=inputs["input_ids"]).last_hidden_state for m in bare)
+    assert torch.equal(got, expected)
+    ranks = [m.lors_A.shape[0] for m in bare[1].modules() if isinstance(m, LorsLinear)]
+    assert sorted(set(ranks)) == RANKS
+
+
+def test_model_built_from_a_lors_config_refuses_to_save_with_dense_layers(tmp_path):
+    model, _ = perturbed_lors_model("bert")
+    model.save_pretrained(tmp_path / "ckpt")
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "ckpt")
+    dense = transformers.AutoModelForSequenceClassification.from_config(config)  # dense layers, lors_config kept
+    assert not is_lorsified(dense)
+    with pytest.raises(ValueError, match="has a lors_config but dense layers"):
+        dense.save_pretrained(tmp_path / "dense")
+    assert not (tmp_path / "dense").exists()
+    lorsify(dense, lors_hf.get_lors_config(dense))  # what the message says: the same LORS structure
+    assert sorted({m.lors_A.shape[0] for m in dense.modules() if isinstance(m, LorsLinear)}) == RANKS
+
+
+def test_resaving_refreshes_our_model_card_and_keeps_a_users(tmp_path):
+    folder = tmp_path / "ckpt"
+    small, _ = perturbed_lors_model("bert", ranks=[1, 1, 1])
+    small.save_pretrained(folder)
+    larger, _ = perturbed_lors_model("bert", ranks=[3, 3, 3])
+    larger.save_pretrained(folder)
+    card = (folder / "README.md").read_text()
+    assert f"{parameter_report(larger).total.lors:,}" in card
+    assert f"{parameter_report(small).total.lors:,}" not in card
+    (folder / "README.md").write_text("# my own card\n")
+    small.save_pretrained(folder)
+    assert (folder / "README.md").read_text() == "# my own card\n"

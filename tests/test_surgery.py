@@ -417,3 +417,44 @@ def test_empty_calibration_data_is_refused():
     with pytest.raises(ValueError, match="calibration_data is empty"):
         lorsify(model, rank=2, init="svd", calibration_data=[])
     assert not is_lorsified(model)
+
+
+def test_lorsify_leaves_a_model_built_from_the_same_config_dense(tmp_path):
+    """Two models built from one config object share it; lorsify must not make the other one "LORS"."""
+    config = tf.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                           intermediate_size=64)
+    dense, lors = tf.BertForSequenceClassification(config), tf.BertForSequenceClassification(config)
+    lorsify(lors, rank=2)
+    assert getattr(config, "lors_config", None) is None and getattr(dense.config, "lors_config", None) is None
+    assert lors.bert.config is lors.config and lors.config.lors_config is not None  # submodules see the copy
+    assert not is_lorsified(dense)
+    lorsify(dense, rank=2)  # not "already a LORS model"
+    dense.save_pretrained(tmp_path / "a")
+
+
+@pytest.mark.parametrize("where", ["initialisation", "calibration"])
+def test_failed_lorsify_leaves_the_dense_model_untouched(where, monkeypatch):
+    import lors_hf.calibration
+    import lors_hf.surgery
+
+    model, inputs = build("bert")
+    expected = main_output(model(**inputs)).detach()
+    names = sorted(name for name, _ in model.named_modules())
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    kwargs = {}
+    if where == "initialisation":
+        monkeypatch.setattr(lors_hf.surgery, "_initialise", fail)
+    else:
+        monkeypatch.setattr(lors_hf.calibration, "decompose", fail)
+        kwargs = {"calibration_data": [inputs], "init": "svd"}
+    with pytest.raises(RuntimeError, match="out of memory"):
+        lorsify(model, rank=2, **kwargs)
+    assert not is_lorsified(model) and getattr(model.config, "lors_config", None) is None
+    assert sorted(name for name, _ in model.named_modules()) == names
+    assert torch.equal(main_output(model(**inputs)), expected)
+    monkeypatch.undo()
+    lorsify(model, rank=2, **kwargs)  # and it can be converted afterwards
+    assert is_lorsified(model)

@@ -18,7 +18,7 @@ Mechanism (installed when ``lors_hf`` is imported; no model class changes, no re
   before lists that key, which tells the reader to install and import lors_hf. The save goes to a
   temporary folder first and only replaces files of an existing checkpoint once it has fully
   succeeded (other files in the folder, e.g. a tokenizer's, are kept); a model card (README.md) is
-  added unless the folder already has one.
+  written unless the folder already has one that lors_hf did not write.
 - ``load_state_dict`` of a LORS model drops the two guard tensors, so a strict
   ``model.load_state_dict(safetensors.torch.load_file(...))`` and Trainer's resume see exactly the
   model's own keys.
@@ -35,6 +35,7 @@ State-dict layout of a LORS model (stable, versioned by ``LorsConfig.format_vers
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -42,7 +43,7 @@ import re
 import shutil
 import tempfile
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,21 +86,45 @@ def lors_parameter_names(model: torch.nn.Module) -> set[str]:
     return names
 
 
+def _naming_roots(model: PreTrainedModel) -> list[torch.nn.Module]:
+    """The views of `model` under which a saved plan may name its modules.
+
+    A plan names modules as the class that saved it saw them: ``bert.encoder.layer...`` for a model with a
+    head, ``encoder.layer...`` for the bare ``BertModel``. Loading into the other kind of class (which
+    transformers allows, moving the weights' ``base_model_prefix`` for them) needs the other view: the
+    bare model inside a head model, or the bare model seen under its prefix.
+    """
+    roots: list[torch.nn.Module] = [model]
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix and isinstance(getattr(model, prefix, None), torch.nn.Module):
+        roots.append(getattr(model, prefix))
+    elif prefix:
+        holder = torch.nn.Module()
+        holder.add_module(prefix, model)
+        roots.append(holder)
+    return roots
+
+
 def _prepare_lors_structure(model: PreTrainedModel) -> None:
     """Rebuild the LORS layers that ``model.config.lors_config`` describes (load time, before weights)."""
-    if getattr(model.config, "lors_config", None) is None or any(isinstance(m, LorsLinear) for m in model.modules()):
+    if getattr(model.config, "lors_config", None) is None or is_lorsified(model):
         return
     config = get_lors_config(model)
-    try:
-        stacks = plan_ranks(model, config)
-    except ValueError as err:
+    errors = []
+    for root in _naming_roots(model):
+        try:
+            stacks = plan_ranks(root, config)
+            break
+        except ValueError as err:
+            errors.append(err)
+    else:
         raise ValueError(
-            f"This checkpoint's lors_config does not fit {type(model).__name__}: {err} "
+            f"This checkpoint's lors_config does not fit {type(model).__name__}: {errors[0]} "
             "(was config.json edited, or is it loaded into another architecture?)"
         ) from None
-    build_lors_layers(model, stacks)
+    build_lors_layers(root, stacks)
     ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
-    ignore.update("^" + re.escape(key) + "$" for key in guard_tensors(model))
+    ignore.update("^" + re.escape(key) + "$" for view in (model, root) for key in guard_tensors(view))
     model._keys_to_ignore_on_load_unexpected = ignore
 
 
@@ -200,8 +225,55 @@ def _weight_files(variant: str | None) -> re.Pattern:
                       rf"|model\.safetensors\.index{re.escape(suffix)}\.json")
 
 
+@contextlib.contextmanager
+def staged_save(save_directory: str | os.PathLike, variant: str | None = None) -> Iterator[Path]:
+    """A temporary folder to write a checkpoint into, whose files replace those of `save_directory` only once
+    the block has succeeded; on failure `save_directory` is left exactly as it was.
+
+    Files of `save_directory` that the new checkpoint does not write (a tokenizer's) are kept, except weight
+    files of the same `variant` that it no longer has (old shards).
+
+    Example:
+        >>> # with staged_save("out/model") as folder: model.save_pretrained(folder)
+    """
+    target = Path(save_directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+    try:
+        yield staging
+        target.mkdir(exist_ok=True)
+        weight_files = _weight_files(variant)
+        stale = [p for p in target.iterdir() if weight_files.fullmatch(p.name) and not (staging / p.name).exists()]
+        # New weights first, then old shards out, config.json last: an interruption in between leaves
+        # the old config with the new weights, which loading checks against each other.
+        config = staging / "config.json"
+        for path in staging.iterdir():
+            if path != config:
+                os.replace(path, target / path.name)
+        for old in stale:
+            old.unlink()
+        if config.exists():
+            os.replace(config, target / config.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _is_lors_model_card(path: Path) -> bool:
+    """True for a README.md that `write_model_card` wrote (its YAML metadata has the ``lors-hf`` tag)."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    metadata = text.split("\n---", 1)[0] if text.startswith("---") else ""
+    return "\n- lors-hf\n" in metadata + "\n"
+
+
 def _save_lors_pretrained(original, self: PreTrainedModel, save_directory, *args: Any, **kwargs: Any):
     if not is_lorsified(self):
+        if getattr(self.config, "lors_config", None) is not None:
+            raise ValueError(
+                f"save_pretrained: this {type(self).__name__} has a lors_config but dense layers (a model built "
+                "with from_config or the class itself from a LORS checkpoint's config); its checkpoint would not "
+                "load. Build the LORS layers with lors_hf.lorsify(model, lors_hf.get_lors_config(model)), or save "
+                "it as a dense model after `del model.config.lors_config`."
+            )
         return original(self, save_directory, *args, **kwargs)
     if args:  # e.g. save_pretrained(path, True): bind by name so the LORS handling still applies
         names = list(inspect.signature(original).parameters)[2:2 + len(args)]
@@ -223,27 +295,10 @@ def _save_lors_pretrained(original, self: PreTrainedModel, save_directory, *args
     state_dict.update(guard_tensors(self))
     kwargs["state_dict"] = state_dict
     target = Path(save_directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
-    try:
+    with staged_save(target, kwargs.get("variant")) as staging:
         result = original(self, staging, **kwargs)
-        if not (target / MODEL_CARD).exists():
+        if not (target / MODEL_CARD).exists() or _is_lors_model_card(target / MODEL_CARD):
             write_model_card(self, staging, repo_id=repo_id or os.fspath(save_directory))
-        target.mkdir(exist_ok=True)
-        weight_files = _weight_files(kwargs.get("variant"))
-        stale = [p for p in target.iterdir() if weight_files.fullmatch(p.name) and not (staging / p.name).exists()]
-        # New weights first, then old shards out, config.json last: an interruption in between leaves
-        # the old config with the new weights, which loading checks against each other.
-        config = staging / "config.json"
-        for path in staging.iterdir():
-            if path != config:
-                os.replace(path, target / path.name)
-        for old in stale:
-            old.unlink()
-        if config.exists():
-            os.replace(config, target / config.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     if push:
         self.push_to_hub(repo_id or target.name, token=kwargs.get("token"),
                          max_shard_size=kwargs.get("max_shard_size", "50GB"), **hub_options)

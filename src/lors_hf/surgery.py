@@ -8,6 +8,7 @@ The flow: `LorsConfig` -> `discovery.plan_ranks` (stacks, groups, ranks) -> `bui
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -27,9 +28,11 @@ SHARED_CONTAINER = "lors_shared"
 
 
 def is_lorsified(model: nn.Module) -> bool:
-    """True when `model` carries LORS layers or a ``lors_config``."""
-    config = getattr(model, "config", None)
-    return getattr(config, "lors_config", None) is not None or any(isinstance(m, LorsLinear) for m in model.modules())
+    """True when `model` holds LORS layers.
+
+    A ``lors_config`` alone does not count: ``from_config`` of a LORS checkpoint's config builds dense layers.
+    """
+    return any(isinstance(m, LorsLinear) for m in model.modules())
 
 
 def get_lors_config(model: nn.Module) -> LorsConfig | None:
@@ -91,25 +94,52 @@ def lorsify(
             "(init='scratch' starts every layer equal to the shared weight and ignores data)."
         )
     stacks = plan_ranks(model, config)
-    if calibration_data is not None:
-        from .calibration import convert_with_calibration
-
-        convert_with_calibration(model, stacks, config, calibration_data)
-        model.config.lors_config = resolved_config(config, stacks).to_dict()
-        return model
     dense_layers = {
         (stack.name, group.relative_name): [stack.blocks[i].get_submodule(group.relative_name) for i in group.layer_indices]
         for stack in stacks for group in stack.groups
     }
-    build_lors_layers(model, stacks)
-    with torch.no_grad():
-        for stack in stacks:
-            for group in stack.groups:
-                dense = dense_layers[(stack.name, group.relative_name)]
-                lors = [stack.blocks[i].get_submodule(group.relative_name) for i in group.layer_indices]
-                _initialise(dense=dense, lors=lors, ranks=group.ranks, config=config)
+    try:
+        if calibration_data is not None:
+            from .calibration import convert_with_calibration
+
+            convert_with_calibration(model, stacks, config, calibration_data)
+        else:
+            build_lors_layers(model, stacks)
+            with torch.no_grad():
+                for stack in stacks:
+                    for group in stack.groups:
+                        dense = dense_layers[(stack.name, group.relative_name)]
+                        lors = [stack.blocks[i].get_submodule(group.relative_name) for i in group.layer_indices]
+                        _initialise(dense=dense, lors=lors, ranks=group.ranks, config=config)
+    except BaseException:
+        _restore_dense_layers(model, stacks, dense_layers)  # never leave a half-converted model behind
+        raise
+    _own_config(model)
     model.config.lors_config = resolved_config(config, stacks).to_dict()
     return model
+
+
+def _restore_dense_layers(model: nn.Module, stacks: list[Stack], dense_layers: dict[tuple[str, str], list[nn.Module]]) -> None:
+    """Undo a failed `lorsify`: the dense modules back in place, the shared-weight containers gone."""
+    for stack in stacks:
+        for group in stack.groups:
+            for index, dense in zip(group.layer_indices, dense_layers[(stack.name, group.relative_name)], strict=True):
+                _set_module(stack.blocks[index], group.relative_name, dense)
+        parent = model.get_submodule(stack.parent_name) if stack.parent_name else model
+        parent._modules.pop(SHARED_CONTAINER, None)
+
+
+def _own_config(model: nn.Module) -> None:
+    """Give `model` its own copy of its config (and its submodules the matching copies) before
+    ``lors_config`` is written: models built from one config object share it, and a dense sibling must not
+    become a "LORS" model."""
+    memo: dict[int, Any] = {}
+    config = copy.deepcopy(model.config, memo)
+    for module in model.modules():
+        current = module.__dict__.get("config")
+        if current is not None and id(current) in memo:
+            module.config = memo[id(current)]
+    model.config = config
 
 
 def resolved_config(config: LorsConfig, stacks: list[Stack]) -> LorsConfig:
