@@ -97,3 +97,20 @@ def test_the_sequential_round_brings_the_outputs_closer_to_the_dense_model(famil
         convert_with_calibration(model, plan_ranks(model, config), config, batches, rounds=rounds)
         errors[rounds] = sum((_outputs(model, b) - _outputs(dense, b)).pow(2).mean().item() for b in batches)
     assert errors[2] < errors[1]
+
+
+def test_a_few_calibration_tokens_convert_without_a_factorisation_error():
+    """Three tokens give a centred covariance that float rounding can leave indefinite (Cholesky failed on it)."""
+    for ids in (torch.tensor([[2, 1, 3]]), torch.tensor([2, 1, 3, 5])):  # 2-D, and one unbatched 1-D sequence
+        model, inputs = build("bert")
+        lorsify(model, rank=2, init="svd", calibration_data=[ids])
+        assert torch.isfinite(_outputs(model, inputs)).all()
+
+
+@pytest.mark.parametrize("batch", [torch.rand(2, 7), torch.randint(500, 600, (2, 7)),
+                                   {"attention_mask": torch.ones(2, 7, dtype=torch.long)}])
+def test_calibration_data_the_model_cannot_run_is_a_value_error(batch):
+    model, inputs = build("bert")
+    with pytest.raises(ValueError, match="could not run calibration batch 0"):
+        lorsify(model, rank=2, init="svd", calibration_data=[batch])
+    assert getattr(model.config, "lors_config", None) is None

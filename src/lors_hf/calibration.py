@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .config import LorsConfig
-from .conversion import decompose, fit_private
+from .conversion import decompose, fit_private, positive_definite
 from .discovery import Stack, dense_weight
 
 DEFAULT_DAMPING = 0.3
@@ -123,7 +123,14 @@ def collect_input_statistics(
             for batch in calibration_data:
                 inputs = _model_inputs(batch, device, model)
                 mask_holder["mask"] = inputs.get("attention_mask")
-                model(**inputs)
+                try:
+                    model(**inputs)
+                except (RuntimeError, IndexError, ValueError, TypeError) as err:
+                    raise ValueError(
+                        f"calibration: {type(model).__name__} could not run calibration batch {batches}: {err} "
+                        "(calibration_data must hold the model's own inputs: integer input_ids of its vocabulary, "
+                        "or dicts of its keyword inputs)"
+                    ) from err
                 batches += 1
     finally:
         for handle in hooks:
@@ -181,7 +188,7 @@ def calibrated_targets(
         covariance = covariance - statistics.mean.double()[:, :, None] * statistics.mean.double()[:, None, :]
     eye = torch.eye(covariance.shape[-1], dtype=covariance.dtype, device=covariance.device)
     scale = covariance.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
-    covariance = covariance + damping * scale[:, None, None] * eye
+    covariance = positive_definite(covariance + damping * scale[:, None, None] * eye)
     if statistics.cross_moment is None:
         return weights, covariance.float()
     cross = statistics.cross_moment.double()
@@ -449,6 +456,9 @@ def _model_inputs(batch: Any, device: torch.device, model: nn.Module | None = No
         raise TypeError(
             f"calibration_data must yield dicts of model inputs or tensors of input_ids, got {type(batch).__name__}."
         )
+    ids = inputs.get("input_ids")
+    if isinstance(ids, torch.Tensor) and ids.dim() == 1:  # one unbatched sequence (as a tokenizer gives it)
+        inputs = {k: v[None] if isinstance(v, torch.Tensor) and v.dim() == 1 else v for k, v in inputs.items()}
     if model is not None and "use_cache" in inspect.signature(model.forward).parameters:
         inputs.setdefault("use_cache", False)
     return inputs

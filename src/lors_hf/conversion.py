@@ -15,6 +15,33 @@ from __future__ import annotations
 
 import torch
 
+POSITIVE_DEFINITE_FLOOR = 1e-3
+"""Smallest eigenvalue, relative to the largest, that `positive_definite` lifts a failing covariance to."""
+
+
+def positive_definite(covariances: torch.Tensor, floor: float = POSITIVE_DEFINITE_FLOOR) -> torch.Tensor:
+    """``(N, d, d)`` covariances in float64 that a Cholesky factorisation accepts.
+
+    Each one already positive definite is returned as it is; any other (a centred covariance of a few
+    calibration tokens can be slightly indefinite from float rounding) is symmetrised and its eigenvalues
+    raised to `floor` times its largest.
+
+    Example:
+        >>> c = torch.tensor([[[1.0, 1.0], [1.0, 1.0 - 1e-9]]])  # indefinite by rounding
+        >>> bool(torch.linalg.cholesky_ex(positive_definite(c)).info.eq(0).all())
+        True
+    """
+    covariances = covariances.double()
+    failed = torch.linalg.cholesky_ex(covariances).info != 0
+    if not failed.any():
+        return covariances
+    symmetric = (covariances[failed] + covariances[failed].mT) / 2
+    values, vectors = torch.linalg.eigh(symmetric)
+    values = values.clamp_min(values.amax(-1, keepdim=True).clamp_min(1e-12) * floor)
+    covariances = covariances.clone()
+    covariances[failed] = (vectors * values[..., None, :]) @ vectors.mT
+    return covariances
+
 
 def decompose(
     weights: torch.Tensor,
@@ -51,7 +78,7 @@ def decompose(
         covariance = input_covariances.detach().double()
         eye = torch.eye(covariance.shape[-1], device=covariance.device, dtype=covariance.dtype)
         scale = covariance.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
-        covariance = covariance + damping * scale[:, None, None] * eye
+        covariance = positive_definite(covariance + damping * scale[:, None, None] * eye)
         chol = torch.linalg.cholesky(covariance).float()
         shared = _weighted_mean(weights, covariance)
     else:
@@ -87,7 +114,7 @@ def fit_private(
         >>> bool(torch.allclose(b @ a, w[0], atol=1e-5))
         True
     """
-    chol = None if input_covariances is None else torch.linalg.cholesky(input_covariances.double()).float()
+    chol = None if input_covariances is None else torch.linalg.cholesky(positive_definite(input_covariances)).float()
     return _best_residuals(targets.detach().float(), shared.detach().float(), ranks, chol)
 
 
