@@ -118,6 +118,8 @@ def test_report_of_a_dense_checkpoint(dense_dir, capsys):
         (["convert", "{dense}", "{tmp}/out", "--rank", "-1"], 2, "invalid rank -1"),
         (["convert", "{dense}", "{tmp}/out", "--rank", "4", "--target-reduction", "0.5"], 2, "not allowed with"),
         (["convert", "{dense}", "{tmp}/out", "--calibration-file", "{tmp}/none.txt"], 1, "no such file"),
+        (["convert", "{dense}", "{tmp}/out", "--calibration-samples", "0"], 2, "invalid count 0"),
+        (["convert", "{dense}", "{tmp}/out", "--max-length", "-3"], 2, "invalid count -3"),
         (["convert", "{dense}", "{dense}"], 1, "must differ from the input"),
         (["merge", "{dense}", "{tmp}/out"], 1, "not a LORS checkpoint"),
         (["report", "{tmp}"], 1, "no config.json"),
@@ -130,6 +132,20 @@ def test_wrong_arguments_give_one_line(args, status, message, dense_dir, tmp_pat
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+def test_failed_merge_writes_nothing(dense_dir, tmp_path, capsys, monkeypatch):
+    """A merge whose save fails (disk full) leaves no output folder behind, not a config without weights."""
+    assert run_cli("convert", dense_dir, tmp_path / "lors", "--rank", "2") == 0
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tf.modeling_utils, "safe_save_file", disk_full)
+    assert run_cli("merge", tmp_path / "lors", tmp_path / "out") == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_convert_refuses_a_lors_checkpoint(dense_dir, tmp_path, capsys):

@@ -76,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--exclude-modules", default=None, help="comma-separated projection names to keep dense")
     convert.add_argument("--calibration-file", default=None,
                          help="data-aware conversion: a text file, one sample per line (needs the model's tokenizer)")
-    convert.add_argument("--calibration-samples", type=int, default=128, help="lines of it to use (default 128)")
-    convert.add_argument("--max-length", type=int, default=128, help="tokens per calibration sample (default 128)")
+    convert.add_argument("--calibration-samples", type=_positive_int, default=128, help="lines of it to use (default 128)")
+    convert.add_argument("--max-length", type=_positive_int, default=128,
+                         help="tokens per calibration sample (default 128)")
     convert.set_defaults(handler=_convert)
 
     report = commands.add_parser("report", help="parameter report of a dense or LORS checkpoint directory")
@@ -123,6 +124,16 @@ def _rank(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"invalid rank {text!r}: an int >= 0 or 'full'") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"invalid rank {value}: must be >= 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: an int >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid count {value}: must be >= 1")
     return value
 
 
@@ -298,6 +309,7 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _merge(args: argparse.Namespace) -> None:
+    from .persistence import staged_save
     from .surgery import is_lorsified, merge_and_unload
 
     _check_source(args.model)
@@ -309,7 +321,8 @@ def _merge(args: argparse.Namespace) -> None:
     output = Path(args.output).expanduser()
     with _guard("merge"):
         merge_and_unload(model)
-        model.save_pretrained(output)
+        with staged_save(output) as staging:  # a failed save leaves `output` as it was
+            model.save_pretrained(staging)
         copied = _copy_auxiliary_files(args.model, output)
     print(f"dense checkpoint ({type(model).__name__}, {model.num_parameters():,} parameters) written to {output}; "
           "stock transformers loads it without lors_hf" + (f" (copied {', '.join(copied)})" if copied else ""))
