@@ -115,26 +115,22 @@ def main(argv: list[str] | None = None) -> int:
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def _rank(text: str) -> int | str:
-    if text == "full":
-        return text
+def _int_at_least(text: str, minimum: int, what: str, alternative: str = "") -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid rank {text!r}: an int >= 0 or 'full'") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"invalid rank {value}: must be >= 0")
+        raise argparse.ArgumentTypeError(f"invalid {what} {text!r}: an int >= {minimum}{alternative}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"invalid {what} {value}: must be >= {minimum}")
     return value
+
+
+def _rank(text: str) -> int | str:
+    return text if text == "full" else _int_at_least(text, 0, "rank", alternative=" or 'full'")
 
 
 def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid count {text!r}: an int >= 1") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid count {value}: must be >= 1")
-    return value
+    return _int_at_least(text, 1, "count")
 
 
 def _names(text: str | None) -> list[str] | None:
