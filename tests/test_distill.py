@@ -108,7 +108,9 @@ def test_task_loss_and_evaluation_with_a_classifier(tmp_path):
     trainer.train()
     assert any("distill_task" in entry for entry in trainer.state.log_history)
     metrics = trainer.evaluate()
-    assert metrics["eval_loss"] > 0
+    # evaluation reports the student's own loss, as a plain Trainer does (not the distillation objective)
+    plain = tf.Trainer(model=student, args=_args(tmp_path, steps=10), eval_dataset=train.select(range(16)))
+    assert metrics["eval_loss"] == pytest.approx(plain.evaluate()["eval_loss"], rel=1e-6)
     predictions = trainer.predict(train.select(range(8)))
     assert predictions.predictions.shape == (8, 2)  # logits only: the hidden states are not returned
 
@@ -134,3 +136,43 @@ def test_invalid_settings_are_refused(tmp_path):
         DistillationTrainer(model=student, args=_args(tmp_path), teacher_model=teacher, temperature=0)
     with pytest.raises(ValueError, match="alphas"):
         DistillationTrainer(model=student, args=_args(tmp_path), teacher_model=teacher, alpha_kl=0, alpha_hidden=0)
+
+
+def test_encoder_decoder_outputs_are_masked_with_the_decoder_mask():
+    """Decoder logits are masked by the decoder's mask (or labels != -100), not by the encoder's."""
+    logits = torch.randn(2, 5, 7)
+    teacher = {"logits": logits, "encoder_last_hidden_state": torch.randn(2, 9, 4)}
+    changed = logits.clone()
+    changed[1, 3:] += 10 * torch.randn(2, 7)  # decoder padding of sequence 1 differs
+    student = {"logits": changed, "encoder_last_hidden_state": torch.randn(2, 9, 4)}
+    encoder_mask = torch.ones(2, 9, dtype=torch.long)
+    decoder_mask = torch.ones(2, 5, dtype=torch.long)
+    decoder_mask[1, 3:] = 0
+    kl = distillation_losses(student, teacher, encoder_mask, use_hidden=False, decoder_attention_mask=decoder_mask)
+    assert float(kl["kl"]) == pytest.approx(0.0, abs=1e-7)
+    unmasked = distillation_losses(student, teacher, encoder_mask, use_hidden=False)
+    assert float(unmasked["kl"]) > 0.01
+
+
+def test_a_teacher_of_another_width_needs_alpha_hidden_zero():
+    student = {"last_hidden_state": torch.randn(2, 5, 32)}
+    teacher = {"last_hidden_state": torch.randn(2, 5, 64)}
+    with pytest.raises(ValueError, match="another width needs alpha_hidden=0"):
+        distillation_losses(student, teacher)
+
+
+def test_teacher_runs_under_the_students_mixed_precision(tmp_path):
+    student, teacher = _student_and_teacher("llama")
+    seen = {}
+
+    def record(name):
+        def hook(_module, _args):
+            seen.setdefault(name, torch.is_autocast_enabled("cpu"))
+        return hook
+
+    student.model.layers[0].register_forward_pre_hook(record("student"))
+    teacher.model.layers[0].register_forward_pre_hook(record("teacher"))
+    trainer = DistillationTrainer(model=student, args=_args(tmp_path, steps=1, bf16=True),
+                                  train_dataset=_token_dataset(99), teacher_model=teacher)
+    trainer.train()
+    assert seen == {"student": True, "teacher": True}

@@ -356,6 +356,11 @@ def test_push_to_hub(data, tiny_bert, tmp_path, local_hub):
         ("run_detection", ["--train_annotation_file", "{data}/rotten_tomatoes/train.csv"], 1, "expected a .json"),
         ("run_detection", ["--train_file", "{data}/fashion_detection/train.json"], 2,
          "unrecognized arguments: --train_file"),
+        ("run_clm", ["--train_file", "{data}/shakespeare/train.txt", "--distill", "--distill_temperature", "0"], 2,
+         "--distill_temperature must be > 0"),
+        ("run_classification", ["--train_file", "{data}/rotten_tomatoes/train.csv", "--distill",
+                                "--distill_alpha_kl", "0", "--distill_alpha_hidden", "0", "--distill_alpha_task", "0"],
+         2, "must be >= 0 and not all 0"),
     ],
 )
 def test_wrong_arguments_give_one_line(script, args, status, message, data, tiny_bert, tmp_path, capsys):

@@ -7,7 +7,10 @@
   + alpha_task * the student's own loss (needs labels)
 
 where ``norm`` is a LayerNorm without parameters over the hidden dimension, so every layer counts alike
-whatever the scale of its activations. Padding (``attention_mask == 0``) is left out of both terms.
+whatever the scale of its activations. Padding (``attention_mask == 0``; for an encoder-decoder's decoder
+outputs ``decoder_attention_mask == 0``, else ``labels == -100``) is left out of both terms. The teacher
+runs under the same mixed precision as the student. In evaluation the loss is the student's own, as with
+a plain Trainer, so ``eval_loss`` (and a perplexity from it) compares with the dense model's.
 A model without logits (``BertModel``) is distilled on its hidden states (``last_hidden_state`` when it
 returns no ``hidden_states``).
 
@@ -42,8 +45,9 @@ class DistillationTrainer(Trainer):
         alpha_hidden: weight of the normalised MSE between the hidden states of student and teacher.
         alpha_task: weight of the student's own loss (``outputs.loss``; the batch needs ``labels``).
 
-    The logged ``loss`` is the weighted sum; ``distill_kl``, ``distill_hidden`` and ``distill_task``
-    (the unweighted terms, averaged since the last log) are logged next to it.
+    The logged training ``loss`` is the weighted sum; ``distill_kl``, ``distill_hidden`` and ``distill_task``
+    (the unweighted terms, averaged since the last log) are logged next to it. ``evaluate()`` reports the
+    student's own loss (``eval_loss``), like a plain Trainer.
 
     Example:
         >>> # trainer = DistillationTrainer(model=student, args=args, train_dataset=train,
@@ -84,6 +88,9 @@ class DistillationTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        if not model.training:  # evaluation: the model's own loss, comparable with the dense model's
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
         use_hidden = self.alpha_hidden > 0
         student_inputs = dict(inputs)
         if self.alpha_task == 0:
@@ -92,7 +99,7 @@ class DistillationTrainer(Trainer):
         if use_hidden:
             student_inputs["output_hidden_states"] = teacher_inputs["output_hidden_states"] = True
         student_outputs = model(**student_inputs)
-        with torch.no_grad():
+        with torch.no_grad(), self.accelerator.autocast():  # the student's forward runs under it too
             self.teacher_model.eval()
             teacher_outputs = self.teacher_model(**teacher_inputs)
         task_loss = None
@@ -102,7 +109,8 @@ class DistillationTrainer(Trainer):
                 raise ValueError("DistillationTrainer: alpha_task > 0 but the student returned no loss; "
                                  "does the dataset have a `labels` column?")
         terms = distillation_losses(student_outputs, teacher_outputs, inputs.get("attention_mask"),
-                                    self.temperature, use_hidden=use_hidden)
+                                    self.temperature, use_hidden=use_hidden,
+                                    decoder_attention_mask=_decoder_mask(inputs))
         loss = None
         for weight, term in ((self.alpha_kl, terms.get("kl")), (self.alpha_hidden, terms.get("hidden")),
                              (self.alpha_task, task_loss)):
@@ -134,12 +142,15 @@ def distillation_losses(
     attention_mask: torch.Tensor | None = None,
     temperature: float = 2.0,
     use_hidden: bool = True,
+    decoder_attention_mask: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The unweighted distillation terms ``{"kl": ..., "hidden": ...}`` (a term is absent when it cannot apply).
 
     ``kl``: ``T^2 * KL(teacher || student)`` of the temperature-scaled logits, averaged over positions.
     ``hidden``: mean over layers of the MSE between parameter-free-LayerNormed hidden states
     (``hidden_states`` past the embeddings when both models return them, else ``last_hidden_state``).
+    Positions where the mask is 0 are left out: `attention_mask` for an encoder or decoder-only model,
+    `decoder_attention_mask` for the logits and decoder states of an encoder-decoder.
 
     Example:
         >>> from types import SimpleNamespace
@@ -148,6 +159,8 @@ def distillation_losses(
         0.0
     """
     terms: dict[str, torch.Tensor] = {}
+    if _get(student_outputs, "encoder_last_hidden_state") is not None:  # decoder positions: the decoder's mask
+        attention_mask = decoder_attention_mask
     student_logits, teacher_logits = _get(student_outputs, "logits"), _get(teacher_outputs, "logits")
     if isinstance(student_logits, torch.Tensor) and isinstance(teacher_logits, torch.Tensor):
         if student_logits.shape != teacher_logits.shape:
@@ -162,6 +175,10 @@ def distillation_losses(
         if student_hidden and teacher_hidden:
             if len(student_hidden) != len(teacher_hidden):  # different depths: match the last states only
                 student_hidden, teacher_hidden = student_hidden[-1:], teacher_hidden[-1:]
+            if student_hidden[-1].shape != teacher_hidden[-1].shape:
+                raise ValueError(f"distillation: student hidden states {tuple(student_hidden[-1].shape)} and teacher "
+                                 f"hidden states {tuple(teacher_hidden[-1].shape)} differ; a teacher of another "
+                                 "width needs alpha_hidden=0 (logits only).")
             per_layer = []
             for s, t in zip(student_hidden, teacher_hidden, strict=True):
                 s, t = _masked(s, attention_mask).float(), _masked(t, attention_mask).float()
@@ -212,6 +229,15 @@ def _hidden_states(outputs: Any) -> list[torch.Tensor]:
         return states[1:] if len(states) > 1 else states  # index 0 is the embeddings' output
     last = _get(outputs, "last_hidden_state")
     return [last] if isinstance(last, torch.Tensor) else []
+
+
+def _decoder_mask(inputs: dict[str, Any]) -> torch.Tensor | None:
+    """The decoder positions an encoder-decoder's loss counts: ``decoder_attention_mask``, else labels != -100."""
+    mask = inputs.get("decoder_attention_mask")
+    labels = inputs.get("labels")
+    if mask is None and isinstance(labels, torch.Tensor) and labels.dim() == 2:
+        mask = labels != -100
+    return mask
 
 
 def _masked(values: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

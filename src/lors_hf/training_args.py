@@ -159,6 +159,14 @@ class DistillArguments:
     distill_alpha_hidden: float = field(default=1.0, metadata={"help": "Weight of the hidden-state term."})
     distill_alpha_task: float = field(default=1.0, metadata={"help": "Weight of the ordinary task loss."})
 
+    def __post_init__(self) -> None:  # checked at parse time, not after minutes of loading and converting
+        alphas = (self.distill_alpha_kl, self.distill_alpha_hidden, self.distill_alpha_task)
+        if self.distill_temperature <= 0:
+            raise ValueError(f"--distill_temperature must be > 0, got {self.distill_temperature:g}")
+        if min(alphas) < 0 or sum(alphas) == 0:
+            raise ValueError("--distill_alpha_kl/_hidden/_task must be >= 0 and not all 0, got "
+                             + "/".join(f"{a:g}" for a in alphas))
+
 
 # ------------------------------------------------------------------------------------------ parsing, errors
 
@@ -187,7 +195,11 @@ class ScriptArgumentParser(HfArgumentParser):
             args = implied_arguments(args)
         if kwargs.pop("return_remaining_strings", False):
             return super().parse_args_into_dataclasses(args=args, return_remaining_strings=True, **kwargs)
-        *parsed, remaining = super().parse_args_into_dataclasses(args=args, return_remaining_strings=True, **kwargs)
+        try:  # a dataclass's own checks (__post_init__) raise ValueError: one line too
+            *parsed, remaining = super().parse_args_into_dataclasses(args=args, return_remaining_strings=True,
+                                                                     **kwargs)
+        except ValueError as err:
+            self.error(str(err))
         if remaining:
             self.error(f"unrecognized arguments: {' '.join(remaining)}")
         return tuple(parsed)
