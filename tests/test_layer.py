@@ -230,3 +230,26 @@ def test_weight_cache_matches_and_follows_weight_updates():
     y = layer(x)  # gradients enabled: the cache is never used, the graph reaches A and B
     y.sum().backward()
     assert layer.lors_A.grad is not None and layer.lors_B.grad is not None
+
+
+def test_weight_cache_built_under_autocast_serves_a_float32_pass_too():
+    from lors_hf.layer import set_weight_cache
+
+    torch.manual_seed(0)
+    layer = LorsLinear(SharedWeight(8, 6), rank=2)
+    torch.nn.init.normal_(layer.shared.weight)
+    layer.reset_private()
+    torch.nn.init.normal_(layer.lors_B)
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        plain = layer(x)
+        set_weight_cache(layer)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer(x).dtype == torch.bfloat16
+        assert layer._cached[1].dtype == torch.float32
+        torch.testing.assert_close(layer(x), plain)  # was: "self and mat2 must have the same dtype"
+        layer.lors_B.data = layer.lors_B.data * 0  # a new tensor behind .data: seen (its data_ptr)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.shared.weight, layer.bias))
+        layer.lors_B.data.add_(1.0)  # in place through .data: invisible to the cache until it is reset
+        set_weight_cache(layer)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.effective_weight(), layer.bias))

@@ -9,6 +9,7 @@ Parameter, which ``from_pretrained`` replaces when it loads weights).
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -154,9 +155,15 @@ class LorsLinear(nn.Module):
 
     def _cached_weight(self) -> torch.Tensor:
         shared = self.shared.weight
-        key = (shared.data_ptr(), shared._version, self.lors_A._version, self.lors_B._version, shared.dtype)
+        key = (shared.data_ptr(), shared._version, self.lors_A.data_ptr(), self.lors_A._version,
+               self.lors_B.data_ptr(), self.lors_B._version, shared.dtype)
         if self._cached is None or self._cached[0] != key:
-            self._cached = (key, self.effective_weight())
+            device = shared.device.type
+            # In the parameters' dtype even under autocast (which then casts it per call, as for a dense
+            # weight): a bf16 copy built under autocast would break a later float32 forward pass.
+            off = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext()
+            with off:
+                self._cached = (key, self.effective_weight())
         return self._cached[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,8 +189,11 @@ def set_weight_cache(model: nn.Module, enabled: bool = True) -> nn.Module:
     """Cache each layer's ``W_shared + B A`` for inference (no-grad forward passes), or stop caching.
 
     Decoding then runs exactly the dense model's matmuls (one per projection) at the price of the dense
-    model's weight memory; the cache is rebuilt automatically when a weight changes and is never used
-    while gradients are enabled. Off by default: LORS layers then keep only the compact weights.
+    model's weight memory; the cache is rebuilt automatically when a weight changes (optimizer steps,
+    ``.to()``, ``load_state_dict``) and is never used while gradients are enabled. A change made through
+    ``param.data`` (some EMA helpers) bypasses the version counter the cache watches: call
+    ``set_weight_cache(model)`` again after one, which drops every cached weight. Off by default: LORS
+    layers then keep only the compact weights.
 
     Example:
         >>> # set_weight_cache(model); model.generate(...); set_weight_cache(model, False)
@@ -191,6 +201,5 @@ def set_weight_cache(model: nn.Module, enabled: bool = True) -> nn.Module:
     for module in model.modules():
         if isinstance(module, LorsLinear):
             module.cache_weight = enabled
-            if not enabled:
-                module._cached = None
+            module._cached = None
     return model
