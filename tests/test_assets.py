@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -110,6 +111,33 @@ def test_fashion_mnist_without_apt_names_the_command(tmp_path: Path, monkeypatch
     monkeypatch.setattr(assets.shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match="apt-get download dataset-fashion-mnist"):
         assets.fashion_mnist(tmp_path / "fm")
+
+
+def test_a_truncated_cached_file_names_the_fix(tmp_path: Path) -> None:
+    """A damaged cache is a ValueError that says what to remove, not an EOFError or a safetensors error."""
+    import shutil
+
+    source = next(d for d in (Path.home() / ".cache/lors_hf/fashion-mnist", assets._FASHION_SYSTEM_DIR)
+                  if all((d / n).is_file() for n in assets._FASHION_FILES))
+    cache = tmp_path / "fm"
+    shutil.copytree(source, cache)
+    damaged = cache / assets._FASHION_FILES[0]
+    damaged.write_bytes(damaged.read_bytes()[:5000])
+    with pytest.raises(ValueError, match=f"truncated or corrupted .*; remove {cache} to fetch it again"):
+        assets.fashion_mnist(cache)
+
+    smollm2 = tmp_path / "smollm2"
+    smollm2.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (smollm2 / name).write_text("{}")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1000)}, smollm2 / "model.safetensors")
+    assert assets.smollm2_path(smollm2) == str(smollm2)
+    weights = smollm2 / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:2000])
+    with pytest.raises(ValueError, match=f"model.safetensors is truncated or corrupted .*remove {smollm2}"):
+        assets.smollm2_path(smollm2)
 
 
 def _check_coco(coco: dict, image_dir: Path, canvas: int, num_classes: int) -> int:

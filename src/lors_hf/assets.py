@@ -144,6 +144,14 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> str:
     final_dir = Path(cache_dir) if cache_dir is not None else _CACHE_ROOT / "smollm2-135m"
     final_dir = final_dir.expanduser()
     if _smollm2_complete(final_dir):
+        try:  # the header only: a truncated file fails here, with a fix, rather than deep in from_pretrained
+            from safetensors import safe_open
+
+            with safe_open(final_dir / "model.safetensors", "pt"):
+                pass
+        except Exception as err:
+            raise ValueError(f"{final_dir}/model.safetensors is truncated or corrupted ({err}); remove {final_dir} "
+                             "and it is rebuilt") from err
         return str(final_dir)
     if final_dir.exists():
         raise FileExistsError(f"{final_dir} exists but is not a complete SmolLM2 checkpoint; remove it.")
@@ -324,15 +332,18 @@ def shakespeare_splits(val_fraction: float = 0.05, test_fraction: float = 0.05) 
 # ---------------------------------------------------------------------------------------- fashion-mnist
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    """Read a gzipped IDX file (uint8 payload) into an array."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    if data[:2] != b"\x00\x00" or data[2] != 0x08:
-        raise ValueError(f"{path} is not a uint8 IDX file")
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+def _read_idx(path: Path, fix: str) -> np.ndarray:
+    """Read a gzipped IDX file (uint8 payload) into an array; a damaged file is a ValueError that says `fix`."""
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+        if data[:2] != b"\x00\x00" or data[2] != 0x08:
+            raise ValueError("not a uint8 IDX file")
+        ndim = data[3]
+        shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+        return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    except (OSError, EOFError, ValueError, IndexError) as err:
+        raise ValueError(f"{path} is truncated or corrupted ({err}); {fix}") from err
 
 
 def _deb_members(deb: Path) -> dict[str, bytes]:
@@ -414,7 +425,8 @@ def fashion_mnist(cache_dir: str | os.PathLike | None = None) -> tuple[np.ndarra
             raise FileExistsError(f"{cache} exists but lacks the Fashion-MNIST IDX files; remove it.")
         _fetch_fashion_deb(cache)
         src = cache
-    arrays = [_read_idx(src / n) for n in _FASHION_FILES]
+    fix = f"remove {src} to fetch it again" if src == cache else "reinstall the Debian package dataset-fashion-mnist"
+    arrays = [_read_idx(src / n, fix) for n in _FASHION_FILES]
     images = np.concatenate([arrays[0], arrays[2]])
     labels = np.concatenate([arrays[1], arrays[3]])
     if images.shape[1:] != (28, 28) or len(images) != len(labels):
