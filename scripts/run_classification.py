@@ -25,6 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 from transformers import (
+    AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
@@ -40,6 +41,7 @@ from lors_hf.training_args import (
     build_trainer,
     calibration_batches,
     check_file,
+    check_no_empty_cells,
     convert_model,
     defer_push_to_hub,
     load_teacher,
@@ -133,19 +135,25 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             raise ScriptError(f"{split_name} data has no column {missing[0]!r}; its columns are "
                               f"{split.column_names} (set --text_column / --label_column)")
+    check_no_empty_cells(raw, [c for c in (data_args.text_column, data_args.text_pair_column) if c])
     if training_args.do_train and "train" not in raw:
         raise ScriptError("--do_train needs --train_file (or a dataset with a train split)")
     if training_args.do_eval and "validation" not in raw:
         raise ScriptError("--do_eval needs --validation_file (or a dataset with a validation split)")
     names = label_names(raw, data_args.label_column)
-    label_to_id = {name: i for i, name in enumerate(names)}
-
     model_path = resolve_model_path(model_args.model_name_or_path)
     with user_errors():
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_args.tokenizer_name or model_args.model_name_or_path))
+        saved = dict(getattr(AutoConfig.from_pretrained(model_path), "label2id", None) or {})
+    if {str(name) for name in names} <= set(saved):  # a head trained on these labels: keep it and its order
+        label_to_id = {name: int(saved[str(name)]) for name in names}
+        id2label = {int(i): label for label, i in saved.items()}
+    else:  # a new head (its weights are initialised, whatever the checkpoint had)
+        label_to_id = {name: i for i, name in enumerate(names)}
         id2label = {i: str(name) for i, name in enumerate(names)}
+    with user_errors():
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_args.tokenizer_name or model_args.model_name_or_path))
         model = AutoModelForSequenceClassification.from_pretrained(
-            model_path, num_labels=len(names), id2label=id2label, label2id={v: k for k, v in id2label.items()},
+            model_path, num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()},
             ignore_mismatched_sizes=True,
         )
 

@@ -45,6 +45,7 @@ from lors_hf.training_args import (
     build_trainer,
     calibration_batches,
     check_file,
+    check_no_empty_cells,
     convert_model,
     defer_push_to_hub,
     load_teacher,
@@ -97,13 +98,15 @@ class DataArguments:
 def load_raw_datasets(data_args: DataArguments, seed: int):
     import datasets
 
-    if data_args.dataset_name is None and data_args.train_file is None:
-        raise ScriptError("give --train_file (txt, csv or json) or --dataset_name")
+    if data_args.dataset_name is None and data_args.train_file is None and data_args.validation_file is None:
+        raise ScriptError("give --train_file / --validation_file (txt, csv or json) or --dataset_name")
     with user_errors():
         if data_args.dataset_name is not None:
             raw = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name)
         else:
-            files = {"train": check_file(data_args.train_file, "--train_file", (".txt", ".csv", ".json", ".jsonl"))}
+            files = {}
+            if data_args.train_file:
+                files["train"] = check_file(data_args.train_file, "--train_file", (".txt", ".csv", ".json", ".jsonl"))
             if data_args.validation_file:
                 files["validation"] = check_file(data_args.validation_file, "--validation_file",
                                                  (".txt", ".csv", ".json", ".jsonl"))
@@ -172,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     set_seed(training_args.seed)
 
     raw = load_raw_datasets(data_args, training_args.seed)
+    check_no_empty_cells(raw, [data_args.text_column])
+    if training_args.do_train and "train" not in raw:
+        raise ScriptError("--do_train needs --train_file (or a dataset with a train split)")
     model, tokenizer, pretrained = build_model(model_args, data_args.block_size)
     if distill_args.distill and not pretrained and distill_args.teacher_model_name_or_path is None:
         raise ScriptError("--distill needs a pretrained dense teacher: give --model_name_or_path "
@@ -189,9 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         return blocks
 
     with training_args.main_process_first(desc="tokenizing"), user_errors():
-        tokenized = raw.map(tokenize, batched=True, remove_columns=raw["train"].column_names)
+        tokenized = raw.map(tokenize, batched=True, remove_columns=raw[next(iter(raw))].column_names)
         blocks = tokenized.map(group_texts, batched=True)
     for name, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
+        if name not in blocks:
+            continue
         if len(blocks[name]) == 0:
             raise ScriptError(f"the {name} text is shorter than one block of {block_size} tokens; "
                               "give more text or a smaller --block_size")
@@ -199,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
             blocks[name] = blocks[name].select(range(min(limit, len(blocks[name]))))
 
     teacher = load_teacher(model, distill_args, AutoModelForCausalLM, dtype=torch.float32)
-    batches = calibration_batches(blocks["train"], default_data_collator, training_args.per_device_train_batch_size,
-                                  lors_args.lors_calibration_batches)
+    batches = calibration_batches(blocks["train" if "train" in blocks else "validation"], default_data_collator,
+                                  training_args.per_device_train_batch_size, lors_args.lors_calibration_batches)
     model = convert_model(model, lors_args, pretrained=pretrained, calibration_batches=batches)
     if training_args.should_save:
         logger.info("parameters:\n%s", write_parameter_report(model, training_args.output_dir))
@@ -217,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         return accuracy.compute(predictions=predictions[keep], references=labels[keep])
 
     push_to_hub = defer_push_to_hub(training_args)
-    trainer_kwargs = dict(model=model, args=training_args, train_dataset=blocks["train"],
+    trainer_kwargs = dict(model=model, args=training_args, train_dataset=blocks.get("train"),
                           eval_dataset=blocks["validation"], processing_class=tokenizer,
                           data_collator=default_data_collator, compute_metrics=compute_metrics,
                           preprocess_logits_for_metrics=preprocess_logits_for_metrics,

@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
 
     train_and_evaluate(trainer, lors_args, eval_metrics=map_metrics)
     if push_to_hub and trainer.is_world_process_zero():
-        logger.info("pushed: %s", push_trained_model(trainer))
+        logger.info("pushed: %s", push_trained_model(trainer, trainer_model_card=lors_args.no_lors))
     return 0
 
 

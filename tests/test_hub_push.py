@@ -42,6 +42,7 @@ with torch.no_grad():
         parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
 model.config._name_or_path = base
 commit = model.push_to_hub(repo, commit_message="Upload a LORS model", tags=["demo"])
+model.push_to_hub(repo, revision="dev", commit_message="Upload to a new branch")  # created as stock does
 model.save_pretrained(work / "local", push_to_hub=True, repo_id=save_repo, commit_message="via save_pretrained")
 with torch.no_grad():
     torch.save({"inputs": inputs, "output": main_output(model(**inputs))}, work / "expected.pt")
@@ -130,6 +131,8 @@ def test_push_to_hub_then_from_pretrained(local_hub, tmp_path):
     assert pushed["report"] in card  # the parameter report
     assert "import lors_hf" in card and f'from_pretrained("{REPO}")' in card  # how to load
     assert local_hub.commits(REPO)[0]["title"] == "Upload a LORS model"
+    assert local_hub.commits(REPO, revision="dev")[0]["title"] == "Upload to a new branch"
+    assert local_hub.files(REPO, revision="dev")["model.safetensors"] == files["model.safetensors"]
 
     via_save = local_hub.files(SAVE_AND_PUSH_REPO)
     assert {"config.json", "model.safetensors", "README.md"} <= set(via_save)

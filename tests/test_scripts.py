@@ -314,16 +314,19 @@ def test_push_to_hub(data, tiny_bert, tmp_path, local_hub):
     out = tmp_path / "pushed"
     command = [sys.executable, str(SCRIPTS / "run_classification.py"),
                *classification_args(data, tiny_bert, out, "--lors_rank", "2", "--do_train", "--max_steps", "1",
-                                    "--push_to_hub", "--hub_model_id", "me/tiny-lors", "--hub_token", "dummy")]
+                                    "--push_to_hub", "--hub_model_id", "me/tiny-lors", "--hub_token", "dummy",
+                                    "--hub_revision", "trained")]
     env = subprocess_env(HF_ENDPOINT=local_hub.endpoint, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf-home"),
                          HF_HUB_DISABLE_TELEMETRY="1", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    files = local_hub.files("me/tiny-lors")
+    files = local_hub.files("me/tiny-lors", revision="trained")  # --hub_revision: a new branch
     assert {"config.json", "model.safetensors", "README.md", "tokenizer.json", "parameter_report.json",
             "parameter_report.txt", "all_results.json"} <= set(files)
     assert not any(name.startswith(("checkpoint-", DDP_SYNC_DIR)) for name in files)
-    assert b"LORS" in files["README.md"]
+    assert "model.safetensors" not in local_hub.files("me/tiny-lors")  # main keeps only the initial commit
+    card = files["README.md"].decode()
+    assert "LORS" in card and 'from_pretrained("me/tiny-lors")' in card and str(out) not in card
     assert files["model.safetensors"] == (out / "model.safetensors").read_bytes()
 
 
@@ -476,3 +479,68 @@ def test_overrides_and_torchrun_on_cpu_implies_use_cpu(monkeypatch):
     assert implied_arguments(["--use_cpu", "false"]) == ["--use_cpu", "false"]  # the user's choice stands
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert implied_arguments(["--do_train"]) == ["--do_train"]
+
+
+# ----------------------------------------------------------------------------- a saved LORS checkpoint
+
+
+def test_classification_evaluates_and_trains_a_saved_lors_checkpoint(data, tiny_bert, tmp_path, capsys):
+    """A checkpoint the script saved is evaluated as it is (its trained head kept) and trains further;
+    conversion options with it are a one-line error."""
+    first = tmp_path / "first"
+    assert run_script("run_classification", *classification_args(data, tiny_bert, first, "--lors_rank", "2",
+                                                                     "--do_train", "--do_eval")) == 0
+    trained = read_json(first / "eval_results.json")["eval_accuracy"]
+    again = tmp_path / "again"
+    assert run_script("run_classification", *classification_args(data, first, again, "--do_eval")) == 0
+    assert read_json(again / "eval_results.json")["eval_accuracy"] == pytest.approx(trained)
+    assert read_json(again / "config.json")["id2label"] == read_json(first / "config.json")["id2label"]
+    more = tmp_path / "more"
+    assert run_script("run_classification", *classification_args(data, first, more, "--do_train",
+                                                                     "--max_steps", "1")) == 0
+    assert read_json(more / "config.json")["lors_config"] == read_json(first / "config.json")["lors_config"]
+    capsys.readouterr()
+    assert run_script("run_classification", *classification_args(data, first, tmp_path / "x", "--lors_rank", "4",
+                                                                     "--do_train")) == 1
+    assert "already a LORS checkpoint, so --lors_rank cannot apply" in capsys.readouterr().err
+    assert run_script("run_classification", *classification_args(data, first, tmp_path / "x", "--distill",
+                                                                     "--do_train")) == 1
+    assert "needs --teacher_model_name_or_path" in capsys.readouterr().err
+
+
+def test_resume_from_a_missing_or_different_checkpoint_is_one_line(data, tiny_bert, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = classification_args(data, tiny_bert, out, "--lors_rank", "2", "--do_train", "--max_steps", "2",
+                               "--save_steps", "2", "--save_strategy", "steps")
+    assert run_script("run_classification", *args) == 0
+    capsys.readouterr()
+    assert run_script("run_classification", *classification_args(
+        data, tiny_bert, out, "--lors_rank", "3", "--do_train", "--resume_from_checkpoint",
+        str(out / "checkpoint-2"))) == 1
+    err = capsys.readouterr().err
+    assert "holds a LORS (private ranks [2]) model but these arguments build a LORS (private ranks [3]) one" in err
+    assert run_script("run_classification", *classification_args(
+        data, tiny_bert, out, "--lors_rank", "2", "--do_train", "--resume_from_checkpoint",
+        str(tmp_path / "nowhere"))) == 1
+    assert "no checkpoint folder there" in capsys.readouterr().err
+
+
+def test_clm_evaluates_with_a_validation_file_alone(data, tmp_path):
+    out = tmp_path / "gpt"
+    assert run_script("run_clm", *TINY_GPT2, "--train_file", str(data / "shakespeare/train.txt"), "--block_size",
+                      "32", "--lors_rank", "2", "--do_train", "--max_steps", "2", "--output_dir", str(out)) == 0
+    evaluated = tmp_path / "eval"
+    assert run_script("run_clm", "--model_name_or_path", str(out), "--validation_file",
+                      str(data / "shakespeare/validation.txt"), "--block_size", "32", "--do_eval",
+                      "--max_eval_samples", "4", "--output_dir", str(evaluated)) == 0
+    assert math.isfinite(read_json(evaluated / "eval_results.json")["perplexity"])
+
+
+def test_an_empty_text_cell_is_named(data, tiny_bert, tmp_path, capsys):
+    rows = (data / "rotten_tomatoes/train.csv").read_text(encoding="utf-8").splitlines()
+    broken = tmp_path / "train.csv"
+    broken.write_text("\n".join([rows[0], rows[1], ",1", *rows[2:6]]) + "\n", encoding="utf-8")
+    args = classification_args(data, tiny_bert, tmp_path / "out", "--do_train")
+    args[args.index("--train_file") + 1] = str(broken)
+    assert run_script("run_classification", *args) == 1
+    assert "train data: row 1 has no value in column 'text'" in capsys.readouterr().err

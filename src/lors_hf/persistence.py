@@ -305,6 +305,17 @@ def _save_lors_pretrained(original, self: PreTrainedModel, save_directory, *args
     return result
 
 
+def ensure_branch(api: Any, repo_id: str, revision: str | None, token: str | None = None) -> None:
+    """Create branch `revision` of `repo_id` if it does not exist yet (what stock ``push_to_hub`` does);
+    nothing for the default branch or a pull-request ref.
+
+    Example:
+        >>> # ensure_branch(HfApi(), "me/model", "dev")
+    """
+    if revision and not revision.startswith("refs/pr/") and revision != "main":
+        api.create_branch(repo_id, branch=revision, token=token, exist_ok=True)
+
+
 def _push_lors_to_hub(original, self: PreTrainedModel, repo_id: str, *args: Any, **kwargs: Any):
     if not is_lorsified(self) or args:
         return original(self, repo_id, *args, **kwargs)
@@ -313,6 +324,7 @@ def _push_lors_to_hub(original, self: PreTrainedModel, repo_id: str, *args: Any,
     api = HfApi()
     token = kwargs.get("token")
     repo_id = api.create_repo(repo_id, private=kwargs.get("private"), token=token, exist_ok=True).repo_id
+    ensure_branch(api, repo_id, kwargs.get("revision"), token)
     with tempfile.TemporaryDirectory() as folder:
         self.save_pretrained(folder, max_shard_size=kwargs.get("max_shard_size") or "50GB")
         tags = kwargs.get("tags")

@@ -244,7 +244,7 @@ def user_errors(*kinds: type[BaseException]) -> Iterator[None]:
         >>> with user_errors():  # doctest: +SKIP
         ...     dataset = load_dataset("csv", data_files=path)
     """
-    kinds = kinds or (ValueError, OSError, KeyError, ImportError)
+    kinds = kinds or (ValueError, OSError, KeyError, ImportError, *_file_error_kinds())
     try:
         yield
     except ScriptError:
@@ -252,6 +252,62 @@ def user_errors(*kinds: type[BaseException]) -> Iterator[None]:
     except kinds as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         raise ScriptError(one_line(message) or type(err).__name__) from err
+
+
+def _file_error_kinds() -> tuple[type[BaseException], ...]:
+    """Errors of unreadable data and weight files: a malformed csv / json, a truncated safetensors file."""
+    from datasets.exceptions import DatasetGenerationError
+    from safetensors import SafetensorError
+
+    return DatasetGenerationError, SafetensorError
+
+
+def check_no_empty_cells(raw: Any, columns: list[str]) -> None:
+    """Refuse data with an empty cell (csv / json) in `columns`, naming the split, row and column
+    (the tokenizer would fail on it with a type error that names none of them).
+
+    Example:
+        >>> # check_no_empty_cells(raw_datasets, ["text"])
+    """
+    for split_name, split in raw.items():
+        for column in columns:
+            if column in split.column_names:
+                row = next((i for i, value in enumerate(split[column]) if value is None), None)
+                if row is not None:
+                    raise ScriptError(f"{split_name} data: row {row} has no value in column {column!r}; "
+                                      "fill or drop it")
+
+
+def check_resume(model: torch.nn.Module, resume_from_checkpoint: str | bool | None) -> None:
+    """Refuse a ``--resume_from_checkpoint`` that is not a folder, or whose LORS plan is not `model`'s
+    (another rank would otherwise fail deep in ``load_state_dict`` with a wall of size mismatches).
+
+    Example:
+        >>> check_resume(None, None)  # nothing to resume: nothing to check
+    """
+    if not isinstance(resume_from_checkpoint, str) or resume_from_checkpoint.lower() in ("true", "false"):
+        return
+    from .persistence import load_lors_config
+    from .surgery import get_lors_config
+
+    folder = Path(resume_from_checkpoint)
+    if not (folder / "config.json").is_file():
+        raise ScriptError(f"--resume_from_checkpoint {resume_from_checkpoint}: no checkpoint folder there "
+                          "(a checkpoint-<step> folder of --output_dir)")
+    with user_errors():
+        saved = load_lors_config(folder)
+    ours = get_lors_config(model)
+    if (saved is None) != (ours is None) or (saved is not None and saved.rank != ours.rank):
+        raise ScriptError(f"--resume_from_checkpoint {resume_from_checkpoint} holds a {_describe(saved)} model but "
+                          f"these arguments build a {_describe(ours)} one: resume with the LORS options it was "
+                          "trained with")
+
+
+def _describe(config: LorsConfig | None) -> str:
+    if config is None:
+        return "dense"
+    ranks = {r for per_layer in config.rank.values() for r in per_layer} if isinstance(config.rank, dict) else {config.rank}
+    return f"LORS (private ranks {sorted(ranks)})"
 
 
 def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
@@ -364,10 +420,26 @@ def convert_model(model: torch.nn.Module, lors_args: LorsArguments, pretrained: 
                   calibration_batches: list[dict[str, torch.Tensor]] | None = None) -> torch.nn.Module:
     """``lorsify`` `model` as `lors_args` asks (a no-op for ``--no_lors``); bad settings are `ScriptError`.
 
+    A model that is already LORS (a checkpoint saved by lors_hf) is kept as it is, to train or evaluate
+    further; conversion options given with it are a `ScriptError`.
+
     Example:
         >>> # model = convert_model(model, lors_args, pretrained=True, calibration_batches=batches[:4])
     """
-    from .surgery import lorsify
+    from .surgery import is_lorsified, lorsify
+
+    if is_lorsified(model):
+        asked = [option for option, given in (
+            ("--lors_rank", lors_args.lors_rank is not None),
+            ("--lors_target_reduction", lors_args.lors_target_reduction is not None),
+            ("--lors_init", lors_args.lors_init != "auto"), ("--lors_calibration_batches", bool(calibration_batches)),
+            ("--no_lors", lors_args.no_lors)) if given]
+        if asked:
+            raise ScriptError(f"the model is already a LORS checkpoint, so {' / '.join(asked)} cannot apply: drop "
+                              "them to train or evaluate it as it is, or start from the dense model "
+                              "(`lors-hf merge` gives it back)")
+        logger.info("the model is a LORS checkpoint: trained / evaluated as it is (no conversion)")
+        return model
 
     with user_errors(ValueError, TypeError):
         config = lors_args.to_config(pretrained=pretrained)
@@ -459,19 +531,23 @@ def write_ddp_sync(model: torch.nn.Module, output_dir: str | os.PathLike, wrappe
 
 
 def push_output_dir(output_dir: str | os.PathLike, repo_id: str, token: str | None = None,
-                    private: bool | None = None) -> str:
+                    private: bool | None = None, revision: str | None = None) -> str:
     """Upload the saved model, tokenizer, model card, metrics and reports of ``output_dir`` to the Hub.
 
-    Training checkpoints, logs and DDP digests are left out. Returns the commit URL.
+    Training checkpoints, logs and DDP digests are left out; `revision` is a branch (created if needed).
+    Returns the commit URL.
 
     Example:
-        >>> # push_output_dir("out/minilm-lors", "me/minilm-lors")
+        >>> # push_output_dir("out/minilm-lors", "me/minilm-lors", revision="main")
     """
     from huggingface_hub import HfApi
 
+    from .persistence import ensure_branch
+
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    commit = api.upload_folder(repo_id=repo_id, folder_path=str(output_dir),
+    ensure_branch(api, repo_id, revision, token)
+    commit = api.upload_folder(repo_id=repo_id, folder_path=str(output_dir), revision=revision,
                                ignore_patterns=["checkpoint-*", "checkpoint-*/**", "runs/**", f"{DDP_SYNC_DIR}/**",
                                                 "training_args.bin"],
                                commit_message="Upload model trained with lors-hf")
@@ -505,6 +581,11 @@ def load_teacher(model: torch.nn.Module, distill_args: DistillArguments, model_c
     """
     if not distill_args.distill:
         return None
+    from .surgery import is_lorsified
+
+    if distill_args.teacher_model_name_or_path is None and is_lorsified(model):
+        raise ScriptError("--distill from a LORS checkpoint needs --teacher_model_name_or_path (the dense model "
+                          "to imitate)")
     with user_errors():
         if distill_args.teacher_model_name_or_path is None:
             return copy.deepcopy(model)
@@ -537,6 +618,7 @@ def train_and_evaluate(trainer: Trainer, lors_args: LorsArguments,
     args = trainer.args
     extra = parameter_metrics(trainer.model)
     if args.do_train:
+        check_resume(trainer.model, args.resume_from_checkpoint)
         result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
         metrics = {**result.metrics, "train_samples": len(trainer.train_dataset), **extra}
         trainer.log_metrics("train", metrics)
@@ -562,8 +644,14 @@ def push_trained_model(trainer: Trainer, trainer_model_card: bool = False) -> st
     Example:
         >>> # if push_to_hub and trainer.is_world_process_zero(): push_trained_model(trainer)
     """
+    from .persistence import write_model_card
+    from .surgery import is_lorsified
+
     args = trainer.args
+    repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
     if trainer_model_card:
         trainer.create_model_card(model_name=args.hub_model_id)
-    repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-    return push_output_dir(args.output_dir, repo_id, args.hub_token, args.hub_private_repo)
+    elif is_lorsified(trainer.model):  # the saved card's load instructions name the local folder
+        write_model_card(trainer.model, args.output_dir, repo_id=repo_id)
+    return push_output_dir(args.output_dir, repo_id, args.hub_token, args.hub_private_repo,
+                           getattr(args, "hub_revision", None))
