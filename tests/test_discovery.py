@@ -204,3 +204,73 @@ def test_rank_dict_first_match_wins_and_per_layer_lists_follow_the_layers():
     assert ranks["attention.self.query"] == [1, 2, 3]
     assert ranks["intermediate.dense"] == [32, 32, 32]
     assert ranks["output.dense"] == ranks["attention.output.dense"] == [5, 5, 5]
+
+
+def test_stages_of_different_widths_give_way_to_the_blocks_inside_them(tmp_path):
+    """Swin's outer list holds stages of different widths (nothing shareable across them): each stage's
+    block list is a stack; converted exactly at full rank, counted once, saved and reloaded."""
+    import transformers as tf
+
+    from lors_hf import parameter_report
+
+    torch.manual_seed(0)
+    model = tf.SwinModel(tf.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2],
+                                       window_size=2)).eval()
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(pixel_values=pixels).last_hidden_state
+    dense_total = model.num_parameters()
+    lorsify(model, LorsConfig(rank="full", init="svd"))
+    report = parameter_report(model)
+    assert [row.name for row in report.stacks] == ["encoder.layers.0.blocks", "encoder.layers.1.blocks"]
+    assert report.total.dense == dense_total and report.total.lors == model.num_parameters()
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=pixels).last_hidden_state, expected, atol=1e-5, rtol=0)
+    model.save_pretrained(tmp_path)
+    reloaded = tf.SwinModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(pixel_values=pixels).last_hidden_state,
+                           model(pixel_values=pixels).last_hidden_state)
+
+
+def test_a_list_of_layer_lists_shares_within_each_inner_list():
+    """Funnel's encoder is a list of blocks, each a list of layers: layers share within their block, and the
+    shared weights are not put into the outer list (Funnel iterates it)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.FunnelModel(tf.FunnelConfig(vocab_size=50, block_sizes=[2, 2], block_repeats=[1, 1], d_model=32,
+                                           n_head=2, d_head=16, d_inner=64)).eval()
+    ids = torch.randint(0, 50, (1, 8))
+    with torch.no_grad():
+        expected = model(input_ids=ids).last_hidden_state
+    lorsify(model, LorsConfig(rank="full", init="svd"))
+    stacks = {stack.name for stack in find_groups(model, LorsConfig())}
+    assert stacks == {"encoder.blocks.0", "encoder.blocks.1", "decoder.layers"}
+    assert len(model.encoder.blocks) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).last_hidden_state, expected, atol=1e-5, rtol=0)
+
+
+def test_tied_projections_are_left_alone_and_late_projections_are_grouped():
+    class Block(nn.Module):
+        def __init__(self, with_extra: bool):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 4)
+            if with_extra:  # like the shared experts of MoE layers that follow a dense first layer
+                self.extra = nn.Linear(4, 6)
+
+    model = nn.Module()
+    model.layers = nn.ModuleList([Block(False), Block(True), Block(True)])
+    for block in model.layers[1:]:  # tied to block 0's, like Deformable DETR's box heads
+        block.head.weight = model.layers[0].head.weight
+    (stack,) = find_groups(model, LorsConfig(rank=1))
+    groups = {group.relative_name: group.layer_indices for group in stack.groups}
+    assert groups == {"proj": [0, 1, 2], "extra": [1, 2]}
+
+
+def test_a_rank_too_large_for_a_small_projection_names_the_ways_out():
+    model, _ = build("bert")
+    with pytest.raises(ValueError, match=r"exclude_modules=\['query'\]\) or give it its own rank"):
+        lorsify(model, rank=33)

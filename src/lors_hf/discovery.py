@@ -4,8 +4,12 @@ One generic rule for every model family: a *stack* is an ``nn.ModuleList`` of tw
 blocks of the same class (BERT's ``encoder.layer``, GPT-2's ``transformer.h``, DETR's encoder and
 decoder, T5's and Whisper's encoder and decoder...). Each stack is its own sharing group. Inside
 it, the projections (``nn.Linear`` or transformers' ``Conv1D``) that sit at the same relative path
-with the same shape in every block form one *projection group* and share one weight. Whatever
-differs between blocks (T5 block 0's ``relative_attention_bias``) is left alone.
+with the same shape in two or more blocks form one *projection group* and share one weight (a
+projection only some blocks have, like the shared experts of MoE layers after dense ones, is grouped
+over those). Whatever else differs between blocks (T5 block 0's ``relative_attention_bias``) is left
+alone, and so are projections whose blocks already share one weight (Deformable DETR's tied box heads).
+A list of lists (stages of blocks), or an outer list none of whose projections can be shared (Swin's
+stages of different widths), gives way to the lists inside it.
 """
 
 from __future__ import annotations
@@ -73,17 +77,10 @@ class Stack:
     blocks: nn.ModuleList
     groups: list[ProjectionGroup] = field(default_factory=list)
 
-    @property
-    def parent_name(self) -> str:
-        return self.name.rpartition(".")[0]
-
-    @property
-    def attribute(self) -> str:
-        return self.name.rpartition(".")[2]
-
 
 def find_stacks(model: nn.Module) -> list[Stack]:
-    """The outermost ``nn.ModuleList``s holding >= 2 distinct blocks of one class with projections.
+    """Every ``nn.ModuleList`` holding >= 2 distinct blocks of one class with projections, outer ones first
+    (`find_groups` keeps an outer stack over the ones nested in it when it has something to share).
 
     Example:
         >>> from transformers import BertConfig, BertModel
@@ -96,13 +93,13 @@ def find_stacks(model: nn.Module) -> list[Stack]:
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) < 2:
             continue
-        if any(name.startswith(stack.name + ".") for stack in stacks):
-            continue  # nested inside a stack already found: the outer stack wins
         blocks = list(module)
         if len({id(block) for block in blocks}) != len(blocks):
             continue  # the same block repeated: already shared, nothing to do
         if len({type(block) for block in blocks}) != 1 or is_projection(blocks[0]):
             continue
+        if isinstance(blocks[0], nn.ModuleList):
+            continue  # a list of lists (stages of layers): the inner lists are the stacks
         if not any(is_projection(sub) for sub in blocks[0].modules()):
             continue
         stacks.append(Stack(name=name, blocks=module))
@@ -115,39 +112,42 @@ def _matches(module_name: str, spec: list[str] | str) -> bool:
     return any(module_name == target or module_name.endswith("." + target) for target in spec)
 
 
+def sharing_stacks(model: nn.Module, config: LorsConfig | None = None,
+                   candidates: list[str] | None = None) -> list[Stack]:
+    """The stacks of `model` with the projection groups `config` targets (every projection by default).
+
+    An outer stack with something to share wins over the stacks nested in it; `candidates`, when given,
+    collects the names of every shareable projection seen (for error messages).
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        ...                              intermediate_size=64))
+        >>> [len(stack.groups) for stack in sharing_stacks(model)]
+        [6]
+    """
+    config = config if config is not None else LorsConfig()
+    candidates = candidates if candidates is not None else []
+    stacks: list[Stack] = []
+    for stack in find_stacks(model):
+        if any(stack.name.startswith(outer.name + ".") for outer in stacks):
+            continue  # inside a stack that shares already: the outer stack wins
+        _add_groups(stack, config, candidates)
+        if stack.groups:
+            stacks.append(stack)
+    return stacks
+
+
 def find_groups(model: nn.Module, config: LorsConfig) -> list[Stack]:
-    """The stacks of `model` with the projection groups `config` targets (ranks not yet set)."""
-    stacks = find_stacks(model)
-    if not stacks:
+    """The stacks of `model` with the projection groups `config` targets (ranks not yet set); a ValueError
+    that says why when there are none."""
+    if not find_stacks(model):
         raise ValueError(
             f"lorsify: found no stack of layers in {type(model).__name__}: LORS needs an nn.ModuleList of two "
             "or more blocks of the same class (like BERT's encoder.layer or GPT-2's transformer.h)."
         )
     candidates: list[str] = []
-    for stack in stacks:
-        first = stack.blocks[0]
-        for relative_name, module in first.named_modules():
-            if not relative_name or not is_projection(module):
-                continue
-            shape = projection_shape(module)
-            members = []
-            for index, block in enumerate(stack.blocks):
-                try:
-                    other = block.get_submodule(relative_name)
-                except AttributeError:
-                    continue
-                if type(other) is not type(module) or projection_shape(other) != shape:
-                    continue
-                full_name = f"{stack.name}.{index}.{relative_name}"
-                candidates.append(full_name)
-                if config.target_modules is not None and not _matches(full_name, config.target_modules):
-                    continue
-                if config.exclude_modules is not None and _matches(full_name, config.exclude_modules):
-                    continue
-                members.append(index)
-            if len(members) >= 2:
-                stack.groups.append(ProjectionGroup(stack.name, relative_name, members, *shape))
-    stacks = [stack for stack in stacks if stack.groups]
+    stacks = sharing_stacks(model, config, candidates)
     if not stacks:
         examples = ", ".join(sorted({re.sub(r"\.\d+\.", ".*.", c) for c in candidates})[:8])
         raise ValueError(
@@ -155,6 +155,37 @@ def find_groups(model: nn.Module, config: LorsConfig) -> list[Stack]:
             f"leave no projection shared by two or more layers. Projections in the stacks look like: {examples}."
         )
     return stacks
+
+
+def _add_groups(stack: Stack, config: LorsConfig, candidates: list[str]) -> None:
+    """Fill ``stack.groups``: each relative path holding a projection in two or more blocks (same class and
+    shape as in the first block that has it, distinct weights, targeted by `config`)."""
+    references: dict[str, nn.Module] = {}
+    for block in stack.blocks:
+        for relative_name, module in block.named_modules():
+            if relative_name and is_projection(module):
+                references.setdefault(relative_name, module)
+    for relative_name, module in references.items():
+        shape = projection_shape(module)
+        members, weights = [], set()
+        for index, block in enumerate(stack.blocks):
+            try:
+                other = block.get_submodule(relative_name)
+            except AttributeError:
+                continue
+            if type(other) is not type(module) or projection_shape(other) != shape:
+                continue
+            full_name = f"{stack.name}.{index}.{relative_name}"
+            candidates.append(full_name)
+            if config.target_modules is not None and not _matches(full_name, config.target_modules):
+                continue
+            if config.exclude_modules is not None and _matches(full_name, config.exclude_modules):
+                continue
+            members.append(index)
+            weights.add(id(other.shared) if isinstance(other, LorsLinear) else id(other.weight))
+        tied = not isinstance(module, LorsLinear) and len(weights) < len(members)
+        if len(members) >= 2 and not tied:  # tied: the blocks already share this weight
+            stack.groups.append(ProjectionGroup(stack.name, relative_name, members, *shape))
 
 
 def stack_parameters(stack: Stack) -> int:
@@ -221,7 +252,9 @@ def _expand(spec: RankSpec, group: ProjectionGroup, stack_length: int) -> list[i
     if too_big > group.max_rank:
         raise ValueError(
             f"lorsify: rank {too_big} does not fit {group.name!r} ({group.out_features}x{group.in_features}); "
-            f"the largest useful rank is {group.max_rank} (or rank='full')."
+            f"the largest useful rank is {group.max_rank} (or rank='full'). To keep a larger rank elsewhere, leave "
+            f"it dense (exclude_modules=[{group.relative_name.rpartition('.')[2]!r}]) or give it its own rank "
+            "with a rank dict."
         )
     return ranks
 

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .discovery import find_stacks, stack_parameters
+from .discovery import sharing_stacks, stack_parameters
 from .layer import LorsLinear
-from .surgery import SHARED_CONTAINER
+from .surgery import SHARED_CONTAINER, shared_owner
 
 
 @dataclass
@@ -55,6 +55,14 @@ class ParameterReport:
         return "\n".join(lines)
 
 
+def _has_path(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
 def parameter_report(model: nn.Module) -> ParameterReport:
     """Count parameters per stack and in total, dense against LORS (equal for a dense model).
 
@@ -70,13 +78,13 @@ def parameter_report(model: nn.Module) -> ParameterReport:
     """
     report = ParameterReport()
     extra_total = 0
-    for stack in find_stacks(model):
+    for stack in sharing_stacks(model):
         dense = stack_parameters(stack)
         lors = sum(p.numel() for p in stack.blocks.parameters())
-        parent = model.get_submodule(stack.parent_name) if stack.parent_name else model
-        container = parent._modules.get(SHARED_CONTAINER)
-        if container is not None and stack.attribute in container:
-            lors += sum(p.numel() for p in container[stack.attribute].parameters())
+        owner, path = shared_owner(model, stack)
+        container = owner._modules.get(SHARED_CONTAINER)
+        if container is not None and _has_path(container, path):
+            lors += sum(p.numel() for p in container.get_submodule(path).parameters())
         report.stacks.append(ReportRow(stack.name, len(stack.blocks), dense, lors))
     now = sum(p.numel() for p in model.parameters())
     for module in model.modules():

@@ -125,8 +125,7 @@ def _restore_dense_layers(model: nn.Module, stacks: list[Stack], dense_layers: d
         for group in stack.groups:
             for index, dense in zip(group.layer_indices, dense_layers[(stack.name, group.relative_name)], strict=True):
                 _set_module(stack.blocks[index], group.relative_name, dense)
-        parent = model.get_submodule(stack.parent_name) if stack.parent_name else model
-        parent._modules.pop(SHARED_CONTAINER, None)
+        shared_owner(model, stack)[0]._modules.pop(SHARED_CONTAINER, None)
 
 
 def _own_config(model: nn.Module) -> None:
@@ -160,12 +159,13 @@ def build_lors_layers(model: nn.Module, stacks: list[Stack]) -> None:
     Used by `lorsify` (which then initialises them) and at load time (where the checkpoint fills them).
     """
     for stack in stacks:
-        parent = model.get_submodule(stack.parent_name) if stack.parent_name else model
-        container = parent._modules.get(SHARED_CONTAINER)
+        owner, path = shared_owner(model, stack)
+        container = owner._modules.get(SHARED_CONTAINER)
         if container is None:
             container = nn.ModuleDict()
-            parent.add_module(SHARED_CONTAINER, container)
-        tree = container[stack.attribute] = nn.Module()
+            owner.add_module(SHARED_CONTAINER, container)
+        tree = nn.Module()
+        _set_module(container, path, tree, create_parents=True)
         for group in stack.groups:
             first = stack.blocks[group.layer_indices[0]].get_submodule(group.relative_name)
             reference = dense_weight(first)
@@ -175,6 +175,21 @@ def build_lors_layers(model: nn.Module, stacks: list[Stack]) -> None:
                 dense = stack.blocks[index].get_submodule(group.relative_name)
                 layer = LorsLinear(shared, rank, bias=dense.bias is not None, fan_in_fan_out=isinstance(dense, Conv1D))
                 _set_module(stack.blocks[index], group.relative_name, layer)
+
+
+def shared_owner(model: nn.Module, stack: Stack) -> tuple[nn.Module, str]:
+    """The module whose ``lors_shared`` holds `stack`'s shared weights, and the stack's path below it.
+
+    That is the stack's parent (``bert.encoder`` for ``bert.encoder.layer``), or for a stack inside a
+    container (Funnel's ``encoder.blocks.0``) the nearest ancestor that is not one: a ``ModuleList`` or
+    ``ModuleDict`` would hand the shared weights to the code that iterates over it as one more layer.
+    """
+    parts = stack.name.split(".")
+    for cut in range(len(parts) - 1, -1, -1):
+        owner = model.get_submodule(".".join(parts[:cut])) if cut else model
+        if not isinstance(owner, nn.ModuleList | nn.ModuleDict | nn.Sequential):
+            return owner, ".".join(parts[cut:])
+    return model, stack.name
 
 
 def _initialise(dense: list[nn.Module], lors: list[LorsLinear], ranks: list[int], config: LorsConfig) -> None:
