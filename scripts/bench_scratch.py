@@ -165,8 +165,13 @@ def stack_parameter_count(model: torch.nn.Module) -> int:
 
 
 def dense_stack_estimate(layers: int, width: int) -> int:
-    """Parameters of a dense GPT-2 block stack: per block 12 d^2 (projections) + 13 d (biases) + 4 d (LayerNorms)."""
-    return layers * (12 * width * width + 17 * width)
+    """Parameters of a dense GPT-2 block stack: per block 12 d^2 (projections) + 9 d (biases) + 4 d (LayerNorms).
+
+    Example:
+        >>> dense_stack_estimate(8, 128)  # the long preset's dense stack, as parameter_report counts it
+        1586176
+    """
+    return layers * (12 * width * width + 13 * width)
 
 
 def match_shallow_dense(target: int, layers: int, width: int, heads: int) -> tuple[int, int]:
