@@ -528,11 +528,11 @@ def test_resume_from_a_missing_or_different_checkpoint_is_one_line(data, tiny_be
 def test_clm_evaluates_with_a_validation_file_alone(data, tmp_path):
     out = tmp_path / "gpt"
     assert run_script("run_clm", *TINY_GPT2, "--train_file", str(data / "shakespeare/train.txt"), "--block_size",
-                      "32", "--lors_rank", "2", "--do_train", "--max_steps", "2", "--output_dir", str(out)) == 0
+                      "32", "--lors_rank", "2", "--do_train", "--max_steps", "2", "--output_dir", str(out), *COMMON) == 0
     evaluated = tmp_path / "eval"
     assert run_script("run_clm", "--model_name_or_path", str(out), "--validation_file",
                       str(data / "shakespeare/validation.txt"), "--block_size", "32", "--do_eval",
-                      "--max_eval_samples", "4", "--output_dir", str(evaluated)) == 0
+                      "--max_eval_samples", "4", "--output_dir", str(evaluated), *COMMON) == 0
     assert math.isfinite(read_json(evaluated / "eval_results.json")["perplexity"])
 
 
