@@ -117,7 +117,8 @@ def test_a_truncated_cached_file_names_the_fix(tmp_path: Path) -> None:
     """A damaged cache is a ValueError that says what to remove, not an EOFError or a safetensors error."""
     import shutil
 
-    source = next(d for d in (Path.home() / ".cache/lors_hf/fashion-mnist", assets._FASHION_SYSTEM_DIR)
+    assets.fashion_mnist()  # fetched into the cache unless the system has it
+    source = next(d for d in (assets._CACHE_ROOT / "fashion-mnist", assets._FASHION_SYSTEM_DIR)
                   if all((d / n).is_file() for n in assets._FASHION_FILES))
     cache = tmp_path / "fm"
     shutil.copytree(source, cache)
