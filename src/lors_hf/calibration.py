@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -97,13 +98,14 @@ def collect_input_statistics(
     device = next(model.parameters()).device
     sums: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
     counts: dict[tuple[str, int], int] = {}
-    mask_holder: dict[str, torch.Tensor | None] = {"mask": None}
+    inputs_holder: dict[str, Any] = {"inputs": {}}
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     last = _LastInput()
 
-    def hook_for(key: tuple[str, int]):
+    def hook_for(key: tuple[str, int], stack_name: str):
         def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
             def moments() -> dict[str, Any]:
-                x = _flatten(args[0].detach(), mask_holder["mask"])
+                x = _flatten(args[0].detach(), _padding_mask(stack_name, inputs_holder["inputs"], encoder_decoder))
                 return {"second": x.T @ x, "sum": x.sum(0), "count": x.shape[0]}
 
             found = last.moments(args[0], moments)
@@ -113,7 +115,8 @@ def collect_input_statistics(
             counts[key] = counts.get(key, 0) + found["count"]
         return hook
 
-    hooks = [model.get_submodule(group.module_name(index)).register_forward_pre_hook(hook_for((group.name, index)))
+    hooks = [model.get_submodule(group.module_name(index)).register_forward_pre_hook(
+                 hook_for((group.name, index), stack.name))
              for stack in stacks for group in stack.groups for index in group.layer_indices]
     was_training = model.training
     model.eval()
@@ -122,7 +125,7 @@ def collect_input_statistics(
         with torch.no_grad():
             for batch in calibration_data:
                 inputs = _model_inputs(batch, device, model)
-                mask_holder["mask"] = inputs.get("attention_mask")
+                inputs_holder["inputs"] = inputs
                 try:
                     model(**inputs)
                 except (RuntimeError, IndexError, ValueError, TypeError) as err:
@@ -265,7 +268,12 @@ def convert_with_calibration(
     try:
         for _ in range(rounds - 1):
             for stack in stacks:
-                _sequential_round(model, reference, stack, dense, batches, damping)
+                try:
+                    _sequential_round(model, reference, stack, dense, batches, damping)
+                except RuntimeError as err:  # a block that cannot be replayed alone (e.g. a cache it extends)
+                    reason = " ".join(str(err).split())
+                    warnings.warn(f"calibration: the sequential refit of {stack.name} stopped ({reason}); its blocks "
+                                  "not refitted keep the first-round fit", stacklevel=3)
     finally:
         del reference
 
@@ -345,13 +353,17 @@ def _sequential_round(model: nn.Module, reference: nn.Module, stack: Stack,
             dense_calls = _capture_block_calls(reference, reference_blocks, batches)
             lors_hidden = [hidden for hidden, _ in lors_calls]
             dense_hidden = [hidden for hidden, _ in dense_calls]
-            masks = [_model_inputs(batch, lors_hidden[0].device).get("attention_mask") for batch in batches]
+            encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+            masks = [_padding_mask(stack.name, _model_inputs(batch, lors_hidden[0].device), encoder_decoder)
+                     for batch in batches]
             for index, (block, dense_block) in enumerate(zip(stack.blocks, reference_blocks, strict=True)):
                 groups = [g for g in stack.groups if index in g.layer_indices]
                 statistics = _paired_block_statistics(
                     block, dense_block, groups, index, lors_hidden, dense_hidden,
                     [calls[index] for _, calls in lors_calls], [calls[index] for _, calls in dense_calls], masks)
                 for group in groups:
+                    if group.name not in statistics:
+                        continue  # a routed expert no calibration token reached: keep its first-round fit
                     position = group.layer_indices.index(index)
                     weights, biases = dense[group.name]
                     layer = block.get_submodule(group.relative_name)
@@ -385,12 +397,15 @@ def _paired_block_statistics(block, dense_block, groups, index, lors_hidden, den
 
     def lors_hook(name: str):
         def hook(_module: nn.Module, args: tuple) -> None:
-            reference = dense_inputs.pop(name)
+            reference = dense_inputs.pop(name, None)
 
             def moments() -> dict[str, torch.Tensor]:
                 x = _flatten(args[0].detach(), mask_holder["mask"])
-                return {"second": x.T @ x, "sum": x.sum(0), "cross": reference.T @ x,
-                        "reference_sum": reference.sum(0), "count": x.shape[0]}
+                # Routed experts: the dense model may have sent other tokens here (or none); without a token
+                # for token pairing, the converted input stands for the dense one (the target stays W).
+                paired = reference if reference is not None and reference.shape == x.shape else x
+                return {"second": x.T @ x, "sum": x.sum(0), "cross": paired.T @ x,
+                        "reference_sum": paired.sum(0), "count": x.shape[0]}
 
             found = last.moments(args[0], moments)
             total = sums.setdefault(name, {})
@@ -433,6 +448,14 @@ class _LastInput:
         if tensor is not self.tensor:
             self.tensor, self.value = tensor, compute()
         return self.value
+
+
+def _padding_mask(stack_name: str, inputs: Mapping[str, Any], encoder_decoder: bool) -> torch.Tensor | None:
+    """The padding mask of a stack's tokens: ``attention_mask``, but for the decoder of an encoder-decoder its
+    ``decoder_attention_mask`` (or none: the encoder's mask would drop real decoder tokens of the same length)."""
+    if encoder_decoder and ".decoder." in f".{stack_name}.":
+        return inputs.get("decoder_attention_mask")
+    return inputs.get("attention_mask")
 
 
 def _flatten(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
