@@ -99,13 +99,12 @@ def collect_input_statistics(
     sums: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
     counts: dict[tuple[str, int], int] = {}
     inputs_holder: dict[str, Any] = {"inputs": {}}
-    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     last = _LastInput()
 
     def hook_for(key: tuple[str, int], stack_name: str):
         def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
             def moments() -> dict[str, Any]:
-                x = _flatten(args[0].detach(), _padding_mask(stack_name, inputs_holder["inputs"], encoder_decoder))
+                x = _flatten(args[0].detach(), _padding_mask(model, stack_name, inputs_holder["inputs"]))
                 return {"second": x.T @ x, "sum": x.sum(0), "count": x.shape[0]}
 
             found = last.moments(args[0], moments)
@@ -353,9 +352,7 @@ def _sequential_round(model: nn.Module, reference: nn.Module, stack: Stack,
             dense_calls = _capture_block_calls(reference, reference_blocks, batches)
             lors_hidden = [hidden for hidden, _ in lors_calls]
             dense_hidden = [hidden for hidden, _ in dense_calls]
-            encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-            masks = [_padding_mask(stack.name, _model_inputs(batch, lors_hidden[0].device), encoder_decoder)
-                     for batch in batches]
+            masks = [_padding_mask(model, stack.name, _model_inputs(batch, lors_hidden[0].device)) for batch in batches]
             for index, (block, dense_block) in enumerate(zip(stack.blocks, reference_blocks, strict=True)):
                 groups = [g for g in stack.groups if index in g.layer_indices]
                 statistics = _paired_block_statistics(
@@ -450,9 +447,10 @@ class _LastInput:
         return self.value
 
 
-def _padding_mask(stack_name: str, inputs: Mapping[str, Any], encoder_decoder: bool) -> torch.Tensor | None:
+def _padding_mask(model: nn.Module, stack_name: str, inputs: Mapping[str, Any]) -> torch.Tensor | None:
     """The padding mask of a stack's tokens: ``attention_mask``, but for the decoder of an encoder-decoder its
     ``decoder_attention_mask`` (or none: the encoder's mask would drop real decoder tokens of the same length)."""
+    encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
     if encoder_decoder and ".decoder." in f".{stack_name}.":
         return inputs.get("decoder_attention_mask")
     return inputs.get("attention_mask")

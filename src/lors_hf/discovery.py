@@ -106,6 +106,19 @@ def find_stacks(model: nn.Module) -> list[Stack]:
     return stacks
 
 
+def submodule_or_none(module: nn.Module, name: str) -> nn.Module | None:
+    """``module.get_submodule(name)``, or None when there is no such submodule.
+
+    Example:
+        >>> submodule_or_none(nn.Sequential(nn.Linear(2, 2)), "1") is None
+        True
+    """
+    try:
+        return module.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def _matches(module_name: str, spec: list[str] | str) -> bool:
     if isinstance(spec, str):
         return re.fullmatch(spec, module_name) is not None
@@ -141,13 +154,13 @@ def sharing_stacks(model: nn.Module, config: LorsConfig | None = None,
 def find_groups(model: nn.Module, config: LorsConfig) -> list[Stack]:
     """The stacks of `model` with the projection groups `config` targets (ranks not yet set); a ValueError
     that says why when there are none."""
-    if not find_stacks(model):
+    candidates: list[str] = []
+    stacks = sharing_stacks(model, config, candidates)
+    if not stacks and not candidates:  # no stack holds a projection at all
         raise ValueError(
             f"lorsify: found no stack of layers in {type(model).__name__}: LORS needs an nn.ModuleList of two "
             "or more blocks of the same class (like BERT's encoder.layer or GPT-2's transformer.h)."
         )
-    candidates: list[str] = []
-    stacks = sharing_stacks(model, config, candidates)
     if not stacks:
         examples = ", ".join(sorted({re.sub(r"\.\d+\.", ".*.", c) for c in candidates})[:8])
         raise ValueError(
@@ -169,10 +182,7 @@ def _add_groups(stack: Stack, config: LorsConfig, candidates: list[str]) -> None
         shape = projection_shape(module)
         members, weights = [], set()
         for index, block in enumerate(stack.blocks):
-            try:
-                other = block.get_submodule(relative_name)
-            except AttributeError:
-                continue
+            other = submodule_or_none(block, relative_name)
             if type(other) is not type(module) or projection_shape(other) != shape:
                 continue
             full_name = f"{stack.name}.{index}.{relative_name}"

@@ -51,7 +51,7 @@ import torch
 from transformers import PreTrainedModel
 
 from .config import LorsConfig
-from .discovery import plan_ranks
+from .discovery import plan_ranks, submodule_or_none
 from .layer import LorsLinear, SharedWeight
 from .surgery import build_lors_layers, get_lors_config, is_lorsified
 
@@ -132,19 +132,10 @@ def _lands_on_dense_module(model: torch.nn.Module, key: str) -> bool:
     """True for a checkpoint LORS weight whose layer exists in `model` but is dense there."""
     if ".lors_shared." in f".{key}":
         parent = key.split("lors_shared.", 1)[0].rstrip(".")
-        return not parent or _has_submodule(model, parent)
+        return not parent or submodule_or_none(model, parent) is not None
     module_name, _, leaf = key.rpartition(".")
-    if leaf not in ("lors_A", "lors_B") or not _has_submodule(model, module_name):
-        return False
-    return not isinstance(model.get_submodule(module_name), LorsLinear)
-
-
-def _has_submodule(model: torch.nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
+    module = submodule_or_none(model, module_name)
+    return leaf in ("lors_A", "lors_B") and module is not None and not isinstance(module, LorsLinear)
 
 
 def _verify_lors_weights(model: PreTrainedModel, loading_info: Any, source: Any) -> None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .discovery import sharing_stacks, stack_parameters
+from .discovery import sharing_stacks, stack_parameters, submodule_or_none
 from .layer import LorsLinear
 from .surgery import SHARED_CONTAINER, shared_owner
 
@@ -55,14 +55,6 @@ class ParameterReport:
         return "\n".join(lines)
 
 
-def _has_path(module: nn.Module, path: str) -> bool:
-    try:
-        module.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
-
-
 def parameter_report(model: nn.Module) -> ParameterReport:
     """Count parameters per stack and in total, dense against LORS (equal for a dense model).
 
@@ -82,9 +74,9 @@ def parameter_report(model: nn.Module) -> ParameterReport:
         dense = stack_parameters(stack)
         lors = sum(p.numel() for p in stack.blocks.parameters())
         owner, path = shared_owner(model, stack)
-        container = owner._modules.get(SHARED_CONTAINER)
-        if container is not None and _has_path(container, path):
-            lors += sum(p.numel() for p in container.get_submodule(path).parameters())
+        shared = submodule_or_none(owner, f"{SHARED_CONTAINER}.{path}")
+        if shared is not None:
+            lors += sum(p.numel() for p in shared.parameters())
         report.stacks.append(ReportRow(stack.name, len(stack.blocks), dense, lors))
     now = sum(p.numel() for p in model.parameters())
     for module in model.modules():

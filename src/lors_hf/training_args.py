@@ -271,7 +271,8 @@ def check_no_empty_cells(raw: Any, columns: list[str]) -> None:
     """
     for split_name, split in raw.items():
         for column in columns:
-            if column in split.column_names:
+            # Arrow's null count first (free), so the row is looked for only when there is one to find.
+            if column in split.column_names and split.data.column(column).null_count:
                 row = next((i for i, value in enumerate(split[column]) if value is None), None)
                 if row is not None:
                     raise ScriptError(f"{split_name} data: row {row} has no value in column {column!r}; "
