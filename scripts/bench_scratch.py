@@ -197,7 +197,8 @@ def match_shallow_dense(target: int, layers: int, width: int, heads: int) -> tup
 
 
 def variant_specs(args: argparse.Namespace, vocab_size: int) -> list[VariantSpec]:
-    """The five variants; the shallow baseline is sized from the LORS-60 model's stack parameter count."""
+    """The variants in ``args.variants``; the shallow baseline is sized from the LORS-60 model's stack parameter
+    count (whether or not LORS-60 is trained)."""
     base = {"layers": args.layers, "width": args.d_model}
     specs = [
         VariantSpec("dense", **base, description="dense GPT-2"),
@@ -211,7 +212,7 @@ def variant_specs(args: argparse.Namespace, vocab_size: int) -> list[VariantSpec
     target = stack_parameter_count(lors60)
     layers, width = match_shallow_dense(target, args.layers, args.d_model, args.heads)
     specs.append(VariantSpec("shallow", layers, width, description=f"dense, {layers} layers x {width}"))
-    return specs
+    return [spec for spec in specs if spec.name in args.variants]
 
 
 # ------------------------------------------------------------------------------------- train / eval
@@ -414,6 +415,8 @@ def render_markdown(results: list[RunResult], specs: list[VariantSpec], args: ar
            else "")
         + (f", LORS stack (shared weights, `lors_A`) at {args.stack_lr_ratio:g}x the learning rate and `lors_B` at "
            f"{args.b_lr_ratio:g}x that" if args.stack_lr_ratio != 1 else "")
+        + (f", {args.steps} steps" if args.own_steps else "")
+        + (f", variants {', '.join(args.variants)} only" if len(args.variants) < len(VARIANT_NAMES) else "")
         + (" on GPU" if args.device != "cpu" else ""),
         "",
         f"Machine: {machine_description()}; device {args.device}{', bf16 autocast' if args.bf16 else ', fp32'}"
@@ -452,21 +455,21 @@ def render_markdown(results: list[RunResult], specs: list[VariantSpec], args: ar
             f"{runs[0].stack_params:,} | {runs[0].stack_params / dense_stack - 1:+.1%} | {runs[0].model_params:,} | "
             f"{mean:.3f} ± {spread:.3f} | {per_seed} | {mean / dense_ppl - 1:+.2%} | {val_mean:.3f} | {minutes:.1f} min |"
         )
-    shallow = by_variant["shallow"][0]
-    lors60 = by_variant["lors-60"][0]
-    lines += [
-        "",
-        f"Equal-parameter baseline: `shallow` has {shallow.stack_params:,} stack parameters against {lors60.stack_params:,} "
-        f"for `lors-60` ({shallow.stack_params / lors60.stack_params - 1:+.1%}).",
-        "",
-        "Targets (computed from the table):",
-        "",
-    ]
+    lines.append("")
+    if "shallow" in by_variant and "lors-60" in by_variant:
+        shallow, lors60 = by_variant["shallow"][0], by_variant["lors-60"][0]
+        lines += [f"Equal-parameter baseline: `shallow` has {shallow.stack_params:,} stack parameters against "
+                  f"{lors60.stack_params:,} for `lors-60` ({shallow.stack_params / lors60.stack_params - 1:+.1%}).", ""]
+    lines += ["Targets (computed from the table):", ""]
     ppl = {name: summarize([r.test_ppl for r in runs])[0] for name, runs in by_variant.items()}
     for name in ("lors-60", "lors-70"):
+        if name not in ppl:
+            continue
         gap = ppl[name] / ppl["dense"] - 1
         lines.append(f"- `{name}` within 2% of dense perplexity: {'HIT' if gap <= 0.02 else 'MISSED'} ({gap:+.2%}).")
         for baseline in ("shared", "shallow"):
+            if baseline not in ppl:
+                continue
             better = ppl[name] < ppl[baseline]
             lines.append(f"- `{name}` better than `{baseline}`: {'HIT' if better else 'MISSED'} "
                          f"({ppl[name]:.3f} vs {ppl[baseline]:.3f}).")
@@ -488,6 +491,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--seq-len", type=int)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--variants", nargs="+", choices=VARIANT_NAMES, default=list(VARIANT_NAMES),
+                        help="variants to train (dense is always trained: the table compares with it); a subset "
+                             "writes its own section, suffixed with their names")
     parser.add_argument("--lr", type=float, default=DEFAULT_LR,
                         help="peak learning rate (another value writes a section suffixed _lr<value>)")
     parser.add_argument("--weight-decay", type=float, default=0.1)
@@ -512,6 +518,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.variants = [name for name in VARIANT_NAMES if name in {"dense", *args.variants}]
+    args.own_steps = args.steps != PRESETS[args.preset]["steps"]  # another token budget: its own section
     if args.smoke:
         args.layers, args.d_model, args.heads, args.seq_len = 6, 32, 2, 32
         args.steps, args.batch_size, args.eval_tokens, args.log_every = 4, 4, 512, 2
@@ -532,9 +540,11 @@ def main(argv: list[str] | None = None) -> None:
     results = train_all(specs, data, args)
     results_file = Path(args.results_file)
     section = SECTION + (f"_{args.preset}" if args.preset != "default" else "")
+    section += f"_steps{args.steps}" if args.own_steps else ""
     section += f"_lr{args.lr:g}" if args.lr != DEFAULT_LR else ""
     section += f"_b{args.b_lr_ratio:g}" if args.b_lr_ratio != 1 else ""
     section += f"_s{args.stack_lr_ratio:g}" if args.stack_lr_ratio != 1 else ""
+    section += "_" + "_".join(args.variants) if len(args.variants) < len(VARIANT_NAMES) else ""
     section = device_section(section, args.device)
     plots = save_plots(results, specs, results_file.parent, smoothing=max(1, args.steps // 20),
                        prefix=section)

@@ -122,6 +122,24 @@ def test_scratch_long_preset_runs_in_parallel_with_the_same_figures(results: Pat
     assert "<!-- bench_scratch:start -->" not in parallel_file.read_text(encoding="utf-8")
 
 
+def test_scratch_variant_subset_and_budget_write_their_own_section(results: Path, tmp_path: Path) -> None:
+    """--variants trains only the named ones (plus dense, the reference) and --steps away from the preset's
+    budget names its own section; the runs that remain give the full run's figures, and the targets list
+    only comparisons the table can make."""
+    subset_file = tmp_path / "RESULTS.md"
+    _run("bench_scratch.py", "--variants", "shallow", "lors-60", "--steps", "4", "--results-file", str(subset_file))
+    section = _section(subset_file, "bench_scratch_steps4_dense_lors-60_shallow")
+    assert ", 4 steps, variants dense, lors-60, shallow only" in section
+    full, subset = _table(_section(results, "bench_scratch")), _table(section)
+    assert set(subset) == {"dense", "lors-60", "shallow"}
+    for name in subset:
+        assert subset[name][7] == full[name][7], name  # per-seed test perplexities
+    targets = section.split("Targets (computed from the table):")[1]
+    assert "`lors-60` better than `shallow`" in targets
+    assert "shared" not in targets and "lors-70" not in targets
+    assert "Equal-parameter baseline" in section
+
+
 def test_scratch_b_lr_ratio_changes_only_the_lors_runs(results: Path, tmp_path: Path) -> None:
     """--b-lr-ratio 8 trains lors_B 8x faster and writes its own section: the models without private factors
     (dense, shared, shallow) must give the default run's figures, the LORS ones others."""
