@@ -186,13 +186,21 @@ class LocalHub:
     endpoint (``None``: every file is ``"regular"`` and sent base64-inline in the commit). LFS
     uploads use the Git LFS batch API with "basic" transfers, so clients must run with
     ``HF_HUB_DISABLE_XET=1`` (Xet storage is not implemented). ``max_body_bytes`` bounds the size
-    of any request body.
+    of any request body. ``token``: when set, every request must carry ``Authorization: Bearer
+    <token>`` (401 otherwise, as the Hub answers a bad token), except the LFS object transfers,
+    whose URLs stand for the Hub's pre-signed storage URLs.
     """
 
     def __init__(
-        self, *, lfs_threshold: int | None = None, max_body_bytes: int = 1 << 30, username: str = "user"
+        self,
+        *,
+        lfs_threshold: int | None = None,
+        max_body_bytes: int = 1 << 30,
+        username: str = "user",
+        token: str | None = None,
     ):
         self.lfs_threshold = lfs_threshold
+        self.token = token
         self.max_body_bytes = max_body_bytes
         self.username = username
         self._repos: dict[tuple[str, str], _Repo] = {}
@@ -358,6 +366,9 @@ class LocalHub:
     # ------------------------------------------------------------------------------- routing
     def _route(self, req: _Request) -> _Response:
         seg = req.segments
+        if self.token is not None and seg[:1] != ["__lfs"]:
+            if req.headers.get("authorization") != f"Bearer {self.token}":
+                raise _HubError(401, "Invalid credentials in Authorization header")
         if seg[:1] == ["api"]:
             return self._route_api(req, seg[1:])
         if seg[:1] == ["__lfs"] and len(seg) == 5 and seg[1] in URL_PREFIXES:
@@ -842,9 +853,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: any free port)")
     parser.add_argument("--lfs-threshold", type=int, default=None, help="announce files >= N bytes as LFS")
+    parser.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' on every request")
     args = parser.parse_args(argv)
     try:
-        LocalHub(lfs_threshold=args.lfs_threshold).serve_forever(args.port)
+        LocalHub(lfs_threshold=args.lfs_threshold, token=args.token).serve_forever(args.port)
     except KeyboardInterrupt:
         pass
 

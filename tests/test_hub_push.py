@@ -1,5 +1,6 @@
 """``push_to_hub`` of a LORS model to the local Hub (tests/hub_server.py), then ``from_pretrained``
-from the Hub in a fresh process.
+from the Hub in a fresh process. The Hub checks the token on every request and takes the weights through
+Git LFS, as the real one does.
 
 Clients run in subprocesses so that ``HF_ENDPOINT`` is set before huggingface_hub is imported.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import HUB_TOKEN
 from tiny_models import build
 
 from lors_hf import lorsify, write_model_card
@@ -83,7 +85,8 @@ def _client_env(endpoint: str, home: Path) -> dict[str, str]:
     proxies = {"http_proxy", "https_proxy", "all_proxy"}
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_")) and k.lower() not in proxies}
-    env.update(HF_ENDPOINT=endpoint, HF_HUB_OFFLINE="0", HF_TOKEN="dummy", HF_HUB_DISABLE_TELEMETRY="1",
+    env.update(HF_ENDPOINT=endpoint, HF_HUB_OFFLINE="0", HF_TOKEN=HUB_TOKEN, HF_HUB_DISABLE_TELEMETRY="1",
+               HF_HUB_DISABLE_XET="1",
                HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HOME=str(home), NO_PROXY="127.0.0.1,localhost",
                no_proxy="127.0.0.1,localhost",
                PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])))
@@ -105,14 +108,15 @@ def _front_matter(readme: bytes) -> dict:
 
 
 @pytest.mark.slow
-def test_push_to_hub_then_from_pretrained(local_hub, tmp_path):
-    pushed = _run(PUSH_SCRIPT, _client_env(local_hub.endpoint, tmp_path / "home-push"),
+def test_push_to_hub_then_from_pretrained(guarded_hub, tmp_path):
+    pushed = _run(PUSH_SCRIPT, _client_env(guarded_hub.endpoint, tmp_path / "home-push"),
                   str(tmp_path), REPO, SAVE_AND_PUSH_REPO, BASE_MODEL)
 
-    files = local_hub.files(REPO, revision=pushed["commit"])
+    files = guarded_hub.files(REPO, revision=pushed["commit"])
     assert {"config.json", "model.safetensors", "README.md"} <= set(files)
     assert json.loads(files["config.json"])["lors_config"] == pushed["lors_config"]
 
+    assert "model.safetensors" in guarded_hub.lfs_paths(REPO)
     weights = files["model.safetensors"]  # compact: the LORS parameters and the guard, nothing dense
     (header_length,) = struct.unpack("<Q", weights[:8])
     header = json.loads(weights[8 : 8 + header_length])
@@ -130,17 +134,17 @@ def test_push_to_hub_then_from_pretrained(local_hub, tmp_path):
     card = readme.decode()
     assert pushed["report"] in card  # the parameter report
     assert "import lors_hf" in card and f'from_pretrained("{REPO}")' in card  # how to load
-    assert local_hub.commits(REPO)[0]["title"] == "Upload a LORS model"
-    assert local_hub.commits(REPO, revision="dev")[0]["title"] == "Upload to a new branch"
-    assert local_hub.files(REPO, revision="dev")["model.safetensors"] == files["model.safetensors"]
+    assert guarded_hub.commits(REPO)[0]["title"] == "Upload a LORS model"
+    assert guarded_hub.commits(REPO, revision="dev")[0]["title"] == "Upload to a new branch"
+    assert guarded_hub.files(REPO, revision="dev")["model.safetensors"] == files["model.safetensors"]
 
-    via_save = local_hub.files(SAVE_AND_PUSH_REPO)
+    via_save = guarded_hub.files(SAVE_AND_PUSH_REPO)
     assert {"config.json", "model.safetensors", "README.md"} <= set(via_save)
     assert via_save["model.safetensors"] == weights
-    assert local_hub.commits(SAVE_AND_PUSH_REPO)[0]["title"] == "via save_pretrained"
+    assert guarded_hub.commits(SAVE_AND_PUSH_REPO)[0]["title"] == "via save_pretrained"
     assert (tmp_path / "local" / "model.safetensors").read_bytes() == weights
 
-    pulled = _run(PULL_SCRIPT, _client_env(local_hub.endpoint, tmp_path / "home-pull"), str(tmp_path), REPO)
+    pulled = _run(PULL_SCRIPT, _client_env(guarded_hub.endpoint, tmp_path / "home-pull"), str(tmp_path), REPO)
     assert pulled == {loader: {"lorsified": True, "equal": True}
                       for loader in ("AutoModelForSequenceClassification", "BertForSequenceClassification")}
 

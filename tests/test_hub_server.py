@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import HUB_TOKEN
 from hub_server import LocalHub
 
 REPO = "me/tiny-bert"
@@ -274,6 +275,24 @@ def _http(url: str, method: str = "GET", data=None, headers=None) -> tuple[int, 
             return resp.status, dict(resp.headers), resp.read()
     except urllib.error.HTTPError as err:
         return err.code, dict(err.headers), err.read()
+
+
+def test_token_is_checked_on_every_request_but_lfs_transfers(guarded_hub):
+    """A hub built with a token answers 401 to a request with none or another one, on the API and on
+    /resolve alike; LFS object transfers (the Hub's pre-signed storage URLs) need none."""
+    url, json_type = guarded_hub.endpoint, {"Content-Type": "application/json"}
+    create = json.dumps({"name": "guarded", "organization": "me"}).encode()
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        status, reply, _ = _http(f"{url}/api/repos/create", "POST", create, {**json_type, **headers})
+        assert status == 401 and "Invalid credentials" in reply["X-Error-Message"]
+        assert _http(f"{url}/api/whoami-v2", headers=headers)[0] == 401
+    good = {"Authorization": f"Bearer {HUB_TOKEN}"}
+    assert _http(f"{url}/api/repos/create", "POST", create, {**json_type, **good})[0] == 200
+    assert _http(f"{url}/me/guarded/resolve/main/.gitattributes")[0] == 401
+    assert _http(f"{url}/me/guarded/resolve/main/.gitattributes", headers=good)[0] == 200
+    data = b"weights" * 200
+    lfs_put = _http(f"{url}/__lfs/model/me/guarded/{hashlib.sha256(data).hexdigest()}", "PUT", data)
+    assert lfs_put[0] == 200
 
 
 def test_raw_http_range_chunked_and_ndjson(local_hub):
