@@ -108,6 +108,7 @@ def saved_families(tmp_path_factory) -> Path:
         model.save_pretrained(folder / "lors")
         torch.save(inputs, folder / "inputs.pt")
         torch.save(output(model, inputs), folder / "lors_output.pt")
+        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, folder / "lors_state.pt")
         manifest[family] = {
             "auto": AUTO_CLASSES[family],
             "cls": type(model).__name__,
@@ -116,6 +117,7 @@ def saved_families(tmp_path_factory) -> Path:
         }
         merge_and_unload(model).save_pretrained(folder / "dense")
         torch.save(output(model, inputs), folder / "merged_output.pt")
+        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, folder / "merged_state.pt")
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
 
@@ -136,15 +138,19 @@ results = {}
 for family, info in manifest.items():
     folder = work / family
     inputs, reference = torch.load(folder / "inputs.pt"), torch.load(folder / "lors_output.pt")
+    saved_state = torch.load(folder / "lors_state.pt")
     results[family] = {}
     for loader in (info["auto"], info["cls"]):
         model = getattr(transformers, loader).from_pretrained(folder / "lors").eval()
+        state = model.state_dict()
         with torch.no_grad():
             out = main_output(model(**inputs))
         results[family][loader] = {
             "class": type(model).__name__,
-            "equal": torch.equal(out, reference),
+            "weights_equal": set(state) == set(saved_state) and all(torch.equal(state[k], v)
+                                                                   for k, v in saved_state.items()),
             "max_abs_diff": (out - reference).abs().max().item(),
+            "scale": reference.abs().max().item(),
             "lors_layers": sum(isinstance(m, LorsLinear) for m in model.modules()),
             "lors_config": model.config.lors_config,
         }
@@ -186,11 +192,14 @@ for family, info in manifest.items():
     with torch.no_grad():
         out = main_output(model.eval()(**inputs))
     merged, lors = torch.load(folder / "merged_output.pt"), torch.load(folder / "lors_output.pt")
+    merged_state, state = torch.load(folder / "merged_state.pt"), model.state_dict()
     entry["dense"] = {
         "class": type(model).__name__,
         "has_lors_config": hasattr(model.config, "lors_config"),
         "loading_info": {k: sorted(map(str, v)) for k, v in info.items()},
-        "equal_to_merged": torch.equal(out, merged),
+        "weights_equal_to_merged": set(state) == set(merged_state) and all(torch.equal(state[k], v)
+                                                                           for k, v in merged_state.items()),
+        "max_abs_diff_to_merged": (out - merged).abs().max().item(),
         "max_abs_diff_to_lors": (out - lors).abs().max().item(),
         "lors_scale": lors.abs().max().item(),
     }
@@ -314,7 +323,11 @@ def test_fresh_process_reload_is_bitwise_identical(family, fresh_processes, save
         assert result["class"] == info["cls"], loader
         assert result["lors_layers"] == info["lors_layers"] > 0, loader
         assert result["lors_config"] == info["lors_config"], loader
-        assert result["equal"], f"{loader}: outputs differ by {result['max_abs_diff']}"
+        assert result["weights_equal"], loader  # every tensor, bit for bit
+        # Outputs to float rounding: the reloaded tensors live where the safetensors file put them, and on
+        # some CPUs (AVX2 here) kernels round differently on memory of another alignment (ViT, Whisper:
+        # 6e-8 and 1.2e-7 apart; equal once the same weights are copied to fresh memory).
+        assert result["max_abs_diff"] <= 1e-6 * max(1.0, result["scale"]), (loader, result["max_abs_diff"])
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
@@ -361,7 +374,8 @@ def test_merged_checkpoint_loads_in_stock_transformers(family, fresh_processes, 
     assert not dense["has_lors_config"]
     assert dense["loading_info"]["missing_keys"] == [] and dense["loading_info"]["mismatched_keys"] == []
     assert dense["loading_info"]["unexpected_keys"] == []
-    assert dense["equal_to_merged"]
+    assert dense["weights_equal_to_merged"]  # bit for bit; outputs to float rounding (see the test above)
+    assert dense["max_abs_diff_to_merged"] <= 1e-6 * max(1.0, dense["lors_scale"])
     assert dense["max_abs_diff_to_lors"] <= 1e-5 * max(1.0, dense["lors_scale"])
 
 
