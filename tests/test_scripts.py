@@ -225,13 +225,15 @@ def test_detection_learns_saves_and_reloads(data, tmp_path):
     code = run_script(
         "run_detection", *TINY_DETR, "--lors_rank", "8", "--train_annotation_file", train,
         "--validation_annotation_file", train, "--max_train_samples", "8", "--max_eval_samples", "8",
-        "--per_device_train_batch_size", "8", "--max_steps", "400", "--learning_rate", "5e-4",
+        "--per_device_train_batch_size", "8", "--max_steps", "800", "--learning_rate", "5e-4",
         "--lr_scheduler_type", "constant", "--do_train", "--do_eval", "--output_dir", str(out), *COMMON)
     assert code == 0
     results = read_json(out / "all_results.json")
     assert math.isfinite(results["eval_loss"]) and {"eval_map_75", "eval_mar_100"} <= set(results)
-    # 0.42 here (mAP 0.23); 0.16 with the backbone DETR leaves frozen; an untrained DETR scores 0
-    assert results["eval_map_50"] > 0.25
+    # An untrained DETR scores 0. After 800 steps, seeds 0-3 gave 0.97 / 0.94 / 0.88 / 0.99 on an AVX2 CPU;
+    # after 400 steps (this test's old length) 0.09 to 0.44 by seed, and seed 0 fell from 0.42 on an earlier
+    # machine's CPU to 0.09 on the AVX2 one: too short to overfit reliably.
+    assert results["eval_map_50"] > 0.5
     model = tf.DetrForObjectDetection.from_pretrained(out)
     assert lors_hf.is_lorsified(model)
     assert [s["name"] for s in read_json(out / "parameter_report.json")["stacks"]] == [
