@@ -315,25 +315,24 @@ def test_torchrun_two_processes_keep_shared_weights_equal(data, tiny_bert, tmp_p
 @pytest.mark.slow
 def test_push_to_hub(data, tiny_bert, tmp_path, guarded_hub):
     """--hub_token reaches every request (the Hub answers 401 to any other), and the weights go through LFS."""
-    local_hub = guarded_hub
     out = tmp_path / "pushed"
     command = [sys.executable, str(SCRIPTS / "run_classification.py"),
                *classification_args(data, tiny_bert, out, "--lors_rank", "2", "--do_train", "--max_steps", "1",
                                     "--push_to_hub", "--hub_model_id", "me/tiny-lors", "--hub_token", HUB_TOKEN,
                                     "--hub_revision", "trained")]
-    env = subprocess_env(HF_ENDPOINT=local_hub.endpoint, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf-home"),
+    env = subprocess_env(HF_ENDPOINT=guarded_hub.endpoint, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf-home"),
                          HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    files = local_hub.files("me/tiny-lors", revision="trained")  # --hub_revision: a new branch
+    files = guarded_hub.files("me/tiny-lors", revision="trained")  # --hub_revision: a new branch
     assert {"config.json", "model.safetensors", "README.md", "tokenizer.json", "parameter_report.json",
             "parameter_report.txt", "all_results.json"} <= set(files)
     assert not any(name.startswith(("checkpoint-", DDP_SYNC_DIR)) for name in files)
-    assert "model.safetensors" not in local_hub.files("me/tiny-lors")  # main keeps only the initial commit
+    assert "model.safetensors" not in guarded_hub.files("me/tiny-lors")  # main keeps only the initial commit
     card = files["README.md"].decode()
     assert "LORS" in card and 'from_pretrained("me/tiny-lors")' in card and str(out) not in card
     assert files["model.safetensors"] == (out / "model.safetensors").read_bytes()
-    assert "model.safetensors" in local_hub.lfs_paths("me/tiny-lors", revision="trained")
+    assert "model.safetensors" in guarded_hub.lfs_paths("me/tiny-lors", revision="trained")
 
 
 # ------------------------------------------------------------------------------------------------ errors

@@ -98,13 +98,13 @@ def collect_input_statistics(
     device = next(model.parameters()).device
     sums: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
     counts: dict[tuple[str, int], int] = {}
-    inputs_holder: dict[str, Any] = {"inputs": {}}
+    masks: dict[str, torch.Tensor | None] = {}  # per stack, for the batch running now
     last = _LastInput()
 
     def hook_for(key: tuple[str, int], stack_name: str):
         def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
             def moments() -> dict[str, Any]:
-                x = _flatten(args[0].detach(), _padding_mask(model, stack_name, inputs_holder["inputs"]))
+                x = _flatten(args[0].detach(), masks[stack_name])
                 return {"second": x.T @ x, "sum": x.sum(0), "count": x.shape[0]}
 
             found = last.moments(args[0], moments)
@@ -124,7 +124,7 @@ def collect_input_statistics(
         with torch.no_grad():
             for batch in calibration_data:
                 inputs = _model_inputs(batch, device, model)
-                inputs_holder["inputs"] = inputs
+                masks.update({stack.name: _padding_mask(model, stack.name, inputs) for stack in stacks})
                 try:
                     model(**inputs)
                 except (RuntimeError, IndexError, ValueError, TypeError) as err:
