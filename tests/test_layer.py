@@ -165,6 +165,19 @@ def test_shared_weight_is_not_a_registered_submodule_of_the_layer():
     assert "shared.weight" not in layer.state_dict()
 
 
+@pytest.mark.parametrize("rank", [0, 3])
+def test_a_layer_away_from_its_shared_weight_says_so(rank):
+    # What nn.DataParallel's replicate() does to a layer: a shallow copy whose own parameters move to another
+    # device, while the plain reference still points at the original shared weight ("meta" stands in for GPU 1).
+    layer = _layer(rank=rank)
+    replica = layer._replicate_for_data_parallel()
+    for name, param in layer.named_parameters():
+        replica._parameters[name] = nn.Parameter(param.detach().to("meta"))
+    with pytest.raises(RuntimeError, match=r"(?s)shared weight is on cpu.*on meta.*DataParallel.*torchrun"):
+        replica(torch.randn(3, 7, device="meta"))
+    layer(torch.randn(3, 7))  # the original, all on one device, still runs
+
+
 def test_reset_private_is_the_papers_init():
     layer = _layer(rank=4)
     layer.reset_private()

@@ -168,6 +168,14 @@ class LorsLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shared = self.shared.weight
+        if shared.device != self.lors_A.device:
+            raise RuntimeError(
+                f"LorsLinear: the shared weight is on {shared.device} but this layer's private parameters are on "
+                f"{self.lors_A.device}. The layers of a stack read one shared weight, so the whole stack must sit on "
+                "one device: nn.DataParallel replicas (use DistributedDataParallel, e.g. `torchrun`, instead), a "
+                "device_map that splits a stack, or moving single layers with `.to()` break that; move the whole "
+                "model with `model.to(device)`."
+            )
         if self.rank == 0:
             return F.linear(x, shared, self.bias)
         if self.cache_weight and not torch.is_grad_enabled():
