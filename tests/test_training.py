@@ -7,6 +7,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers as tf
 from torch import nn
 
@@ -160,3 +161,38 @@ def test_bf16_autocast_forward_and_backward_on_cpu(family):
     for layer in model.modules():
         if isinstance(layer, LorsLinear):
             assert torch.isfinite(layer.lors_A.grad).all() and torch.isfinite(layer.lors_B.grad).all()
+
+
+def test_torch_compile_traces_lors_layers_in_one_graph_and_matches_eager():
+    model, _ = build("gpt2", layers=3)
+    lorsify(model, rank=3, init="svd")
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    model.train()
+    eager = copy.deepcopy(model)
+    train_ids = torch.randint(0, 99, (2, 40), generator=torch.Generator().manual_seed(1))
+    decode_ids = train_ids[:, :1]
+    layers = [m for m in model.modules() if isinstance(m, LorsLinear)]
+    # both of the layer's paths run: 80 tokens materialise W_shared + B A, 2 tokens take the factored path
+    assert all(2 < layer.materialize_above < train_ids.numel() for layer in layers)
+
+    def loss_of(net):  # the loss outside the model: transformers' own loss function breaks the graph
+        logits = net(input_ids=train_ids).logits
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), train_ids[:, 1:].flatten())
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)  # fullgraph: a graph break in a LORS layer is an error
+    compiled_loss, eager_loss = loss_of(compiled), loss_of(eager)
+    compiled_loss.backward()
+    eager_loss.backward()
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    expected = dict(eager.named_parameters())
+    names = [name for name, p in model.named_parameters() if p.grad is not None]
+    assert len(names) == len(expected) and any("lors_shared" in name for name in names)
+    for name in names:
+        torch.testing.assert_close(model.get_parameter(name).grad, expected[name].grad, rtol=1e-4, atol=1e-6,
+                                   msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(input_ids=decode_ids).logits, eager(input_ids=decode_ids).logits,
+                                   rtol=1e-5, atol=1e-5)
