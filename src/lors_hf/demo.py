@@ -39,7 +39,8 @@ MODEL_DIR = "lors-model"
 class DemoSettings:
     """What the demo does; `quick` gives a seconds-long version for smoke tests.
 
-    The defaults were measured (1,000 test snippets, 64 fine-tuning steps, dense model: accuracy 0.773):
+    The defaults were chosen from these runs, made before the calibration refit went in execution order
+    (commit 2937ab9; 1,000 test snippets, 64 fine-tuning steps, dense model: accuracy 0.773):
     the LORS model reached 0.702 converted from the weights alone (``svd``), 0.740 with 8 calibration
     batches and 0.764 with ``alternating`` and 16 (sentence-embedding cosine right after conversion
     0.25 -> 0.68 -> 0.79); a learning rate of 2e-4 instead of 1e-4 gave 0.701.
