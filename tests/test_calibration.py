@@ -83,19 +83,28 @@ def test_full_rank_data_aware_conversion_with_a_sequential_round_is_exact(family
         torch.testing.assert_close(_outputs(model, batch), _outputs(dense, batch), rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("family", ["llama", "bert"])
-def test_the_sequential_round_brings_the_outputs_closer_to_the_dense_model(family):
-    dense, inputs = build(family, layers=4)
-    with torch.no_grad():  # layers that differ more, so that low rank hurts
+def _rank_2_conversions(family: str, layers: int, rounds: tuple[int, ...]):
+    """A tiny dense model with weights scaled up (layers that differ more, so that low rank hurts), 4 batches, and
+    its rank-2 data-aware conversion with each number of `rounds`."""
+    dense, inputs = build(family, layers=layers)
+    with torch.no_grad():
         for parameter in dense.parameters():
             parameter.mul_(3.0)
     batches = _batches(inputs, count=4)
-    errors = {}
-    for rounds in (1, 2):
+    converted = {}
+    for count in rounds:
         model = copy.deepcopy(dense)
         config = LorsConfig(rank=2, init="alternating", alternating_steps=4)
-        convert_with_calibration(model, plan_ranks(model, config), config, batches, rounds=rounds)
-        errors[rounds] = sum((_outputs(model, b) - _outputs(dense, b)).pow(2).mean().item() for b in batches)
+        convert_with_calibration(model, plan_ranks(model, config), config, batches, rounds=count)
+        converted[count] = model
+    return dense, batches, converted
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_the_sequential_round_brings_the_outputs_closer_to_the_dense_model(family):
+    dense, batches, converted = _rank_2_conversions(family, layers=4, rounds=(1, 2))
+    errors = {rounds: sum((_outputs(model, b) - _outputs(dense, b)).pow(2).mean().item() for b in batches)
+              for rounds, model in converted.items()}
     assert errors[2] < errors[1]
 
 
@@ -104,19 +113,10 @@ def test_the_sequential_round_fits_every_projection_to_the_inputs_it_finally_see
     # Refitted in execution order, each projection's fit is optimal for the inputs the finished model feeds it,
     # so another sequential round changes nothing. Fitted from inputs gathered before the earlier projections
     # of its block were refitted (o_proj before q/k/v's refit), a third round would move it.
-    dense, inputs = build(family, layers=3)
-    with torch.no_grad():
-        for parameter in dense.parameters():
-            parameter.mul_(3.0)
-    batches = _batches(inputs, count=4)
-    states = {}
-    for rounds in (2, 3):
-        model = copy.deepcopy(dense)
-        config = LorsConfig(rank=2, init="alternating", alternating_steps=4)
-        convert_with_calibration(model, plan_ranks(model, config), config, batches, rounds=rounds)
-        states[rounds] = model.state_dict()
-    moved = {name for name, value in states[2].items()
-             if name.endswith(("lors_B", "bias")) and not torch.allclose(states[3][name], value, rtol=1e-3, atol=1e-5)}
+    _, _, converted = _rank_2_conversions(family, layers=3, rounds=(2, 3))
+    second, third = converted[2].state_dict(), converted[3].state_dict()
+    moved = {name for name, value in second.items()
+             if name.endswith(("lors_B", "bias")) and not torch.allclose(third[name], value, rtol=1e-3, atol=1e-5)}
     assert not moved
 
 
