@@ -20,8 +20,8 @@ where ``x`` is what the dense model feeds the layer and ``x'`` what the converte
   stage by stage in execution order (q/k/v, which read the same input, then o_proj on the outputs of
   the refitted q/k/v, then the MLP's), so each is fitted to the inputs it will really see; the
   refitted model is then a fixed point: another round changes nothing. A block of S stages runs
-  S + 1 times side by side with its dense twin (MiniLM's data-aware conversion took 1.6-1.8x as long
-  as with one refit per block).
+  S + 1 times side by side with its dense twin, but each pass computes the moments of one stage only
+  (MiniLM's data-aware conversion at 50%: 34.5 s with one refit per block, 51.1 s now).
 - Bias correction: a layer with a bias absorbs the mean of its output error,
   ``b'_i = b_i + W_i E[x] - W'_i E[x']``, and is fitted on centred statistics.
 """
@@ -367,13 +367,10 @@ def _sequential_round(model: nn.Module, reference: nn.Module, stack: Stack,
                     statistics, stages = _paired_block_statistics(
                         block, dense_block, pending, index, lors_hidden, dense_hidden,
                         [calls[index] for _, calls in lors_calls], [calls[index] for _, calls in dense_calls], masks)
-                    # a routed expert no calibration token reached keeps its first-round fit
-                    pending = [g for g in pending if g.name in statistics]
-                    if pending:
-                        first = min(stages[g.name] for g in pending)
-                        _refit_private_parts(block, [g for g in pending if stages[g.name] == first], index,
-                                             statistics, dense, damping)
-                        pending = [g for g in pending if stages[g.name] != first]
+                    _refit_private_parts(block, [g for g in pending if g.name in statistics], index, statistics,
+                                         dense, damping)
+                    # a routed expert no calibration token reached has no stage: it keeps its first-round fit
+                    pending = [g for g in pending if g.name in stages and g.name not in statistics]
                 for j in range(len(batches)):  # the refitted block's outputs feed the next block
                     lors_hidden[j] = _run_block(block, lors_hidden[j], *lors_calls[j][1][index])
                     dense_hidden[j] = _run_block(dense_block, dense_hidden[j], *dense_calls[j][1][index])
@@ -398,8 +395,9 @@ def _refit_private_parts(block: nn.Module, groups: list, index: int, statistics:
 
 def _paired_block_statistics(block, dense_block, groups, index, lors_hidden, dense_hidden, lors_calls, dense_calls,
                              masks) -> tuple[dict[str, InputStatistics], dict[str, int]]:
-    """Input moments of one block's planned projections, converted inputs paired with dense inputs, and each
-    projection's stage: projections fed the same tensor (q, k, v) share a stage, numbered in execution order."""
+    """Each planned projection's stage (projections fed the same tensor, q/k/v, share one; numbered from 1 in
+    execution order; a routed expert no token reached has none) and the input moments of the first stage's,
+    converted inputs paired with dense inputs."""
     sums: dict[str, dict[str, torch.Tensor]] = {}
     counts: dict[str, int] = {}
     dense_inputs: dict[str, torch.Tensor] = {}
@@ -428,7 +426,8 @@ def _paired_block_statistics(block, dense_block, groups, index, lors_hidden, den
 
             if args[0] is not last.tensor:  # a new input tensor: the next stage
                 stage_counter[0] += 1
-            stages.setdefault(name, stage_counter[0])
+            if stages.setdefault(name, stage_counter[0]) != 1:
+                return  # a later stage: refitted on the next pass, after this one
             found = last.moments(args[0], moments)
             total = sums.setdefault(name, {})
             for key, value in found.items():
