@@ -315,7 +315,7 @@ def test_positional_save_arguments_keep_the_lors_layout(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fresh_process_reload_is_bitwise_identical(family, fresh_processes, saved_families):
+def test_fresh_process_reload_restores_every_weight_bit_for_bit(family, fresh_processes, saved_families):
     info = json.loads((saved_families / "manifest.json").read_text())[family]
     loaded = fresh_processes["lors_hf"][family]
     assert set(loaded) == {info["auto"], info["cls"]}
