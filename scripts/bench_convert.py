@@ -314,12 +314,12 @@ def bench_smollm2(args, sizes, results: dict, save) -> None:
     if earlier and not args.recover_only:  # the kept recovery rows name the earlier run that made them
         for row in earlier_recovery:
             row.setdefault("run", {k: earlier.get(k) for k in ("command", "date", "wall_minutes")})
-    recipes = recovery_recipes(args)
+    recipes = recovery_recipes(args) if args.recover_minutes > 0 else []  # a run with no recovery keeps them all
     batch = args.recover_batch
     planned = min(args.recover_steps, sizes["smol_max_steps"])
     # this run redoes its recovery recipes and keeps the other rows, and the dense reference of a kept row
     # trained with other settings than this run's; --recover-only also keeps the conversions
-    kept_rows = [r for r in earlier_recovery if r["recovery"] not in recipes]
+    kept_rows = [r for r in earlier_recovery if not redone_by(r, recipes)]
     this_run = {"batch": batch, "learning_rate": args.recover_lr, "planned_steps": planned}
     kept_rows += [r for r in earlier_recovery if r["method"] == "dense" and r not in kept_rows
                   and any(lm_reference(k, [r]) for k in kept_rows if k.get("lm_weight")) and not lm_reference(this_run, [r])]
@@ -411,6 +411,11 @@ def bench_smollm2(args, sizes, results: dict, save) -> None:
                 "lm_weight": args.recover_lm_weight, **info}, targs)
 
 
+def redone_by(row: dict, recipes: list[str]) -> bool:
+    """Whether a run that makes `recipes` (LORS recipe, then dense reference's) makes `row` again."""
+    return bool(recipes) and row["recovery"] in (recipes[1:] if row["method"] == "dense" else recipes[:1])
+
+
 def recovery_recipes(args) -> list[str]:
     """The `recovery` labels of the SmolLM2 rows a run makes: the LORS model's, then the dense reference's."""
     if args.recover_no_distill:
@@ -425,6 +430,11 @@ def recovery_recipes(args) -> list[str]:
 
 def find(rows: list[dict], **match) -> dict | None:
     return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def functional_error(key: str, row: dict, section: dict) -> float:
+    """MiniLM: 1 - cosine as measured; SmolLM2: excess loss over the dense model, ln(ppl / dense ppl) nats/token."""
+    return row["error"] if key == "minilm" else math.log(row["error"] / section["dense_ppl"])
 
 
 def lm_reference(row: dict, rows: list[dict]) -> dict | None:
@@ -451,8 +461,13 @@ def markdown(results: dict, command: str, plot_name: str | None) -> str:
         "Rotten Tomatoes test sentences; SmolLM2-135M-Instruct perplexity on held-out Shakespeare test text. "
         "`data-aware` = `lorsify(..., init=\"alternating\", calibration_data=...)`: fit to each projection's outputs "
         "on the calibration batches (bias correction where there are biases), then one sequential round "
-        "refitting block by block on the converted model's own activations. "
-        "`vs svd` = error / error of mean+SVD at the same budget.",
+        "that refits block by block, and within a block stage by stage in execution order (q/k/v, then the "
+        "output projection, then the MLP's input and output projections), on the inputs the converted model "
+        "itself feeds each stage. "
+        "`vs svd` = functional error / that of mean+SVD at the same budget, where the functional error is "
+        "`1 - cosine` for MiniLM and, for SmolLM2, the excess loss over the dense model, "
+        "`ln(ppl / dense ppl)` nats/token (a perplexity ratio would call a model at 2x the dense perplexity "
+        "and one at 1,000x almost equally good next to mean+SVD's 10^6x).",
         "",
     ]
     if plot_name:
@@ -465,9 +480,10 @@ def markdown(results: dict, command: str, plot_name: str | None) -> str:
             continue
         if key == "smollm2":
             lines.append(f"| {label} | dense | 0% | - | - | ppl {section['dense_ppl']} | - | - |")
-        for row in section["conversion"]:
+        for row in sorted(section["conversion"], key=lambda r: (r["reduction"], METHODS.index(r["method"]))):
             base = find(section["conversion"], reduction=row["reduction"], method="svd")
-            ratio = f"{row['error'] / base['error']:.3f}" if base and base["error"] else "-"
+            base_error = functional_error(key, base, section) if base else 0.0
+            ratio = f"{functional_error(key, row, section) / base_error:.3f}" if base_error > 0 else "-"
             lines.append(f"| {label} | {row['reduction']:.0%} | {row['stack_reduction']:.1%} | {row['rank']} | "
                          f"{row['method']} | {unit} {row['error']:.4g} | {ratio} | {row['convert_s']} |")
     lines += ["", f"MiniLM: {results.get('minilm', {}).get('eval_sentences', '?')} test sentences, "
@@ -519,8 +535,10 @@ def markdown(results: dict, command: str, plot_name: str | None) -> str:
                 if like:
                     reference += f"; dense + LM fine-tune {like['ppl_after']} (x{row['ppl_after'] / like['ppl_after']:.3f})"
                 target = "-" if row["method"] == "dense" else f"{row['reduction']:.0%}"
+                start = find(results["smollm2"]["conversion"], reduction=row["reduction"], method=row["method"])
+                earlier = " (an earlier run's conversion)" if start and start["error"] != row["ppl_before"] else ""
                 lines.append(f"| SmolLM2-135M | {target} | {row['method']} | {recipe} | "
-                             f"{row['steps']} | {minutes} | ppl {row['ppl_before']} -> {row['ppl_after']} | "
+                             f"{row['steps']} | {minutes} | ppl {row['ppl_before']}{earlier} -> {row['ppl_after']} | "
                              f"{reference} |")
         lines.append("")
     lines += ["### Targets", ""] + [f"- {line}" for line in target_lines(results)]
@@ -554,14 +572,13 @@ def target_lines(results: dict) -> list[str]:
         aware = find(section.get("conversion", []), reduction=0.5, method="data-aware")
         if not (base and aware):
             continue
+        errors = [functional_error(key, row, section) for row in (aware, base)]
+        gain = 1 - errors[0] / errors[1] if errors[1] > 0 else 0.0
         if key == "minilm":
-            gain = 1 - aware["error"] / base["error"]
             what = f"{label} at 50%: data-aware {aware['error']:.4g} vs mean+SVD {base['error']:.4g}"
         else:  # functional error of a language model: excess loss (nats/token) over the dense model
-            excess = [math.log(row["error"] / smol["dense_ppl"]) for row in (aware, base)]
-            gain = 1 - excess[0] / excess[1] if excess[1] > 0 else 0.0
             what = (f"{label} at 50%: data-aware {aware['error']:.4g} vs mean+SVD {base['error']:.4g} "
-                    f"(dense {smol['dense_ppl']}); excess loss over dense {excess[0]:.3f} vs {excess[1]:.3f} nats/token")
+                    f"(dense {smol['dense_ppl']}); excess loss over dense {errors[0]:.3f} vs {errors[1]:.3f} nats/token")
         out.append(f"{what}: {gain:.1%} lower error; target >= 50% lower: {'met' if gain >= 0.5 else 'MISSED'}.")
     dense = find(minilm.get("recovery", []), method="dense")
     for row in minilm.get("recovery", []):
@@ -735,7 +752,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.recover_only and key == "smollm2":  # each recovery row names the run that made it
             recipes = recovery_recipes(args)
             for row in results[key]["recovery"]:
-                if row["recovery"] in recipes and "run" not in row:  # a kept reference names its own run
+                if redone_by(row, recipes) and "run" not in row:  # a kept reference names its own run
                     row["run"] = provenance
         else:
             results[key].update(provenance)

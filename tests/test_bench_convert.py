@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -119,6 +120,24 @@ def test_recover_only_redoes_the_recovery_and_keeps_the_other_figures(tmp_path):
     assert f"({old_reference})" in distilled
     alone = next(line for line in section.splitlines() if "data-aware + LM fine-tune (" in line)
     assert f"({new_reference})" in alone
+    # distill + LM loss again: it redoes its own row and keeps the LM-alone row and that row's dense reference
+    completed = subprocess.run(base + ["--merge", "--recover-only", "--recover-lm-weight", "1"], capture_output=True,
+                               text=True, timeout=300, env=env, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    seventh = json.loads((tmp_path / "bench_convert.json").read_text())["smollm2"]["recovery"]
+    assert [(r["method"], r["recovery"], r["learning_rate"]) for r in seventh] == [
+        ("data-aware", "distill", 3e-4), ("data-aware", "LM fine-tune", 3e-4), ("dense", "LM fine-tune", 3e-4),
+        ("dense", "LM fine-tune", 2e-4), ("data-aware", "distill + LM loss", 2e-4)]
+    assert seventh[:4] == [sixth[0], sixth[4], sixth[3], sixth[2]]
+    # a full rerun that recovers nothing redoes the conversions and keeps every recovery row
+    completed = subprocess.run(base + ["--merge", "--recover-minutes", "0"], capture_output=True, text=True,
+                               timeout=300, env=env, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    eighth = json.loads((tmp_path / "bench_convert.json").read_text())["smollm2"]
+    assert "--recover-minutes 0" in eighth["command"] and len(eighth["conversion"]) == 6
+    assert [{k: v for k, v in r.items() if k != "run"} for r in eighth["recovery"]] == [
+        {k: v for k, v in r.items() if k != "run"} for r in seventh]
+    assert all("--recover-minutes 0" not in r["run"]["command"] for r in eighth["recovery"])
 
 
 def _load_script():
@@ -126,6 +145,29 @@ def _load_script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_the_report_compares_functional_errors_and_names_a_recovery_from_an_earlier_conversion():
+    bench = _load_script()
+    dense_ppl = 40.0
+    conversion = [{"reduction": 0.5, "method": method, "error": round(dense_ppl * math.exp(excess), 3), "rank": 8,
+                   "stack_reduction": 0.5, "convert_s": 1.0} for method, excess in (("data-aware", 2.0), ("svd", 10.0))]
+    recovery = [{"reduction": 0.5, "method": "data-aware", "recovery": "distill", "ppl_before": 1032.0,
+                 "ppl_after": 60.0, "dense_ppl": dense_ppl, "steps": 10, "train_s": 60.0, "batch": 2,
+                 "learning_rate": 2e-4, "planned_steps": 10, "calibration_tokens": 64}]
+    results = {"meta": {"machine": "cpu", "threads": 2, "smoke": False, "date": "2026-11-29", "command": "c",
+                        "sizes": {"smol_window": 512}},
+               "smollm2": {"dense_ppl": dense_ppl, "conversion": conversion, "recovery": recovery}}
+    lines = bench.markdown(results, "c", None).splitlines()
+    svd, aware = (next(line for line in lines if line.startswith("| SmolLM2-135M | 50%") and f"| {m} |" in line)
+                  for m in ("svd", "data-aware"))
+    assert lines.index(svd) < lines.index(aware)  # rows in method order, whatever order the runs left them in
+    assert "| 1.000 |" in svd and "| 0.200 |" in aware  # excess loss 2 nats against 10, not a perplexity ratio
+    assert any("80.0% lower error" in line for line in lines)
+    (recovered,) = [line for line in lines if "| distill (" in line]
+    assert "ppl 1032.0 (an earlier run's conversion) -> 60.0" in recovered
+    recovery[0]["ppl_before"] = conversion[0]["error"]  # recovered from the conversion in the table: no remark
+    assert "earlier run's conversion" not in bench.markdown(results, "c", None)
 
 
 def test_smoke_refuses_to_write_docs_results(capsys):
