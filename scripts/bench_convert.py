@@ -342,6 +342,8 @@ def bench_smollm2(args, sizes, results: dict, save) -> None:
             model, info = convert(dense, method, reduction, calibration)
             ppl = perplexity(model, eval_windows)
             row = {"reduction": reduction, "method": method, "error": round(ppl, 3), **info}
+            if args.recover_only:  # main() names this run on it: the section's other rows are an earlier run's
+                row["this_run"] = True
             print(f"[smollm2] {row}", flush=True)
             section["conversion"] = [r for r in section["conversion"]
                                      if (r["reduction"], r["method"]) != (reduction, method)] + [row]
@@ -484,9 +486,13 @@ def markdown(results: dict, command: str, plot_name: str | None) -> str:
             base = find(section["conversion"], reduction=row["reduction"], method="svd")
             base_error = functional_error(key, base, section) if base else 0.0
             ratio = f"{functional_error(key, row, section) / base_error:.3f}" if base_error > 0 else "-"
+            mark = "*" if row.get("run") else ""
             lines.append(f"| {label} | {row['reduction']:.0%} | {row['stack_reduction']:.1%} | {row['rank']} | "
-                         f"{row['method']} | {unit} {row['error']:.4g} | {ratio} | {row['convert_s']} |")
-    lines += ["", f"MiniLM: {results.get('minilm', {}).get('eval_sentences', '?')} test sentences, "
+                         f"{row['method']}{mark} | {unit} {row['error']:.4g} | {ratio} | {row['convert_s']} |")
+    redone = [f"\\* converted again by the recovery run `{row['run']['command']}` ({row['run']['date']}), with the "
+              "code of that day; the model's other rows are from its first command above."
+              for key in ("minilm", "smollm2") for row in results.get(key, {}).get("conversion", []) if row.get("run")]
+    lines += (["", *redone] if redone else []) + ["", f"MiniLM: {results.get('minilm', {}).get('eval_sentences', '?')} test sentences, "
               f"{results.get('minilm', {}).get('calibration_sentences', '?')} calibration sentences (train split). "
               f"SmolLM2: {results.get('smollm2', {}).get('eval_tokens', '?')} test tokens (windows of "
               f"{meta['sizes']['smol_window']}), {results.get('smollm2', {}).get('calibration_tokens', '?')} "
@@ -753,6 +759,9 @@ def main(argv: list[str] | None = None) -> None:
             recipes = recovery_recipes(args)
             for row in results[key]["recovery"]:
                 if redone_by(row, recipes) and "run" not in row:  # a kept reference names its own run
+                    row["run"] = provenance
+            for row in results[key]["conversion"]:
+                if row.pop("this_run", False):
                     row["run"] = provenance
         else:
             results[key].update(provenance)

@@ -70,6 +70,9 @@ def test_recover_only_redoes_the_recovery_and_keeps_the_other_figures(tmp_path):
     assert row["learning_rate"] == 3e-4 and row["batch"] == 1
     section = results_file.read_text()
     assert "--recover-only" in section and "SmolLM2 recovery" in section and "batch 1, lr 0.0003" in section
+    (redone,) = [r for r in second["conversion"] if "run" in r]  # the recovery run converted that model again
+    assert (redone["reduction"], redone["method"]) == (0.5, "data-aware") and "this_run" not in redone
+    assert "| data-aware* |" in section and "\\* converted again by the recovery run `" in section
     # a recovery with the LM loss adds its rows and the dense reference, and keeps the distillation-only row
     completed = subprocess.run(base + ["--merge", "--recover-only", "--recover-lm-weight", "1"], capture_output=True,
                                text=True, timeout=300, env=env, cwd=tmp_path)
@@ -80,7 +83,8 @@ def test_recover_only_redoes_the_recovery_and_keeps_the_other_figures(tmp_path):
     assert third["recovery"][0] == row and third["recovery"][2]["lm_weight"] == 1.0
     section = results_file.read_text()
     assert "like for like" in section and "dense + LM fine-tune" in section
-    assert section.count("--recover-only") == 2  # both recovery commands are named
+    commands = [line for line in section.splitlines() if line.startswith("Command:")]
+    assert sum("--recover-only" in line for line in commands) == 2  # both recovery commands are named
     assert "from 256 calibration tokens" in section  # each LORS recovery names the calibration it started from
     # a full rerun with --merge redoes the conversions and its recipe, keeps the other rows, and keeps the
     # dense reference that trained the same recipe to the end instead of training it again
@@ -90,6 +94,7 @@ def test_recover_only_redoes_the_recovery_and_keeps_the_other_figures(tmp_path):
     assert "keeping the dense LM fine-tune" in completed.stdout
     fourth = json.loads((tmp_path / "bench_convert.json").read_text())["smollm2"]
     assert "--recover-only" not in fourth["command"] and len(fourth["conversion"]) == 6
+    assert not any("run" in r for r in fourth["conversion"]) and "converted again" not in results_file.read_text()
     assert fourth["recovery"][:2] == third["recovery"][:2]  # distillation-only row and dense reference, as they were
     assert fourth["recovery"][2]["recovery"] == "distill + LM loss" and "run" not in fourth["recovery"][2]
     # the LM loss alone on the converted model: the dense reference's recipe, next to it and kept like it
