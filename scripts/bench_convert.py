@@ -40,6 +40,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import shlex  # noqa: E402
@@ -292,7 +293,7 @@ def windows_of(ids: torch.Tensor, length: int, limit: int | None = None) -> torc
     return out if limit is None else out[:limit]
 
 
-def bench_smollm2(args, sizes, results: dict, save) -> None:
+def bench_smollm2(args, sizes, results: dict, save, run: dict) -> None:
     path = assets.smollm2_path()
     tokenizer = tf.AutoTokenizer.from_pretrained(path)
     splits = assets.shakespeare_splits()
@@ -310,8 +311,15 @@ def bench_smollm2(args, sizes, results: dict, save) -> None:
     earlier = results.get("smollm2")  # with --merge: the figures of an earlier run
     if args.recover_only and not earlier:
         raise SystemExit("--recover-only needs the conversion figures of an earlier run: add --merge.")
+    # the conversions this run makes (--recover-only: only those it recovers); with --merge it keeps the others
+    recovers = {(r, args.methods[-1]) for r in args.recover_reductions} if args.recover_minutes > 0 else set()
+    redo = {(r, m) for r in args.reductions for m in args.methods if not args.recover_only or (r, m) in recovers}
+    kept_conversion = [r for r in (earlier or {}).get("conversion", []) if (r["reduction"], r["method"]) not in redo]
+    # A partial run keeps the section's provenance and names itself (`run`) on each row it adds; a run that
+    # redoes every conversion becomes the section's run and names the earlier run on the recovery rows it keeps.
+    partial = bool(earlier) and (args.recover_only or bool(kept_conversion))
     earlier_recovery = [dict(r) for r in (earlier or {}).get("recovery", [])]
-    if earlier and not args.recover_only:  # the kept recovery rows name the earlier run that made them
+    if earlier and not partial:
         for row in earlier_recovery:
             row.setdefault("run", {k: earlier.get(k) for k in ("command", "date", "wall_minutes")})
     recipes = recovery_recipes(args) if args.recover_minutes > 0 else []  # a run with no recovery keeps them all
@@ -323,8 +331,7 @@ def bench_smollm2(args, sizes, results: dict, save) -> None:
     this_run = {"batch": batch, "learning_rate": args.recover_lr, "planned_steps": planned}
     kept_rows += [r for r in earlier_recovery if r["method"] == "dense" and r not in kept_rows
                   and any(lm_reference(k, [r]) for k in kept_rows if k.get("lm_weight")) and not lm_reference(this_run, [r])]
-    section = results["smollm2"] = {**(earlier or {} if args.recover_only else {}),
-                                    "conversion": list(earlier["conversion"]) if args.recover_only else [],
+    section = results["smollm2"] = {**(earlier if partial else {}), "conversion": kept_conversion if partial else [],
                                     "recovery": kept_rows}
     start = time.perf_counter()
     section["dense_ppl"] = round(perplexity(dense, eval_windows), 3)
@@ -336,19 +343,17 @@ def bench_smollm2(args, sizes, results: dict, save) -> None:
     kept: dict[tuple[float, str], torch.nn.Module] = {}
     for reduction in args.reductions:
         for method in args.methods:
-            recovering = args.recover_minutes > 0 and reduction in args.recover_reductions and method == args.methods[-1]
-            if args.recover_only and not recovering:
+            if (reduction, method) not in redo:
                 continue  # its figure stays the earlier run's
             model, info = convert(dense, method, reduction, calibration)
             ppl = perplexity(model, eval_windows)
-            row = {"reduction": reduction, "method": method, "error": round(ppl, 3), **info}
-            if args.recover_only:  # main() names this run on it: the section's other rows are an earlier run's
-                row["this_run"] = True
+            row = {"reduction": reduction, "method": method, "error": round(ppl, 3), **info,
+                   **({"run": run} if partial else {})}
             print(f"[smollm2] {row}", flush=True)
             section["conversion"] = [r for r in section["conversion"]
                                      if (r["reduction"], r["method"]) != (reduction, method)] + [row]
             save()
-            if recovering:
+            if (reduction, method) in recovers:
                 kept[(reduction, method)] = model
             else:
                 del model
@@ -372,6 +377,8 @@ def bench_smollm2(args, sizes, results: dict, save) -> None:
                    planned_steps=targs.max_steps)
         if row["method"] != "dense":
             row["calibration_tokens"] = section["calibration_tokens"]
+        if partial:
+            row["run"] = run
         print(f"[smollm2] {row}", flush=True)
         section["recovery"].append(row)
         save()
@@ -380,7 +387,8 @@ def bench_smollm2(args, sizes, results: dict, save) -> None:
         # an earlier run's reference is kept when it trained the same recipe to the end within this budget
         same = lm_reference(this_run, earlier_recovery)
         if same and same["steps"] == planned and same["train_s"] <= args.recover_minutes * 60:
-            print(f"[smollm2] keeping the dense LM fine-tune of {same['run']['date']}: same batch, lr and planned "
+            made = same.get("run") or section  # a row with no `run` is the section's own
+            print(f"[smollm2] keeping the dense LM fine-tune of {made.get('date')}: same batch, lr and planned "
                   f"steps, all {planned} steps done in {same['train_s']} s", flush=True)
             section["recovery"].append(same)
             save()
@@ -476,6 +484,7 @@ def markdown(results: dict, command: str, plot_name: str | None) -> str:
         lines += [f"![conversion error]({plot_name})", ""]
     lines += ["| model | target | stacks removed | rank | method | error after conversion | vs svd | convert s |",
               "|---|---|---|---|---|---|---|---|"]
+    later_runs = later_conversion_runs(results)
     for key, label, unit in (("minilm", "MiniLM-L6", "1-cos"), ("smollm2", "SmolLM2-135M", "ppl")):
         section = results.get(key)
         if not section:
@@ -486,12 +495,11 @@ def markdown(results: dict, command: str, plot_name: str | None) -> str:
             base = find(section["conversion"], reduction=row["reduction"], method="svd")
             base_error = functional_error(key, base, section) if base else 0.0
             ratio = f"{functional_error(key, row, section) / base_error:.3f}" if base_error > 0 else "-"
-            mark = "*" if row.get("run") else ""
+            mark = "*" * (later_runs.index(run_key(row["run"])) + 1) if row.get("run") else ""
             lines.append(f"| {label} | {row['reduction']:.0%} | {row['stack_reduction']:.1%} | {row['rank']} | "
                          f"{row['method']}{mark} | {unit} {row['error']:.4g} | {ratio} | {row['convert_s']} |")
-    redone = [f"\\* converted again by the recovery run `{row['run']['command']}` ({row['run']['date']}), with the "
-              "code of that day; the model's other rows are from its first command above."
-              for key in ("minilm", "smollm2") for row in results.get(key, {}).get("conversion", []) if row.get("run")]
+    redone = ["\\*" * (i + 1) + f" converted again by `{cmd}` ({day}), with the code of that day; the model's "
+              "other rows are from its first command above." for i, (cmd, day) in enumerate(later_runs)]
     lines += (["", *redone] if redone else []) + ["", f"MiniLM: {results.get('minilm', {}).get('eval_sentences', '?')} test sentences, "
               f"{results.get('minilm', {}).get('calibration_sentences', '?')} calibration sentences (train split). "
               f"SmolLM2: {results.get('smollm2', {}).get('eval_tokens', '?')} test tokens (windows of "
@@ -551,6 +559,17 @@ def markdown(results: dict, command: str, plot_name: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_key(run: dict) -> tuple[str, str]:
+    return run["command"], run["date"]
+
+
+def later_conversion_runs(results: dict) -> list[tuple[str, str]]:
+    """The runs, after a model's first command, that converted some of its models again (each marked in the table)."""
+    keys = [run_key(row["run"]) for key in ("minilm", "smollm2")
+            for row in results.get(key, {}).get("conversion", []) if row.get("run")]
+    return list(dict.fromkeys(keys))
+
+
 def command_lines(results: dict, command: str) -> list[str]:
     """The command (and wall time) behind each model's figures: one line if a single run made them all."""
     runs = {}
@@ -562,11 +581,16 @@ def command_lines(results: dict, command: str) -> list[str]:
             runs.setdefault(section.get("command") or command, []).append(
                 f"{label} {wall} min{scope}, {section.get('date', results['meta']['date'])}")
     for key, label in (("minilm", "MiniLM"), ("smollm2", "SmolLM2")):
-        for row in results.get(key, {}).get("recovery", []):
-            run = row.get("run")  # a later run redid this recovery (and the conversion it starts from)
-            part = f"{label} recovery {run['wall_minutes']} min, {run['date']}" if run else None
-            if part and part not in runs.setdefault(run["command"], []):
-                runs[run["command"]].append(part)
+        section = results.get(key, {})
+        # a later run that redid some rows: a recovery (and the conversion it starts from), or conversions alone
+        for part_name, rows in (("recovery", section.get("recovery", [])), ("conversions", section.get("conversion", []))):
+            for run in (row["run"] for row in rows if row.get("run")):
+                parts = runs.setdefault(run["command"], [])
+                if any(p.startswith(f"{label} recovery ") and p.endswith(run["date"]) for p in parts):
+                    continue  # a recovery run: its conversion is part of it
+                part = f"{label} {part_name} {run.get('wall_minutes', '?')} min, {run['date']}"
+                if part not in parts:
+                    parts.append(part)
     return [f"Command: `{cmd}` ({'; '.join(parts)})  " for cmd, parts in runs.items()]
 
 
@@ -748,23 +772,18 @@ def main(argv: list[str] | None = None) -> None:
                     results[key].update(command=earlier["meta"].get("command"), date=earlier["meta"].get("date"),
                                         wall_minutes=earlier["meta"].get("wall_minutes"), wall_scope="whole run")
     total = time.perf_counter()
-    for key, bench in (("minilm", bench_minilm), ("smollm2", bench_smollm2)):
+    # this run, as the rows of a partial SmolLM2 run name it from the moment they are saved (the wall time comes last)
+    run = {"command": command, "date": date.today().isoformat()}
+    for key, bench in (("minilm", bench_minilm), ("smollm2", functools.partial(bench_smollm2, run=run))):
         if args.model not in (key, "all"):
             continue
         start = time.perf_counter()
         bench(args, sizes, results, save)
-        provenance = {"command": command, "date": date.today().isoformat(),
-                      "wall_minutes": round((time.perf_counter() - start) / 60, 1)}
-        if args.recover_only and key == "smollm2":  # each recovery row names the run that made it
-            recipes = recovery_recipes(args)
-            for row in results[key]["recovery"]:
-                if redone_by(row, recipes) and "run" not in row:  # a kept reference names its own run
-                    row["run"] = provenance
-            for row in results[key]["conversion"]:
-                if row.pop("this_run", False):
-                    row["run"] = provenance
+        wall_minutes = round((time.perf_counter() - start) / 60, 1)
+        if "command" in results[key]:  # a partial run kept the section's provenance; its rows name this run
+            run["wall_minutes"] = wall_minutes
         else:
-            results[key].update(provenance)
+            results[key].update(run, wall_minutes=wall_minutes)
         save()
     results["meta"]["wall_minutes"] = round((time.perf_counter() - total) / 60, 1)
     save()

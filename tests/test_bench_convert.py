@@ -72,7 +72,7 @@ def test_recover_only_redoes_the_recovery_and_keeps_the_other_figures(tmp_path):
     assert "--recover-only" in section and "SmolLM2 recovery" in section and "batch 1, lr 0.0003" in section
     (redone,) = [r for r in second["conversion"] if "run" in r]  # the recovery run converted that model again
     assert (redone["reduction"], redone["method"]) == (0.5, "data-aware") and "this_run" not in redone
-    assert "| data-aware* |" in section and "\\* converted again by the recovery run `" in section
+    assert "| data-aware* |" in section and "\\* converted again by `" in section
     # a recovery with the LM loss adds its rows and the dense reference, and keeps the distillation-only row
     completed = subprocess.run(base + ["--merge", "--recover-only", "--recover-lm-weight", "1"], capture_output=True,
                                text=True, timeout=300, env=env, cwd=tmp_path)
@@ -143,6 +143,45 @@ def test_recover_only_redoes_the_recovery_and_keeps_the_other_figures(tmp_path):
     assert [{k: v for k, v in r.items() if k != "run"} for r in eighth["recovery"]] == [
         {k: v for k, v in r.items() if k != "run"} for r in seventh]
     assert all("--recover-minutes 0" not in r["run"]["command"] for r in eighth["recovery"])
+
+
+@pytest.mark.slow
+def test_a_partial_rerun_redoes_only_the_rows_it_names_and_each_row_names_the_run_that_made_it(tmp_path):
+    results_file = tmp_path / "RESULTS.md"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    base = [sys.executable, str(SCRIPT), "--smoke", "--model", "smollm2", "--results-file", str(results_file),
+            "--reductions", "0.3", "0.5"]
+
+    def run(*extra: str) -> tuple[str, dict]:
+        completed = subprocess.run(base + list(extra), capture_output=True, text=True, timeout=300, env=env,
+                                   cwd=tmp_path)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        return completed.stdout, json.loads((tmp_path / "bench_convert.json").read_text())["smollm2"]
+
+    _, first = run("--recover-lm-weight", "1")  # every row is the section's own
+    assert not any("run" in row for row in first["conversion"] + first["recovery"])
+    # a recovery run of the same recipe keeps the section's dense reference as it was: not made by that run
+    stdout, second = run("--merge", "--recover-only", "--recover-lm-weight", "1")
+    assert "keeping the dense LM fine-tune" in stdout
+    (reference,) = [row for row in second["recovery"] if row["method"] == "dense"]
+    assert reference == next(row for row in first["recovery"] if row["method"] == "dense")
+    (recovered,) = [row for row in second["recovery"] if row["method"] != "dense"]
+    assert "--recover-only" in recovered["run"]["command"] and recovered["run"]["wall_minutes"] >= 0
+    # conversions alone at one budget: the other rows and the section's provenance stay
+    _, third = run("--merge", "--reductions", "0.3", "--methods", "data-aware", "--recover-minutes", "0")
+    assert third["command"] == first["command"] and third["recovery"] == second["recovery"]
+    assert len(third["conversion"]) == 6
+    (added,) = [row for row in third["conversion"] if row not in second["conversion"]]
+    assert (added["reduction"], added["method"]) == (0.3, "data-aware")
+    assert "--recover-minutes 0" in added["run"]["command"] and added["run"]["wall_minutes"] >= 0
+    lines = results_file.read_text().splitlines()
+    assert any(line.startswith("| SmolLM2-135M | 50% |") and "| data-aware* |" in line for line in lines)
+    assert any(line.startswith("| SmolLM2-135M | 30% |") and "| data-aware** |" in line for line in lines)
+    (once,) = [line for line in lines if line.startswith("\\* converted again by `")]
+    (twice,) = [line for line in lines if line.startswith("\\*\\* converted again by `")]
+    assert "--recover-only" in once and "--recover-minutes 0" in twice
+    (conversions,) = [line for line in lines if line.startswith("Command:") and "--recover-minutes 0" in line]
+    assert "SmolLM2 conversions" in conversions
 
 
 def _load_script():
