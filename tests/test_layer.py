@@ -157,6 +157,18 @@ def test_weight_property_follows_the_replaced_modules_layout():
     torch.testing.assert_close(conv_like(x), x @ conv_like.weight + conv_like.bias, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+@pytest.mark.parametrize("rank", [0, 3])
+def test_writing_into_the_weight_property_leaves_the_shared_weight_alone(rank, fan_in_fan_out):
+    """GPT-2's _init_weights writes into ``attn.c_proj.weight`` in place; at rank 0 that must not reach the
+    shared weight (which every layer of the stack reads)."""
+    layer = _layer(rank=rank, fan_in_fan_out=fan_in_fan_out)
+    before = layer.shared.weight.detach().clone()
+    with torch.no_grad():
+        layer.weight.normal_()
+    assert torch.equal(layer.shared.weight, before)
+
+
 def test_shared_weight_is_not_a_registered_submodule_of_the_layer():
     layer = _layer()
     names = {name for name, _ in layer.named_parameters()}

@@ -572,6 +572,18 @@ def test_save_into_an_existing_folder(tmp_path):
     assert staging_leftovers(folder) == []
 
 
+def test_gpt2_with_rank_zero_layers_reloads_bit_for_bit(tmp_path):
+    """GPT-2's _init_weights re-initialises ``c_proj.weight`` of every block when from_pretrained finishes; a
+    rank-0 layer's weight must not be the shared weight, or the reload silently randomises it."""
+    model, inputs = build("gpt2")
+    lorsify(model, LorsConfig(rank=[0, 2, 0], init="svd"))
+    model.save_pretrained(tmp_path)
+    reloaded = load(tmp_path, "gpt2")
+    state, reloaded_state = model.state_dict(), reloaded.state_dict()
+    assert [k for k in state if not torch.equal(state[k], reloaded_state[k])] == []
+    assert torch.equal(output(reloaded, inputs), output(model.eval(), inputs))
+
+
 # ------------------------------------------------------------------------- another class, from_config
 
 

@@ -148,9 +148,14 @@ class LorsLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         """The effective weight, stored like the module it replaced (``(in, out)`` for ``Conv1D``).
 
-        For code that inspects ``module.weight`` (dtype checks and the like); it is computed on access.
+        For code that inspects ``module.weight`` (dtype checks and the like); it is computed on access, and is
+        always a new tensor: an in-place write to it (a model's ``_init_weights``, e.g. GPT-2's re-initialisation
+        of ``c_proj.weight`` when ``from_pretrained`` finishes) must not reach the shared weight, which at rank 0
+        would otherwise be the very tensor returned.
         """
         weight = self.effective_weight()
+        if self.rank == 0:
+            weight = weight.clone()
         return weight.t() if self.fan_in_fan_out else weight
 
     def _cached_weight(self) -> torch.Tensor:
