@@ -584,6 +584,16 @@ def test_gpt2_with_rank_zero_layers_reloads_bit_for_bit(tmp_path):
     assert torch.equal(output(reloaded, inputs), output(model.eval(), inputs))
 
 
+def test_model_card_of_a_dense_model_is_refused_with_a_clear_error(tmp_path):
+    model, _ = build("bert")
+    with pytest.raises(ValueError, match="not a LORS model"):
+        lors_hf.write_model_card(model, tmp_path)
+    merged = merge_and_unload(lorsify(build("bert")[0], rank=2))
+    with pytest.raises(ValueError, match="not a LORS model"):
+        lors_hf.write_model_card(merged, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------------------------------- another class, from_config
 
 

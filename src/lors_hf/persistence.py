@@ -181,6 +181,12 @@ def write_model_card(
     from .report import parameter_report
 
     config = get_lors_config(model)
+    if config is None or not is_lorsified(model):
+        raise ValueError(
+            f"write_model_card: this {type(model).__name__} is not a LORS model (no LORS layers or no lors_config), "
+            "so a LORS model card would describe it wrongly; lorsify it first, or for a dense model (e.g. after "
+            "merge_and_unload) use transformers' own model card."
+        )
     report = parameter_report(model)
     base = str(getattr(model.config, "_name_or_path", "") or "")
     is_hub_name = re.fullmatch(r"[\w.-]+/[\w.-]+", base) is not None and not os.path.exists(base)
