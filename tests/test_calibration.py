@@ -137,6 +137,18 @@ def test_calibration_data_the_model_cannot_run_is_a_value_error(batch):
     assert getattr(model.config, "lors_config", None) is None
 
 
+def test_a_vision_model_takes_tensors_of_pixel_values_and_wrong_inputs_are_a_value_error():
+    """A tensor batch is the model's main input (ViT's pixel_values), not always input_ids (which ViT's forward
+    never reads: an AttributeError deep in the embeddings); inputs it cannot run name the fix."""
+    model, inputs = build("vit")
+    lorsify(model, rank=2, init="svd", calibration_data=[inputs["pixel_values"]])
+    assert model.config.lors_config is not None and torch.isfinite(_outputs(model, inputs)).all()
+    model, inputs = build("vit")
+    with pytest.raises(ValueError, match="could not run calibration batch 0.*'pixel_values'"):
+        lorsify(model, rank=2, init="svd", calibration_data=[{"input_ids": torch.randint(0, 9, (2, 7))}])
+    assert getattr(model.config, "lors_config", None) is None
+
+
 def test_decoder_tokens_are_not_masked_with_the_encoders_padding():
     """An encoder-decoder's decoder stack keeps every decoder token (or uses decoder_attention_mask), even when
     the decoder is as long as the encoder and the encoder's mask has padding."""

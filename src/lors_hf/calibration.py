@@ -93,7 +93,8 @@ def collect_input_statistics(
         model: the model whose projections are observed (the dense model, before surgery).
         stacks: the plan from `discovery.plan_ranks`, for `model`.
         calibration_data: batches: dicts of model inputs (``{"input_ids": ..., "attention_mask": ...}``)
-            or tensors of ``input_ids``; a single tensor or dict is one batch. ``labels`` are ignored.
+            or tensors of the model's main input (``model.main_input_name``: ``input_ids``, ``pixel_values``
+            for a vision model); a single tensor or dict is one batch. ``labels`` are ignored.
 
     Returns:
         ``{group.name: InputStatistics}`` (no cross moments), layers in the order of ``group.layer_indices``.
@@ -136,11 +137,12 @@ def collect_input_statistics(
                 masks.update({stack.name: _padding_mask(model, stack.name, inputs) for stack in stacks})
                 try:
                     model(**inputs)
-                except (RuntimeError, IndexError, ValueError, TypeError) as err:
+                except (RuntimeError, IndexError, ValueError, TypeError, AttributeError, KeyError) as err:
                     raise ValueError(
                         f"calibration: {type(model).__name__} could not run calibration batch {batches}: {err} "
-                        "(calibration_data must hold the model's own inputs: integer input_ids of its vocabulary, "
-                        "or dicts of its keyword inputs)"
+                        "(calibration_data must hold the model's own inputs: tensors of its main input "
+                        f"{getattr(model, 'main_input_name', 'input_ids')!r} (integer input_ids of its vocabulary for a "
+                        "text model), or dicts of its keyword inputs)"
                     ) from err
                 batches += 1
     finally:
@@ -496,13 +498,14 @@ def _accumulate(store: dict[str, torch.Tensor], name: str, value: torch.Tensor) 
 
 def _model_inputs(batch: Any, device: torch.device, model: nn.Module | None = None) -> dict[str, Any]:
     """The batch as keyword inputs on `device`; ``use_cache=False`` when `model` takes it (blocks run twice)."""
-    if isinstance(batch, torch.Tensor):
-        inputs = {"input_ids": batch.to(device)}
+    if isinstance(batch, torch.Tensor):  # the model's main input: input_ids, or pixel_values for ViT
+        inputs = {getattr(model, "main_input_name", None) or "input_ids": batch.to(device)}
     elif isinstance(batch, Mapping):
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "labels"}
     else:
         raise TypeError(
-            f"calibration_data must yield dicts of model inputs or tensors of input_ids, got {type(batch).__name__}."
+            "calibration_data must yield dicts of model inputs or tensors of the model's main input (input_ids, "
+            f"pixel_values...), got {type(batch).__name__}."
         )
     ids = inputs.get("input_ids")
     if isinstance(ids, torch.Tensor) and ids.dim() == 1:  # one unbatched sequence (as a tokenizer gives it)

@@ -58,7 +58,8 @@ def lorsify(
     Args:
         model: a transformers ``PreTrainedModel`` with at least one stack of layers.
         config: a `LorsConfig` (or its dict); defaults to ``LorsConfig()``.
-        calibration_data: optional batches (dicts of model inputs, or tensors of ``input_ids``)
+        calibration_data: optional batches (dicts of model inputs, or tensors of the model's main input:
+            ``input_ids``, ``pixel_values`` for a vision model)
             for data-aware conversion: the shared and private parts then minimise the error of each
             projection's outputs on these real activations instead of the weights' error. Needs
             ``init="svd"`` or ``"alternating"``.
