@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from lors_hf import LorsConfig
@@ -58,9 +59,16 @@ def test_defaults_rank_32_unless_target_reduction_is_given():
         LorsConfig(target_reduction=0.6, target_modules=r".*decoder.*(q|v)_proj", exclude_modules=["fc2"]),
         LorsConfig(rank=(2, 4), target_modules=("query", "key")),
         LorsConfig(rank={"query": (1, 2, 3), ".*": "full"}),
+        LorsConfig(rank=np.int64(4), alternating_steps=np.int32(3)),  # ranks computed with numpy
+        LorsConfig(rank={"query": list(np.arange(1, 4)), ".*": np.int64(2)}),
+        LorsConfig(target_reduction=np.float32(0.6)),
     ],
 )
 def test_to_dict_from_dict_round_trips_through_json(config):
+    plain = [v for v in (config.rank, config.target_reduction, config.alternating_steps) if v is not None]
+    for value in plain:  # numpy numbers become Python ones
+        for leaf in value.values() if isinstance(value, dict) else [value]:
+            assert type(leaf) in (int, float, str) or all(type(v) is int for v in leaf)
     text = json.dumps(config.to_dict())
     restored = LorsConfig.from_dict(json.loads(text))
     assert restored == config

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,10 +70,14 @@ class LorsConfig:
             )
         if self.rank is None and self.target_reduction is None:
             self.rank = 32
-        if isinstance(self.rank, tuple):  # per-layer ranks are lists, so that the JSON round trip is exact
-            self.rank = list(self.rank)
-        elif isinstance(self.rank, dict):
-            self.rank = {k: list(v) if isinstance(v, tuple) else v for k, v in self.rank.items()}
+        # Python ints and lists (numpy integers, tuples), so that the JSON round trip is exact
+        if isinstance(self.rank, dict):
+            self.rank = {k: _plain(v) for k, v in self.rank.items()}
+        else:
+            self.rank = _plain(self.rank)
+        if isinstance(self.target_reduction, numbers.Real) and not isinstance(self.target_reduction, bool | int):
+            self.target_reduction = float(self.target_reduction)  # e.g. a numpy float
+        self.alternating_steps = _plain(self.alternating_steps)
         if self.rank is not None:
             if isinstance(self.rank, dict):
                 if not self.rank:
@@ -155,6 +160,15 @@ def _compile(pattern: str, what: str) -> re.Pattern:
         return re.compile(pattern)
     except re.error as err:
         raise ValueError(f"LorsConfig: `{what}` pattern {pattern!r} is not a valid regex: {err}.") from None
+
+
+def _plain(value: Any) -> Any:
+    """Integer-likes (numpy integers) as ints and tuples as lists, recursively; anything else as it is."""
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return value
 
 
 def _check_rank_spec(spec: Any, what: str) -> None:
