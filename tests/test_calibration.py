@@ -137,6 +137,15 @@ def test_calibration_data_the_model_cannot_run_is_a_value_error(batch):
     assert getattr(model.config, "lors_config", None) is None
 
 
+def test_calibration_batches_of_padding_only_are_a_value_error():
+    """No real token (attention_mask all zeros) leaves no moments to fit: a clear error, not NaN or a LinAlgError."""
+    model, _ = build("bert")
+    batch = {"input_ids": torch.randint(0, 9, (2, 7)), "attention_mask": torch.zeros(2, 7, dtype=torch.long)}
+    with pytest.raises(ValueError, match="saw 0 tokens.*padding"):
+        lorsify(model, rank=2, init="svd", calibration_data=[batch])
+    assert getattr(model.config, "lors_config", None) is None
+
+
 def test_a_vision_model_takes_tensors_of_pixel_values_and_wrong_inputs_are_a_value_error():
     """A tensor batch is the model's main input (ViT's pixel_values), not always input_ids (which ViT's forward
     never reads: an AttributeError deep in the embeddings); inputs it cannot run name the fix."""

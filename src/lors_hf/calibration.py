@@ -161,6 +161,13 @@ def collect_input_statistics(
                     f"calibration: projection {group.name!r} saw no input for layers {[k[1] for k in missing]}; "
                     "does the calibration batch exercise the whole model (e.g. decoder inputs for encoder-decoders)?"
                 )
+            empty = [k[1] for k in keys if counts[k] == 0]
+            if empty:
+                raise ValueError(
+                    f"calibration: projection {group.name!r} saw 0 tokens in layers {empty}: every position of the "
+                    "calibration batches is padding (attention_mask all zeros) or was routed elsewhere; give batches "
+                    "with real tokens."
+                )
             result[group.name] = InputStatistics(
                 second_moment=torch.stack([sums[k]["second"] / counts[k] for k in keys]),
                 mean=torch.stack([sums[k]["sum"] / counts[k] for k in keys]),
