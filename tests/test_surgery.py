@@ -458,3 +458,25 @@ def test_failed_lorsify_leaves_the_dense_model_untouched(where, monkeypatch):
     monkeypatch.undo()
     lorsify(model, rank=2, **kwargs)  # and it can be converted afterwards
     assert is_lorsified(model)
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_what_the_user_froze_stays_frozen_through_lorsify_and_merge(calibrated):
+    model, inputs = build("bert")
+    model.bert.embeddings.requires_grad_(False)
+    model.bert.encoder.layer[0].requires_grad_(False)  # one frozen layer: its private parts stay frozen
+    model.bert.encoder.layer[1].attention.self.query.bias.requires_grad_(False)
+    extra = {"init": "svd", "calibration_data": [inputs["input_ids"]]} if calibrated else {}
+    lorsify(model, rank=2, **extra)
+    query = [layer.attention.self.query for layer in model.bert.encoder.layer]
+    assert not query[0].lors_A.requires_grad and not query[0].lors_B.requires_grad and not query[0].bias.requires_grad
+    assert query[1].lors_A.requires_grad and query[1].lors_B.requires_grad and not query[1].bias.requires_grad
+    assert query[0].shared.weight.requires_grad  # other layers still train it
+    assert not any(p.requires_grad for p in model.bert.embeddings.parameters())
+    model.bert.encoder.requires_grad_(False)  # all frozen: merging keeps them frozen
+    merge_and_unload(model)
+    assert not any(p.requires_grad for p in model.bert.encoder.parameters())
+    frozen_whole = lorsify(build("bert")[0].requires_grad_(False), rank=2)
+    assert not any(p.requires_grad for p in frozen_whole.parameters())
+    trainable = merge_and_unload(lorsify(build("bert")[0], rank=2))
+    assert all(p.requires_grad for p in trainable.parameters())

@@ -53,7 +53,9 @@ def lorsify(
     Each targeted projection of the i-th layer of a stack becomes ``W_i = W_shared + B_i @ A_i``:
     one shared weight per projection and stack, a private low-rank part and bias per layer. The model
     keeps its class, so ``generate()``, gradient checkpointing, ``save_pretrained`` and the Trainer work
-    as before; the plan is recorded on ``model.config.lors_config``.
+    as before; the plan is recorded on ``model.config.lors_config``. What was frozen stays frozen: a
+    layer's ``lors_A``, ``lors_B`` and bias take the ``requires_grad`` of the weight and bias they replace,
+    and a shared weight trains if any of the weights it replaces did.
 
     Args:
         model: a transformers ``PreTrainedModel`` with at least one stack of layers.
@@ -115,6 +117,7 @@ def lorsify(
     except BaseException:
         _restore_dense_layers(model, stacks, dense_layers)  # never leave a half-converted model behind
         raise
+    _keep_frozen(stacks, dense_layers)
     _own_config(model)
     model.config.lors_config = resolved_config(config, stacks).to_dict()
     return model
@@ -127,6 +130,21 @@ def _restore_dense_layers(model: nn.Module, stacks: list[Stack], dense_layers: d
             for index, dense in zip(group.layer_indices, dense_layers[(stack.name, group.relative_name)], strict=True):
                 _set_module(stack.blocks[index], group.relative_name, dense)
         shared_owner(model, stack)[0]._modules.pop(SHARED_CONTAINER, None)
+
+
+def _keep_frozen(stacks: list[Stack], dense_layers: dict[tuple[str, str], list[nn.Module]]) -> None:
+    """What the user froze stays frozen: each LORS layer's private factors and bias take the ``requires_grad`` of
+    the dense weight and bias they replace, and a shared weight trains if any weight it replaces did."""
+    for stack in stacks:
+        for group in stack.groups:
+            dense = dense_layers[(stack.name, group.relative_name)]
+            lors = [stack.blocks[i].get_submodule(group.relative_name) for i in group.layer_indices]
+            for dense_layer, layer in zip(dense, lors, strict=True):
+                layer.lors_A.requires_grad_(dense_layer.weight.requires_grad)
+                layer.lors_B.requires_grad_(dense_layer.weight.requires_grad)
+                if layer.bias is not None:
+                    layer.bias.requires_grad_(dense_layer.bias.requires_grad)
+            lors[0].shared.weight.requires_grad_(any(d.weight.requires_grad for d in dense))
 
 
 def _own_config(model: nn.Module) -> None:
@@ -245,8 +263,11 @@ def merge_and_unload(model: PreTrainedModel) -> PreTrainedModel:
                 dense.weight.copy_(weight)
             if has_bias:
                 dense.bias.copy_(module.bias)
+                dense.bias.requires_grad_(module.bias.requires_grad)
             elif dense.bias is not None:
                 dense.bias.zero_()
+            # trainable if any part of the LORS layer was (a frozen layer stays frozen)
+            dense.weight.requires_grad_(any(p.requires_grad for p in (module.shared.weight, module.lors_A, module.lors_B)))
             _set_module(model, name, dense)
     for module in list(model.modules()):
         if SHARED_CONTAINER in module._modules:
