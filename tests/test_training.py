@@ -196,3 +196,27 @@ def test_torch_compile_traces_lors_layers_in_one_graph_and_matches_eager():
     with torch.no_grad():
         torch.testing.assert_close(compiled(input_ids=decode_ids).logits, eager(input_ids=decode_ids).logits,
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_weight_cache_follows_the_trainers_fused_adamw_during_evaluation(tmp_path):
+    """Fused AdamW (the Trainer's default optimizer with torch >= 2.8) updates the weights without bumping
+    their version counters; evaluations during and after training must still see the trained weights."""
+    from lors_hf.layer import set_weight_cache
+
+    model, _ = build("gpt2", layers=2)
+    lorsify(model, rank=4)
+    set_weight_cache(model)
+    args = tf.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+        optim="adamw_torch_fused", eval_strategy="steps", eval_steps=2, save_strategy="no", report_to="none",
+        use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0,
+    )
+    trainer = tf.Trainer(model=model, args=args, train_dataset=_counting_set(64),
+                         eval_dataset=_counting_set(16, seed=1))
+    trainer.train()
+    during = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
+    cached = trainer.evaluate()["eval_loss"]
+    set_weight_cache(model, False)
+    plain = trainer.evaluate()["eval_loss"]
+    assert cached == pytest.approx(plain, abs=1e-6)
+    assert during[-1] == pytest.approx(plain, abs=1e-6)

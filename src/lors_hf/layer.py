@@ -14,6 +14,16 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+_optimizer_steps = 0
+"""Optimizer steps taken since `set_weight_cache` first turned a cache on (part of each cached weight's key)."""
+_optimizer_hook = None
+
+
+def _count_optimizer_step(*_: object) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
 
 
 class SharedWeight(nn.Module):
@@ -160,8 +170,10 @@ class LorsLinear(nn.Module):
 
     def _cached_weight(self) -> torch.Tensor:
         shared = self.shared.weight
+        # Fused optimizers (torch's AdamW(fused=True), the Trainer's default "adamw_torch_fused") update the
+        # weights without bumping their version counters: any optimizer step invalidates the cache too.
         key = (shared.data_ptr(), shared._version, self.lors_A.data_ptr(), self.lors_A._version,
-               self.lors_B.data_ptr(), self.lors_B._version, shared.dtype)
+               self.lors_B.data_ptr(), self.lors_B._version, shared.dtype, _optimizer_steps)
         if self._cached is None or self._cached[0] != key:
             device = shared.device.type
             # In the parameters' dtype even under autocast (which then casts it per call, as for a dense
@@ -202,15 +214,18 @@ def set_weight_cache(model: nn.Module, enabled: bool = True) -> nn.Module:
     """Cache each layer's ``W_shared + B A`` for inference (no-grad forward passes), or stop caching.
 
     Decoding then runs exactly the dense model's matmuls (one per projection) at the price of the dense
-    model's weight memory; the cache is rebuilt automatically when a weight changes (optimizer steps,
-    ``.to()``, ``load_state_dict``) and is never used while gradients are enabled. A change made through
-    ``param.data`` (some EMA helpers) bypasses the version counter the cache watches: call
-    ``set_weight_cache(model)`` again after one, which drops every cached weight. Off by default: LORS
-    layers then keep only the compact weights.
+    model's weight memory; the cache is rebuilt automatically when a weight changes (any ``torch.optim``
+    optimizer step, fused ones included, ``.to()``, ``load_state_dict``) and is never used while gradients
+    are enabled. A change made through ``param.data`` (some EMA helpers) bypasses the version counter the
+    cache watches: call ``set_weight_cache(model)`` again after one, which drops every cached weight. Off by
+    default: LORS layers then keep only the compact weights.
 
     Example:
         >>> # set_weight_cache(model); model.generate(...); set_weight_cache(model, False)
     """
+    global _optimizer_hook
+    if enabled and _optimizer_hook is None:
+        _optimizer_hook = register_optimizer_step_post_hook(_count_optimizer_step)
     for module in model.modules():
         if isinstance(module, LorsLinear):
             module.cache_weight = enabled
