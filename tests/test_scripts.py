@@ -530,6 +530,30 @@ def test_resume_from_a_missing_or_different_checkpoint_is_one_line(data, tiny_be
     assert "no checkpoint folder there" in capsys.readouterr().err
 
 
+def test_resume_from_checkpoint_true_resumes_the_last_checkpoint(data, tiny_bert, tmp_path, capsys, monkeypatch):
+    """``--resume_from_checkpoint True`` is the output folder's last checkpoint (was: "Can't find a valid
+    checkpoint at True", a traceback); with no checkpoint there it is a one-line error."""
+    out = tmp_path / "run"
+    args = classification_args(data, tiny_bert, out, "--lors_rank", "2", "--do_train", "--save_steps", "2",
+                               "--save_strategy", "steps")
+    assert run_script("run_classification", *args, "--max_steps", "2") == 0
+    resumed_from = []
+    train = tf.Trainer.train
+
+    def spy(self, resume_from_checkpoint=None, **kwargs):
+        resumed_from.append(resume_from_checkpoint)
+        return train(self, resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    monkeypatch.setattr(tf.Trainer, "train", spy)
+    assert run_script("run_classification", *args, "--max_steps", "3", "--resume_from_checkpoint", "True") == 0
+    assert resumed_from == [str(out / "checkpoint-2")]
+    assert read_json(out / "trainer_state.json")["global_step"] == 3
+    capsys.readouterr()
+    empty = classification_args(data, tiny_bert, tmp_path / "empty", "--lors_rank", "2", "--do_train")
+    assert run_script("run_classification", *empty, "--resume_from_checkpoint", "true") == 1
+    assert "no checkpoint-<step> folder in --output_dir" in capsys.readouterr().err
+
+
 def test_clm_evaluates_with_a_validation_file_alone(data, tmp_path):
     out = tmp_path / "gpt"
     assert run_script("run_clm", *TINY_GPT2, "--train_file", str(data / "shakespeare/train.txt"), "--block_size",

@@ -304,6 +304,30 @@ def check_resume(model: torch.nn.Module, resume_from_checkpoint: str | bool | No
                           "trained with")
 
 
+def resolve_resume(resume_from_checkpoint: str | bool | None, output_dir: str | os.PathLike) -> str | None:
+    """``--resume_from_checkpoint`` as a checkpoint path for ``Trainer.train``: ``True`` (any case) is the last
+    ``checkpoint-<step>`` folder of `output_dir`, as ``Trainer.train(resume_from_checkpoint=True)`` takes it
+    (a `ScriptError` when there is none), ``False`` is no resume; a path is returned as it is.
+
+    Example:
+        >>> resolve_resume("false", "out") is None
+        True
+    """
+    if isinstance(resume_from_checkpoint, bool):
+        resume_from_checkpoint = str(resume_from_checkpoint)
+    if not isinstance(resume_from_checkpoint, str) or resume_from_checkpoint.lower() not in ("true", "false"):
+        return resume_from_checkpoint
+    if resume_from_checkpoint.lower() == "false":
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(os.fspath(output_dir)) if os.path.isdir(output_dir) else None
+    if last is None:
+        raise ScriptError(f"--resume_from_checkpoint {resume_from_checkpoint}: no checkpoint-<step> folder in "
+                          f"--output_dir {output_dir} to resume from")
+    return last
+
+
 def _describe(config: LorsConfig | None) -> str:
     if config is None:
         return "dense"
@@ -619,8 +643,9 @@ def train_and_evaluate(trainer: Trainer, lors_args: LorsArguments,
     args = trainer.args
     extra = parameter_metrics(trainer.model)
     if args.do_train:
-        check_resume(trainer.model, args.resume_from_checkpoint)
-        result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+        check_resume(trainer.model, resume)
+        result = trainer.train(resume_from_checkpoint=resume)
         metrics = {**result.metrics, "train_samples": len(trainer.train_dataset), **extra}
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
