@@ -115,6 +115,28 @@ def test_task_loss_and_evaluation_with_a_classifier(tmp_path):
     assert predictions.predictions.shape == (8, 2)  # logits only: the hidden states are not returned
 
 
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_the_task_loss_is_label_smoothed_as_the_trainer_smooths_it(family, tmp_path):
+    """With label_smoothing_factor, the task term is the Trainer's smoothed loss (shifted for a causal LM),
+    not the model's plain cross-entropy."""
+    student, teacher = _student_and_teacher(family)
+    for module in student.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    ids = torch.randint(1, student.config.vocab_size, (4, 12), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "labels": ids.clone() if family == "gpt2" else torch.tensor([0, 1, 1, 0])}
+    args = _args(tmp_path, steps=1, label_smoothing_factor=0.3)
+    trainer = DistillationTrainer(model=student, args=args, teacher_model=teacher, alpha_kl=0.0, alpha_hidden=0.0,
+                                  alpha_task=1.0)
+    with torch.no_grad():
+        distilled = float(trainer.compute_loss(student, dict(batch)))
+        smoothed = float(tf.Trainer(model=student, args=args).compute_loss(student, dict(batch)))
+        plain = float(student(**batch).loss)
+    assert distilled == pytest.approx(smoothed, rel=1e-6)
+    assert abs(distilled - plain) > 1e-5  # smoothing changes it (a little: the tiny models' logits are flat)
+
+
 def test_kl_is_zero_for_identical_logits_and_positive_otherwise():
     logits = torch.randn(2, 5, 7)
     mask = torch.ones(2, 5, dtype=torch.long)

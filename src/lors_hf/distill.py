@@ -93,8 +93,10 @@ class DistillationTrainer(Trainer):
                                         num_items_in_batch=num_items_in_batch)
         use_hidden = self.alpha_hidden > 0
         student_inputs = dict(inputs)
-        if self.alpha_task == 0:
-            student_inputs.pop("labels", None)
+        # the task loss as the Trainer makes it: from the labels when they are smoothed (label_smoothing_factor)
+        # or a compute_loss_func is given, else the model's own loss
+        own_task_loss = self.alpha_task > 0 and (self.label_smoother is not None or self.compute_loss_func is not None)
+        labels = student_inputs.pop("labels", None) if self.alpha_task == 0 or own_task_loss else None
         teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         if use_hidden:
             student_inputs["output_hidden_states"] = teacher_inputs["output_hidden_states"] = True
@@ -104,7 +106,8 @@ class DistillationTrainer(Trainer):
             teacher_outputs = self.teacher_model(**teacher_inputs)
         task_loss = None
         if self.alpha_task > 0:
-            task_loss = _get(student_outputs, "loss")
+            task_loss = self._task_loss(model, student_outputs, labels) if labels is not None else _get(student_outputs,
+                                                                                                          "loss")
             if task_loss is None:
                 raise ValueError("DistillationTrainer: alpha_task > 0 but the student returned no loss; "
                                  "does the dataset have a `labels` column?")
@@ -127,6 +130,16 @@ class DistillationTrainer(Trainer):
         if return_outputs:
             return loss, _without_hidden_states(student_outputs, keep=not use_hidden)
         return loss
+
+    def _task_loss(self, model: nn.Module, outputs: Any, labels: torch.Tensor) -> torch.Tensor:
+        """The student's loss on `labels` the way `Trainer.compute_loss` makes it with a label smoother or a
+        ``compute_loss_func`` (a per-batch mean, like the distillation terms)."""
+        if self.compute_loss_func is not None:
+            return self.compute_loss_func(outputs, labels)
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        causal = self.accelerator.unwrap_model(model)._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+        return self.label_smoother(outputs, labels, shift_labels=causal)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self._distill_count and "loss" in logs:
