@@ -47,12 +47,17 @@ def test_smoke_run_writes_the_table_the_plot_and_the_command(tmp_path):
     assert section.strip() in rebuilt.read_text()
 
 
+def _smollm2_smoke(tmp_path: Path) -> tuple[Path, dict[str, str], list[str]]:
+    """The results file, environment and base command of a SmolLM2 smoke run writing into `tmp_path`."""
+    results_file = tmp_path / "RESULTS.md"
+    return results_file, {**os.environ, "HF_HUB_OFFLINE": "1"}, [
+        sys.executable, str(SCRIPT), "--smoke", "--model", "smollm2", "--results-file", str(results_file),
+        "--reductions", "0.3", "0.5"]
+
+
 @pytest.mark.slow
 def test_recover_only_redoes_the_recovery_and_keeps_the_other_figures(tmp_path):
-    results_file = tmp_path / "RESULTS.md"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    base = [sys.executable, str(SCRIPT), "--smoke", "--model", "smollm2", "--results-file", str(results_file),
-            "--reductions", "0.3", "0.5"]
+    results_file, env, base = _smollm2_smoke(tmp_path)
     completed = subprocess.run(base, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
     first = json.loads((tmp_path / "bench_convert.json").read_text())["smollm2"]
@@ -147,10 +152,7 @@ def test_recover_only_redoes_the_recovery_and_keeps_the_other_figures(tmp_path):
 
 @pytest.mark.slow
 def test_a_partial_rerun_redoes_only_the_rows_it_names_and_each_row_names_the_run_that_made_it(tmp_path):
-    results_file = tmp_path / "RESULTS.md"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    base = [sys.executable, str(SCRIPT), "--smoke", "--model", "smollm2", "--results-file", str(results_file),
-            "--reductions", "0.3", "0.5"]
+    results_file, env, base = _smollm2_smoke(tmp_path)
 
     def run(*extra: str) -> tuple[str, dict]:
         completed = subprocess.run(base + list(extra), capture_output=True, text=True, timeout=300, env=env,

@@ -106,8 +106,10 @@ class DistillationTrainer(Trainer):
             teacher_outputs = self.teacher_model(**teacher_inputs)
         task_loss = None
         if self.alpha_task > 0:
-            task_loss = self._task_loss(model, student_outputs, labels) if labels is not None else _get(student_outputs,
-                                                                                                          "loss")
+            if labels is not None:
+                task_loss = self._task_loss(model, student_outputs, labels)
+            else:
+                task_loss = _get(student_outputs, "loss")
             if task_loss is None:
                 raise ValueError("DistillationTrainer: alpha_task > 0 but the student returned no loss; "
                                  "does the dataset have a `labels` column?")
