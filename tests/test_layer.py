@@ -67,6 +67,21 @@ def test_materialised_training_path_passes_gradcheck():
     assert torch.autograd.gradcheck(_MaterializedLorsLinear.apply, [*inputs[:4], None])
 
 
+def test_materialised_training_path_is_twice_differentiable():
+    """Gradient penalties and MAML-style steps differentiate the backward pass: it must build a graph too (it
+    was marked once-differentiable, so large batches failed or gave None where small ones worked)."""
+    torch.manual_seed(0)
+    shapes = [(2, 3, 4), (5, 4), (2, 4), (5, 2), (5,)]  # x, shared, A, B, bias
+    inputs = [torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in shapes]
+    assert torch.autograd.gradgradcheck(_MaterializedLorsLinear.apply, inputs)
+    layer = _layer().double()
+    x = torch.randn(64, 7, dtype=torch.float64, requires_grad=True)  # above materialize_above: that path
+    assert x.shape[0] > layer.materialize_above
+    (grad_x,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    penalty = torch.autograd.grad(grad_x.square().sum(), layer.lors_B, allow_unused=True)[0]
+    assert penalty is not None and penalty.abs().sum() > 0
+
+
 def test_materialised_training_path_computes_only_the_gradients_asked_for():
     layer = _layer()
     layer.materialize_above = 0

@@ -64,8 +64,7 @@ class _MaterializedLorsLinear(torch.autograd.Function):
         return output
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output):  # plain torch ops: with create_graph=True they build a graph (double backward)
         x, shared, lors_A, lors_B = ctx.saved_tensors
         dtype = ctx.dtype
         needs_x, needs_shared, needs_A, needs_B, needs_bias = ctx.needs_input_grad
