@@ -293,3 +293,15 @@ def test_weight_cache_built_under_autocast_serves_a_float32_pass_too():
         layer.lors_B.data.add_(1.0)  # in place through .data: invisible to the cache until it is reset
         set_weight_cache(layer)
         torch.testing.assert_close(layer(x), F.linear(x, layer.effective_weight(), layer.bias))
+
+
+def test_weight_cache_on_parameters_created_under_inference_mode():
+    from lors_hf.layer import set_weight_cache
+
+    x = torch.randn(3, 7)
+    with torch.inference_mode():  # inference tensors track no version: an in-place edit must still show
+        layer = _layer()
+        set_weight_cache(layer)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.effective_weight(), layer.bias))
+        layer.lors_B.add_(1.0)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.effective_weight(), layer.bias))

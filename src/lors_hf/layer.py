@@ -167,8 +167,12 @@ class LorsLinear(nn.Module):
             weight = weight.clone()
         return weight.t() if self.fan_in_fan_out else weight
 
-    def _cached_weight(self) -> torch.Tensor:
+    def _cached_weight(self) -> torch.Tensor | None:
         shared = self.shared.weight
+        if shared.is_inference() or self.lors_A.is_inference() or self.lors_B.is_inference():
+            # Parameters created under torch.inference_mode() have no version counter, so an in-place
+            # change could not be seen: no cache for them (the uncached paths give the same result).
+            return None
         # Fused optimizers (torch's AdamW(fused=True), the Trainer's default "adamw_torch_fused") update the
         # weights without bumping their version counters: any optimizer step invalidates the cache too.
         key = (shared.data_ptr(), shared._version, self.lors_A.data_ptr(), self.lors_A._version,
@@ -194,8 +198,8 @@ class LorsLinear(nn.Module):
             )
         if self.rank == 0:
             return F.linear(x, shared, self.bias)
-        if self.cache_weight and not torch.is_grad_enabled():
-            return F.linear(x, self._cached_weight(), self.bias)
+        if self.cache_weight and not torch.is_grad_enabled() and (cached := self._cached_weight()) is not None:
+            return F.linear(x, cached, self.bias)
         tokens = x.numel() // self.in_features
         if tokens > self.materialize_above:
             return _MaterializedLorsLinear.apply(x, shared, self.lors_A, self.lors_B, self.bias)
