@@ -326,11 +326,11 @@ def bench_smollm2(args, sizes, results: dict, save, run: dict) -> None:
     batch = args.recover_batch
     planned = min(args.recover_steps, sizes["smol_max_steps"])
     # this run redoes its recovery recipes and keeps the other rows, and the dense reference of a kept row
-    # trained with other settings than this run's; --recover-only also keeps the conversions
+    # trained with other settings than this run's
     kept_rows = [r for r in earlier_recovery if not redone_by(r, recipes)]
-    this_run = {"batch": batch, "learning_rate": args.recover_lr, "planned_steps": planned}
+    recovery_settings = {"batch": batch, "learning_rate": args.recover_lr, "planned_steps": planned}
     kept_rows += [r for r in earlier_recovery if r["method"] == "dense" and r not in kept_rows
-                  and any(lm_reference(k, [r]) for k in kept_rows if k.get("lm_weight")) and not lm_reference(this_run, [r])]
+                  and any(lm_reference(k, [r]) for k in kept_rows if k.get("lm_weight")) and not lm_reference(recovery_settings, [r])]
     section = results["smollm2"] = {**(earlier if partial else {}), "conversion": kept_conversion if partial else [],
                                     "recovery": kept_rows}
     start = time.perf_counter()
@@ -385,7 +385,7 @@ def bench_smollm2(args, sizes, results: dict, save, run: dict) -> None:
 
     if args.recover_lm_weight > 0:  # like-for-like reference: the original model trained on the same text
         # an earlier run's reference is kept when it trained the same recipe to the end within this budget
-        same = lm_reference(this_run, earlier_recovery)
+        same = lm_reference(recovery_settings, earlier_recovery)
         if same and same["steps"] == planned and same["train_s"] <= args.recover_minutes * 60:
             made = same.get("run") or section  # a row with no `run` is the section's own
             print(f"[smollm2] keeping the dense LM fine-tune of {made.get('date')}: same batch, lr and planned "

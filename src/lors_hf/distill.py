@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainingArguments
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 __all__ = ["DistillationTrainer", "distill", "distillation_losses"]
 
@@ -138,8 +139,6 @@ class DistillationTrainer(Trainer):
         ``compute_loss_func`` (a per-batch mean, like the distillation terms)."""
         if self.compute_loss_func is not None:
             return self.compute_loss_func(outputs, labels)
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
         causal = self.accelerator.unwrap_model(model)._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
         return self.label_smoother(outputs, labels, shift_labels=causal)
 

@@ -279,53 +279,43 @@ def check_no_empty_cells(raw: Any, columns: list[str]) -> None:
                                       "fill or drop it")
 
 
-def check_resume(model: torch.nn.Module, resume_from_checkpoint: str | bool | None) -> None:
-    """Refuse a ``--resume_from_checkpoint`` that is not a folder, or whose LORS plan is not `model`'s
-    (another rank would otherwise fail deep in ``load_state_dict`` with a wall of size mismatches).
+def resolve_resume(model: torch.nn.Module, resume_from_checkpoint: str | bool | None,
+                   output_dir: str | os.PathLike) -> str | None:
+    """``--resume_from_checkpoint`` as the checkpoint folder to give ``Trainer.train``, checked against `model`.
+
+    ``True`` (any case) is the last ``checkpoint-<step>`` folder of `output_dir`, as the Trainer reads it;
+    ``False`` or ``None`` is no resume. A folder that is not a checkpoint, or whose LORS plan is not `model`'s
+    (another rank would otherwise fail deep in ``load_state_dict`` with a wall of size mismatches), or a
+    ``True`` with no checkpoint to resume, is a one-line `ScriptError`.
 
     Example:
-        >>> check_resume(None, None)  # nothing to resume: nothing to check
+        >>> resolve_resume(None, "false", "out") is None
+        True
     """
-    if not isinstance(resume_from_checkpoint, str) or resume_from_checkpoint.lower() in ("true", "false"):
-        return
+    value = str(resume_from_checkpoint) if isinstance(resume_from_checkpoint, bool) else resume_from_checkpoint
+    if value is None or value.lower() == "false":
+        return None
+    if value.lower() == "true":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        value = get_last_checkpoint(os.fspath(output_dir)) if os.path.isdir(output_dir) else None
+        if value is None:
+            raise ScriptError(f"--resume_from_checkpoint {resume_from_checkpoint}: no checkpoint-<step> folder in "
+                              f"--output_dir {output_dir} to resume from")
     from .persistence import load_lors_config
     from .surgery import get_lors_config
 
-    folder = Path(resume_from_checkpoint)
+    folder = Path(value)
     if not (folder / "config.json").is_file():
-        raise ScriptError(f"--resume_from_checkpoint {resume_from_checkpoint}: no checkpoint folder there "
+        raise ScriptError(f"--resume_from_checkpoint {value}: no checkpoint folder there "
                           "(a checkpoint-<step> folder of --output_dir)")
     with user_errors():
         saved = load_lors_config(folder)
     ours = get_lors_config(model)
     if (saved is None) != (ours is None) or (saved is not None and saved.rank != ours.rank):
-        raise ScriptError(f"--resume_from_checkpoint {resume_from_checkpoint} holds a {_describe(saved)} model but "
-                          f"these arguments build a {_describe(ours)} one: resume with the LORS options it was "
-                          "trained with")
-
-
-def resolve_resume(resume_from_checkpoint: str | bool | None, output_dir: str | os.PathLike) -> str | None:
-    """``--resume_from_checkpoint`` as a checkpoint path for ``Trainer.train``: ``True`` (any case) is the last
-    ``checkpoint-<step>`` folder of `output_dir`, as ``Trainer.train(resume_from_checkpoint=True)`` takes it
-    (a `ScriptError` when there is none), ``False`` is no resume; a path is returned as it is.
-
-    Example:
-        >>> resolve_resume("false", "out") is None
-        True
-    """
-    if isinstance(resume_from_checkpoint, bool):
-        resume_from_checkpoint = str(resume_from_checkpoint)
-    if not isinstance(resume_from_checkpoint, str) or resume_from_checkpoint.lower() not in ("true", "false"):
-        return resume_from_checkpoint
-    if resume_from_checkpoint.lower() == "false":
-        return None
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(os.fspath(output_dir)) if os.path.isdir(output_dir) else None
-    if last is None:
-        raise ScriptError(f"--resume_from_checkpoint {resume_from_checkpoint}: no checkpoint-<step> folder in "
-                          f"--output_dir {output_dir} to resume from")
-    return last
+        raise ScriptError(f"--resume_from_checkpoint {value} holds a {_describe(saved)} model but these arguments "
+                          f"build a {_describe(ours)} one: resume with the LORS options it was trained with")
+    return value
 
 
 def _describe(config: LorsConfig | None) -> str:
@@ -643,8 +633,7 @@ def train_and_evaluate(trainer: Trainer, lors_args: LorsArguments,
     args = trainer.args
     extra = parameter_metrics(trainer.model)
     if args.do_train:
-        resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
-        check_resume(trainer.model, resume)
+        resume = resolve_resume(trainer.model, args.resume_from_checkpoint, args.output_dir)
         result = trainer.train(resume_from_checkpoint=resume)
         metrics = {**result.metrics, "train_samples": len(trainer.train_dataset), **extra}
         trainer.log_metrics("train", metrics)
