@@ -22,6 +22,9 @@ Usage:
     HF_HUB_OFFLINE=1 python scripts/bench_scratch.py --preset long   # 20x the steps at width 128 (own section)
     HF_HUB_OFFLINE=1 python scripts/bench_scratch.py --preset long --b-lr-ratio 8   # lors_B learns 8x faster
     HF_HUB_OFFLINE=1 python scripts/bench_scratch.py --preset long --lr 4e-3 --b-lr-ratio 8 --stack-lr-ratio 0.5
+    # data-limited: 15 epochs of the first 100k characters, test ppl also at each run's best validation step
+    HF_HUB_OFFLINE=1 python scripts/bench_scratch.py --preset long --steps 1500 --lr 4e-3 --b-lr-ratio 8 \
+        --stack-lr-ratio 0.5 --train-chars 100000 --eval-every 100
     HF_HUB_OFFLINE=1 python scripts/bench_scratch.py --smoke --results-file /tmp/r.md   # seconds
 """
 
@@ -138,22 +141,27 @@ class RunResult:
     validation_nll: float
     train_seconds: float
     losses: list[float] = field(default_factory=list)
+    # with --eval-every: the step of the lowest validation NLL seen, and the test NLL at that step (early stopping)
+    best_step: int | None = None
+    best_test_nll: float | None = None
 
     @property
     def test_ppl(self) -> float:
         return math.exp(self.test_nll)
 
 
-def gpt2_config(layers: int, width: int, heads: int, seq_len: int, vocab_size: int) -> GPT2Config:
-    """A dropout-free GPT-2 config (feed-forward width 4x, tied embeddings)."""
+def gpt2_config(layers: int, width: int, heads: int, seq_len: int, vocab_size: int, dropout: float = 0.0) -> GPT2Config:
+    """A GPT-2 config (feed-forward width 4x, tied embeddings), one `dropout` rate on embeddings, residuals and
+    attention (0 by default)."""
     return GPT2Config(vocab_size=vocab_size, n_positions=seq_len, n_embd=width, n_layer=layers, n_head=heads,
-                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+                      resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=0, eos_token_id=0)
 
 
-def build_model(spec: VariantSpec, heads: int, seq_len: int, vocab_size: int, seed: int) -> GPT2LMHeadModel:
+def build_model(spec: VariantSpec, heads: int, seq_len: int, vocab_size: int, seed: int,
+                dropout: float = 0.0) -> GPT2LMHeadModel:
     """The variant's model, freshly initialised from `seed` (LORS variants lorsified with the paper's init)."""
     torch.manual_seed(seed)
-    model = GPT2LMHeadModel(gpt2_config(spec.layers, spec.width, heads, seq_len, vocab_size))
+    model = GPT2LMHeadModel(gpt2_config(spec.layers, spec.width, heads, seq_len, vocab_size, dropout))
     if spec.lorsify_kwargs is not None:
         lorsify(model, init="scratch", **spec.lorsify_kwargs)
     return model
@@ -271,10 +279,15 @@ def evaluate_nll(model: GPT2LMHeadModel, ids: torch.Tensor, seq_len: int, max_to
     return total / tokens
 
 
+def training_ids(data: CharData, args: argparse.Namespace) -> torch.Tensor:
+    """The characters training samples from: the whole train split, or its first ``--train-chars``."""
+    return data.train[:args.train_chars] if args.train_chars else data.train
+
+
 def train_variant(spec: VariantSpec, seed: int, data: CharData, args: argparse.Namespace) -> RunResult:
     """Train one variant from scratch for ``args.steps`` steps and score it on validation and test."""
     device = torch.device(args.device)
-    model = build_model(spec, args.heads, args.seq_len, data.vocab_size, seed).to(device)
+    model = build_model(spec, args.heads, args.seq_len, data.vocab_size, seed, args.dropout).to(device)
     model.train()
     rank = "-"
     if spec.lorsify_kwargs is not None:
@@ -284,11 +297,14 @@ def train_variant(spec: VariantSpec, seed: int, data: CharData, args: argparse.N
     generator = torch.Generator().manual_seed(1000 + seed)  # the same batches for every variant of a seed
     warmup = max(1, int(args.warmup_fraction * args.steps))
     losses: list[torch.Tensor] = []  # kept on the device: no sync per step
+    train_ids = training_ids(data, args)
+    best: tuple[int, float, float] | None = None  # (step, validation NLL, test NLL) at the best validation NLL
+    eval_seconds = 0.0  # spent in the periodic evaluations, left out of the training time
     start = time.perf_counter()
     for step in range(args.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.steps, warmup, args.lr) * group["lr_scale"]
-        batch = sample_batch(data.train, args.batch_size, args.seq_len, generator).to(device, non_blocking=True)
+        batch = sample_batch(train_ids, args.batch_size, args.seq_len, generator).to(device, non_blocking=True)
         with autocast(device, args.bf16):
             logits = model(input_ids=batch[:, :-1]).logits.float()
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
@@ -297,6 +313,13 @@ def train_variant(spec: VariantSpec, seed: int, data: CharData, args: argparse.N
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())
+        if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+            eval_start = time.perf_counter()
+            nll = evaluate_nll(model, data.validation, args.seq_len, max(args.seq_len, args.eval_tokens // 4),
+                               bf16=args.bf16)
+            if best is None or nll < best[1]:
+                best = (step + 1, nll, evaluate_nll(model, data.test, args.seq_len, args.eval_tokens, bf16=args.bf16))
+            eval_seconds += time.perf_counter() - eval_start
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             elapsed = time.perf_counter() - start
             recent = torch.stack(losses[-args.log_every:]).mean().item()
@@ -304,13 +327,14 @@ def train_variant(spec: VariantSpec, seed: int, data: CharData, args: argparse.N
                   f"({elapsed:.0f} s)", flush=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    train_seconds = time.perf_counter() - start
+    train_seconds = time.perf_counter() - start - eval_seconds
     loss_values = torch.stack(losses).float().cpu().tolist()
     test_nll = evaluate_nll(model, data.test, args.seq_len, args.eval_tokens, bf16=args.bf16)
     validation_nll = evaluate_nll(model, data.validation, args.seq_len, max(args.seq_len, args.eval_tokens // 4),
                                   bf16=args.bf16)
     return RunResult(spec.name, seed, stack_parameter_count(model), sum(p.numel() for p in model.parameters()), rank,
-                     test_nll, validation_nll, train_seconds, loss_values)
+                     test_nll, validation_nll, train_seconds, loss_values,
+                     *((best[0], best[2]) if best else (None, None)))
 
 
 def _report(result: RunResult) -> RunResult:
@@ -399,10 +423,31 @@ def lors_learning_rates(args: argparse.Namespace) -> str:
             f"`lors_B` at {stack * args.b_lr_ratio:g}x; the dense, shallow and fully shared models use one lr; ")
 
 
+def target_lines(ppl: dict[str, float]) -> list[str]:
+    """The issue's targets for each LORS variant in `ppl` (test perplexity by variant): within 2% of dense,
+    better than the fully shared and the shallow models."""
+    lines = []
+    for name in ("lors-60", "lors-70"):
+        if name not in ppl:
+            continue
+        gap = ppl[name] / ppl["dense"] - 1
+        lines.append(f"- `{name}` within 2% of dense perplexity: {'HIT' if gap <= 0.02 else 'MISSED'} ({gap:+.2%}).")
+        for baseline in ("shared", "shallow"):
+            if baseline not in ppl:
+                continue
+            better = ppl[name] < ppl[baseline]
+            lines.append(f"- `{name}` better than `{baseline}`: {'HIT' if better else 'MISSED'} "
+                         f"({ppl[name]:.3f} vs {ppl[baseline]:.3f}).")
+    return lines
+
+
 def render_markdown(results: list[RunResult], specs: list[VariantSpec], args: argparse.Namespace, data: CharData,
                     plots: list[str], command: str, wall_seconds: float) -> str:
     """The ``bench_scratch`` section of RESULTS.md: setup, command, table, targets, plots."""
     tokens = args.steps * args.batch_size * args.seq_len
+    train_chars = len(training_ids(data, args))
+    training_text = (f"the first {train_chars:,} characters of the train split" if train_chars < len(data.train)
+                     else "the train split")
     by_variant = {spec.name: [r for r in results if r.variant == spec.name] for spec in specs}
     dense_stack = by_variant["dense"][0].stack_params
     dense_ppl, _ = summarize([r.test_ppl for r in by_variant["dense"]])
@@ -416,6 +461,8 @@ def render_markdown(results: list[RunResult], specs: list[VariantSpec], args: ar
         + (f", LORS stack (shared weights, `lors_A`) at {args.stack_lr_ratio:g}x the learning rate and `lors_B` at "
            f"{args.b_lr_ratio:g}x that" if args.stack_lr_ratio != 1 else "")
         + (f", {args.steps} steps" if args.own_steps else "")
+        + (f", trained on the first {train_chars:,} characters" if train_chars < len(data.train) else "")
+        + (f", dropout {args.dropout:g}" if args.dropout else "")
         + (f", variants {', '.join(args.variants)} only" if len(args.variants) < len(VARIANT_NAMES) else "")
         + (" on GPU" if args.device != "cpu" else ""),
         "",
@@ -429,20 +476,24 @@ def render_markdown(results: list[RunResult], specs: list[VariantSpec], args: ar
         "```",
         "",
         f"Setup: GPT-2 decoder, {args.layers} layers x width {args.d_model}, {args.heads} heads, context {args.seq_len}, "
-        f"feed-forward 4x, no dropout, tied embeddings. Character-level vocabulary built from the training split "
-        f"({len(data.vocabulary)} characters + `<unk>`). Training data: the train split of "
+        f"feed-forward 4x, {f'dropout {args.dropout:g} (embeddings, residuals, attention)' if args.dropout else 'no dropout'}, "
+        f"tied embeddings. Character-level vocabulary built from the whole training split "
+        f"({len(data.vocabulary)} characters + `<unk>`). Training data: {training_text} of "
         "`lors_hf.assets.shakespeare_splits()` (38 plays), random windows; the same batches for every variant of a seed. "
         f"Token budget per run: {args.steps} steps x {args.batch_size} x {args.seq_len} = {tokens:,} tokens "
-        f"({tokens / len(data.train):.2f} epochs of the {len(data.train):,}-character train split). AdamW "
+        f"({tokens / train_chars:.2f} epochs of {train_chars:,} training characters). AdamW "
         f"(betas 0.9/0.95, weight decay {args.weight_decay} on matrices), peak lr {args.lr} for every parameter "
         + lors_learning_rates(args)
         + f"{args.warmup_fraction:.0%} linear warmup then cosine to 10%, gradient clipping 1.0. "
         f"Perplexity = exp(mean NLL per character) over the first {args.eval_tokens:,} characters of each held-out split "
-        f"(non-overlapping windows of {args.seq_len}). Seeds: {seeds}; spread = half the range over seeds.",
+        f"(non-overlapping windows of {args.seq_len}). Train ppl = exp(mean training loss over the last 5% of steps, "
+        f"{'dropout on, ' if args.dropout else ''}on the training batches): its gap to val/test ppl shows overfitting. "
+        f"Seeds: {seeds}; spread = half the range over seeds.",
         "",
         "| variant | layers x width | private rank | stack params | vs dense stack | model params | "
-        "test ppl (mean ± spread) | per seed | vs dense | val ppl | train time / run |",
-        "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|",
+        "test ppl (mean ± spread) | per seed | vs dense | val ppl | train ppl | "
+        + ("test ppl at best val (step per seed) | " if args.eval_every else "") + "train time / run |",
+        "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|" + ("---:|" if args.eval_every else "") + "---:|",
     ]
     for spec in specs:
         runs = by_variant[spec.name]
@@ -450,10 +501,14 @@ def render_markdown(results: list[RunResult], specs: list[VariantSpec], args: ar
         val_mean, _ = summarize([math.exp(r.validation_nll) for r in runs])
         per_seed = " / ".join(f"{r.test_ppl:.3f}" for r in runs)
         minutes = np.mean([r.train_seconds for r in runs]) / 60
+        train_ppl = np.mean([math.exp(np.mean(r.losses[-max(1, len(r.losses) // 20):])) for r in runs])
         lines.append(
             f"| {spec.name} ({spec.description}) | {spec.layers} x {spec.width} | {runs[0].rank} | "
             f"{runs[0].stack_params:,} | {runs[0].stack_params / dense_stack - 1:+.1%} | {runs[0].model_params:,} | "
-            f"{mean:.3f} ± {spread:.3f} | {per_seed} | {mean / dense_ppl - 1:+.2%} | {val_mean:.3f} | {minutes:.1f} min |"
+            f"{mean:.3f} ± {spread:.3f} | {per_seed} | {mean / dense_ppl - 1:+.2%} | {val_mean:.3f} | {train_ppl:.3f} | "
+            + (f"{np.mean([math.exp(r.best_test_nll) for r in runs]):.3f} "
+               f"({' / '.join(str(r.best_step) for r in runs)}) | " if args.eval_every else "")
+            + f"{minutes:.1f} min |"
         )
     lines.append("")
     if "shallow" in by_variant and "lors-60" in by_variant:
@@ -461,18 +516,12 @@ def render_markdown(results: list[RunResult], specs: list[VariantSpec], args: ar
         lines += [f"Equal-parameter baseline: `shallow` has {shallow.stack_params:,} stack parameters against "
                   f"{lors60.stack_params:,} for `lors-60` ({shallow.stack_params / lors60.stack_params - 1:+.1%}).", ""]
     lines += ["Targets (computed from the table):", ""]
-    ppl = {name: summarize([r.test_ppl for r in runs])[0] for name, runs in by_variant.items()}
-    for name in ("lors-60", "lors-70"):
-        if name not in ppl:
-            continue
-        gap = ppl[name] / ppl["dense"] - 1
-        lines.append(f"- `{name}` within 2% of dense perplexity: {'HIT' if gap <= 0.02 else 'MISSED'} ({gap:+.2%}).")
-        for baseline in ("shared", "shallow"):
-            if baseline not in ppl:
-                continue
-            better = ppl[name] < ppl[baseline]
-            lines.append(f"- `{name}` better than `{baseline}`: {'HIT' if better else 'MISSED'} "
-                         f"({ppl[name]:.3f} vs {ppl[baseline]:.3f}).")
+    lines += target_lines({name: summarize([r.test_ppl for r in runs])[0] for name, runs in by_variant.items()})
+    if args.eval_every:
+        lines += ["", "The same targets on the test perplexity at each run's best validation step (early stopping, "
+                  f"validation scored every {args.eval_every} steps):", ""]
+        lines += target_lines({name: float(np.mean([math.exp(r.best_test_nll) for r in runs]))
+                               for name, runs in by_variant.items()})
     lines += ["", *[f"![{name}]({name})" for name in plots]]
     return "\n".join(lines)
 
@@ -503,6 +552,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stack-lr-ratio", type=float, default=1.0,
                         help="learning rate of the LORS models' shared weights and lors_A over the peak lr (lors_B "
                              "gets this times --b-lr-ratio; other ratios write a section suffixed _s<ratio>)")
+    parser.add_argument("--train-chars", type=int, default=None,
+                        help="train on the first N characters of the train split only (a data-limited, multi-epoch "
+                             "run; writes a section suffixed _chars<N>)")
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="dropout on embeddings, residuals and attention, every variant (section suffix _drop<p>)")
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="score validation (and test) every N steps and also report the test perplexity at each "
+                             "run's best validation step (early stopping; 0: only at the end)")
     parser.add_argument("--warmup-fraction", type=float, default=0.1)
     parser.add_argument("--eval-tokens", type=int, default=32_768, help="characters scored per held-out split")
     parser.add_argument("--log-every", type=int, default=25)
@@ -523,6 +580,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.smoke:
         args.layers, args.d_model, args.heads, args.seq_len = 6, 32, 2, 32
         args.steps, args.batch_size, args.eval_tokens, args.log_every = 4, 4, 512, 2
+    if args.train_chars is not None and args.train_chars < 2 * (args.seq_len + 1):
+        parser.error(f"--train-chars {args.train_chars} is too short for windows of {args.seq_len + 1} characters: "
+                     f"give at least {2 * (args.seq_len + 1)}.")
+    if not 0 <= args.dropout < 1:
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout}.")
     return args
 
 
@@ -544,6 +606,8 @@ def main(argv: list[str] | None = None) -> None:
     section += f"_lr{args.lr:g}" if args.lr != DEFAULT_LR else ""
     section += f"_b{args.b_lr_ratio:g}" if args.b_lr_ratio != 1 else ""
     section += f"_s{args.stack_lr_ratio:g}" if args.stack_lr_ratio != 1 else ""
+    section += f"_chars{args.train_chars}" if args.train_chars else ""
+    section += f"_drop{args.dropout:g}" if args.dropout else ""
     section += "_" + "_".join(args.variants) if len(args.variants) < len(VARIANT_NAMES) else ""
     section = device_section(section, args.device)
     plots = save_plots(results, specs, results_file.parent, smoothing=max(1, args.steps // 20),

@@ -170,6 +170,66 @@ def test_scratch_stack_lr_ratio_slows_only_the_lors_stack(results: Path, tmp_pat
         assert slower_stack[name][7] != b_only[name][7], name
 
 
+LIMITED = "bench_scratch_chars200_dense_shallow"  # the section of `--variants shallow --train-chars 200`
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory) -> Path:
+    """A results file with a data-limited run: dense and shallow on the first 200 training characters."""
+    results_file = tmp_path_factory.mktemp("limited") / "RESULTS.md"
+    _run("bench_scratch.py", "--variants", "shallow", "--train-chars", "200", "--results-file", str(results_file))
+    return results_file
+
+
+def test_scratch_train_chars_and_dropout_write_their_own_sections(results: Path, limited: Path,
+                                                                   tmp_path: Path) -> None:
+    """--train-chars trains on a prefix of the train split (many epochs) and --dropout turns dropout on for every
+    variant; each writes its own section, says so in its setup, and changes the figures."""
+    dropped_file = tmp_path / "RESULTS.md"
+    _run("bench_scratch.py", "--variants", "shallow", "--train-chars", "200", "--dropout", "0.5",
+         "--results-file", str(dropped_file))
+    limited_text = _section(limited, LIMITED)
+    dropped = _section(dropped_file, "bench_scratch_chars200_drop0.5_dense_shallow")
+    assert "the first 200 characters of the train split" in limited_text and "no dropout" in limited_text
+    assert "(2.56 epochs of 200 training characters)" in limited_text  # 4 steps x 4 x 32 tokens
+    assert "dropout 0.5 (embeddings, residuals, attention)" in dropped
+    default = _columns(_section(results, "bench_scratch"))
+    limited_rows, dropped_rows = _columns(limited_text), _columns(dropped)
+    assert set(limited_rows) == {"dense", "shallow"}
+    for name in ("dense", "shallow"):
+        assert limited_rows[name]["per seed"] != default[name]["per seed"], name
+        assert dropped_rows[name]["per seed"] != limited_rows[name]["per seed"], name
+        assert _number(limited_rows[name]["train ppl"]) > 1, name
+
+
+def test_scratch_eval_every_reports_the_best_validation_step_without_changing_training(limited: Path,
+                                                                                      tmp_path: Path) -> None:
+    """--eval-every scores validation during training and reports the test perplexity at each run's best
+    validation step; the periodic evaluations leave the training itself (the final figures) unchanged."""
+    periodic_file = tmp_path / "RESULTS.md"
+    _run("bench_scratch.py", "--variants", "shallow", "--train-chars", "200", "--eval-every", "1",
+         "--results-file", str(periodic_file))
+    name = LIMITED
+    plain, periodic = _columns(_section(limited, name)), _columns(_section(periodic_file, name))
+    assert "test ppl at best val (step per seed)" not in plain["dense"]
+    assert "validation scored every 1 steps" in _section(periodic_file, name)
+    for variant in ("dense", "shallow"):
+        assert periodic[variant]["per seed"] == plain[variant]["per seed"], variant
+        best = periodic[variant]["test ppl at best val (step per seed)"]
+        # in 4 smoke steps from scratch the validation loss falls at every step: the best is the last step,
+        # the very model the final figures score
+        assert best.endswith("(4 / 4)"), best
+        assert _number(best) == _number(periodic[variant]["test ppl (mean ± spread)"]), variant
+
+
+@pytest.mark.parametrize(("flags", "message"), [(["--train-chars", "60"], "--train-chars 60 is too short"),
+                                                (["--dropout", "1"], "--dropout must be in [0, 1)")])
+def test_scratch_rejects_too_little_training_text_or_dropout_of_one(flags: list[str], message: str) -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_scratch.py"), "--smoke", *flags], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+
+
 def test_detr_two_jobs_give_the_serial_figures(results: Path, tmp_path: Path) -> None:
     """--jobs 2 trains dense and LORS at once in worker processes: the same losses and metrics as one by one."""
     parallel_file = tmp_path / "RESULTS.md"
