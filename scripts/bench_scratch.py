@@ -585,6 +585,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      f"give at least {2 * (args.seq_len + 1)}.")
     if not 0 <= args.dropout < 1:
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}.")
+    if args.eval_every < 0:
+        parser.error(f"--eval-every must be >= 0 (0: score only at the end), got {args.eval_every}.")
     return args
 
 
