@@ -225,8 +225,11 @@ def test_scratch_eval_every_reports_the_best_validation_step_without_changing_tr
 @pytest.mark.parametrize(("flags", "message"), [(["--train-chars", "60"], "--train-chars 60 is too short"),
                                                 (["--dropout", "1"], "--dropout must be in [0, 1)"),
                                                 (["--eval-every", "-5"], "--eval-every must be >= 0")])
-def test_scratch_rejects_too_little_training_text_dropout_of_one_or_negative_eval_every(flags: list[str], message: str) -> None:
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_scratch.py"), "--smoke", *flags], cwd=REPO,
+def test_scratch_rejects_too_little_training_text_dropout_of_one_or_negative_eval_every(
+        flags: list[str], message: str, tmp_path: Path) -> None:
+    # --results-file: if the check ever went missing, the smoke run must not write into docs/RESULTS.md
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_scratch.py"), "--smoke", *flags,
+                           "--results-file", str(tmp_path / "RESULTS.md")], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
 
