@@ -123,6 +123,7 @@ def test_report_of_a_dense_checkpoint(dense_dir, capsys):
         (["convert", "{dense}", "{dense}"], 1, "must differ from the input"),
         (["merge", "{dense}", "{tmp}/out"], 1, "not a LORS checkpoint"),
         (["report", "{tmp}"], 1, "no config.json"),
+        (["report", "no-such-org/no-such-model"], 1, "no local directory of that name, so it was looked up as a Hub id"),
         (["frobnicate"], 2, "invalid choice"),
     ],
 )

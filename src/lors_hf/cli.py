@@ -156,6 +156,13 @@ def _check_source(path: str) -> None:
         raise CommandError(f"{path}: {what}")
 
 
+def _loading(path: str) -> str:
+    """What a failed load was doing; a name with no local directory was read as a Hub id, and says so."""
+    if Path(path).expanduser().exists():
+        return f"loading {path}"
+    return f"loading {path} (no local directory of that name, so it was looked up as a Hub id)"
+
+
 def _check_output(path: str, source: str) -> None:
     target = Path(path).expanduser()
     if target.exists() and not target.is_dir():
@@ -245,7 +252,7 @@ def _convert(args: argparse.Namespace) -> None:
     output = Path(args.output).expanduser()
     with _progress(len(steps), "convert") as bar:
         bar.set_description_str(f"convert: loading {args.model}")
-        with _guard(f"loading {args.model}"):
+        with _guard(_loading(args.model)):
             model = load_model(args.model)
         if is_lorsified(model):
             raise CommandError(f"{args.model} is already a LORS checkpoint (lors-hf merge gives the dense one)")
@@ -293,7 +300,7 @@ def _report(args: argparse.Namespace) -> None:
     from .surgery import is_lorsified
 
     _check_source(args.model)
-    with _guard(f"loading {args.model}"):
+    with _guard(_loading(args.model)):
         model = load_model(args.model)
     report = parameter_report(model)
     if args.json:
@@ -310,7 +317,7 @@ def _merge(args: argparse.Namespace) -> None:
 
     _check_source(args.model)
     _check_output(args.output, args.model)
-    with _guard(f"loading {args.model}"):
+    with _guard(_loading(args.model)):
         model = load_model(args.model)
     if not is_lorsified(model):
         raise CommandError(f"{args.model} is not a LORS checkpoint (its config.json has no lors_config)")
