@@ -325,12 +325,10 @@ def bench_smollm2(args, sizes, results: dict, save, run: dict) -> None:
     recipes = recovery_recipes(args) if args.recover_minutes > 0 else []  # a run with no recovery keeps them all
     batch = args.recover_batch
     planned = min(args.recover_steps, sizes["smol_max_steps"])
-    # this run redoes its recovery recipes and keeps the other rows, and the dense reference of a kept row
-    # trained with other settings than this run's
-    kept_rows = [r for r in earlier_recovery if not redone_by(r, recipes)]
+    # this run redoes its recovery recipes with its settings and keeps every other row: the same recipe with
+    # other settings (and that row's dense reference) stays next to this run's
     recovery_settings = {"batch": batch, "learning_rate": args.recover_lr, "planned_steps": planned}
-    kept_rows += [r for r in earlier_recovery if r["method"] == "dense" and r not in kept_rows
-                  and any(lm_reference(k, [r]) for k in kept_rows if k.get("lm_weight")) and not lm_reference(recovery_settings, [r])]
+    kept_rows = [r for r in earlier_recovery if not redone_by(r, recipes, recovery_settings)]
     section = results["smollm2"] = {**(earlier if partial else {}), "conversion": kept_conversion if partial else [],
                                     "recovery": kept_rows}
     start = time.perf_counter()
@@ -421,9 +419,11 @@ def bench_smollm2(args, sizes, results: dict, save, run: dict) -> None:
                 "lm_weight": args.recover_lm_weight, **info}, targs)
 
 
-def redone_by(row: dict, recipes: list[str]) -> bool:
-    """Whether a run that makes `recipes` (LORS recipe, then dense reference's) makes `row` again."""
-    return bool(recipes) and row["recovery"] in (recipes[1:] if row["method"] == "dense" else recipes[:1])
+def redone_by(row: dict, recipes: list[str], settings: dict) -> bool:
+    """Whether a run that makes `recipes` (LORS recipe, then dense reference's) with `settings` (batch, peak lr,
+    planned steps) makes `row` again."""
+    same_recipe = row["recovery"] in (recipes[1:] if row["method"] == "dense" else recipes[:1])
+    return bool(recipes) and same_recipe and all(row.get(key) == value for key, value in settings.items())
 
 
 def recovery_recipes(args) -> list[str]:
@@ -621,7 +621,8 @@ def target_lines(results: dict) -> list[str]:
         if row["method"] == "dense":
             continue
         ratio = row["ppl_after"] / row["dense_ppl"]
-        line = (f"SmolLM2 {row['reduction']:.0%} {row['method']} + {row['recovery']} ({row['train_s'] / 60:.0f} min): "
+        line = (f"SmolLM2 {row['reduction']:.0%} {row['method']} + {row['recovery']} ({row['train_s'] / 60:.0f} min, "
+                f"{row['steps']} of {row.get('planned_steps', '?')} planned steps, lr {row.get('learning_rate', '?')}): "
                 f"perplexity x{ratio:.3f} of the original; target within 10%: {'met' if ratio <= 1.10 else 'MISSED'}")
         reference = lm_reference(row, smol["recovery"]) if row.get("lm_weight") else None
         if reference:
@@ -714,7 +715,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="SmolLM2: convert only the models to recover; keep the other figures (needs --merge)")
     parser.add_argument("--merge", action="store_true",
                         help="keep the other model's figures from the JSON of an earlier run (rerun one model); "
-                             "SmolLM2 also keeps the recovery rows of recipes this run does not redo")
+                             "SmolLM2 also keeps the recovery rows this run does not redo (other recipes, or the "
+                             "same recipe with another batch, peak lr or planned steps)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args(argv)
     if args.smoke and args.results_file is None:

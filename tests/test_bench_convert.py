@@ -66,15 +66,18 @@ def test_recover_only_redoes_the_recovery_and_keeps_the_other_figures(tmp_path):
     assert completed.returncode == 0, completed.stderr[-3000:]
     second = json.loads((tmp_path / "bench_convert.json").read_text())["smollm2"]
     assert second["command"] == first["command"]  # the conversion figures keep their provenance
-    assert "--recover-only" in second["recovery"][0]["run"]["command"]
+    # the same recipe with another batch and lr is a new row next to the earlier one, which stays as it was
+    earlier_row, row = second["recovery"]
+    assert earlier_row == first["recovery"][0] and "run" not in earlier_row
+    assert "--recover-only" in row["run"]["command"]
     assert len(second["conversion"]) == len(first["conversion"]) == 6
     kept = [row for row in first["conversion"] if (row["reduction"], row["method"]) != (0.5, "data-aware")]
     assert all(row in second["conversion"] for row in kept)
-    (row,) = second["recovery"]
     assert row["schedule"] == "cosine" and row["planned_steps"] == 2
     assert row["learning_rate"] == 3e-4 and row["batch"] == 1
     section = results_file.read_text()
     assert "--recover-only" in section and "SmolLM2 recovery" in section and "batch 1, lr 0.0003" in section
+    assert "batch 2, lr 0.0002" in section  # both rows are in the table
     (redone,) = [r for r in second["conversion"] if "run" in r]  # the recovery run converted that model again
     assert (redone["reduction"], redone["method"]) == (0.5, "data-aware") and "this_run" not in redone
     assert "| data-aware* |" in section and "\\* converted again by `" in section
@@ -84,8 +87,9 @@ def test_recover_only_redoes_the_recovery_and_keeps_the_other_figures(tmp_path):
     assert completed.returncode == 0, completed.stderr[-3000:]
     third = json.loads((tmp_path / "bench_convert.json").read_text())["smollm2"]
     assert [(r["method"], r["recovery"]) for r in third["recovery"]] == [
-        ("data-aware", "distill"), ("dense", "LM fine-tune"), ("data-aware", "distill + LM loss")]
-    assert third["recovery"][0] == row and third["recovery"][2]["lm_weight"] == 1.0
+        ("data-aware", "distill"), ("data-aware", "distill"), ("dense", "LM fine-tune"),
+        ("data-aware", "distill + LM loss")]
+    assert third["recovery"][:2] == second["recovery"] and third["recovery"][3]["lm_weight"] == 1.0
     section = results_file.read_text()
     assert "like for like" in section and "dense + LM fine-tune" in section
     commands = [line for line in section.splitlines() if line.startswith("Command:")]
@@ -100,8 +104,12 @@ def test_recover_only_redoes_the_recovery_and_keeps_the_other_figures(tmp_path):
     fourth = json.loads((tmp_path / "bench_convert.json").read_text())["smollm2"]
     assert "--recover-only" not in fourth["command"] and len(fourth["conversion"]) == 6
     assert not any("run" in r for r in fourth["conversion"]) and "converted again" not in results_file.read_text()
-    assert fourth["recovery"][:2] == third["recovery"][:2]  # distillation-only row and dense reference, as they were
-    assert fourth["recovery"][2]["recovery"] == "distill + LM loss" and "run" not in fourth["recovery"][2]
+    # distillation-only rows and dense reference as they were; the row that was the section's own now names
+    # the run that made it
+    assert fourth["recovery"][1:3] == third["recovery"][1:3]
+    assert fourth["recovery"][0] == {**third["recovery"][0], "run": fourth["recovery"][0]["run"]}
+    assert fourth["recovery"][0]["run"]["command"] == first["command"]
+    assert fourth["recovery"][3]["recovery"] == "distill + LM loss" and "run" not in fourth["recovery"][3]
     # the LM loss alone on the converted model: the dense reference's recipe, next to it and kept like it
     completed = subprocess.run(base + ["--merge", "--recover-only", "--recover-lm-weight", "1", "--recover-no-distill"],
                                capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
@@ -109,12 +117,13 @@ def test_recover_only_redoes_the_recovery_and_keeps_the_other_figures(tmp_path):
     assert "keeping the dense LM fine-tune" in completed.stdout
     fifth = json.loads((tmp_path / "bench_convert.json").read_text())["smollm2"]
     (lm_alone,) = [r for r in fifth["recovery"] if r not in fourth["recovery"]]
-    assert all(r in fifth["recovery"] for r in fourth["recovery"]) and len(fifth["recovery"]) == 4
+    assert all(r in fifth["recovery"] for r in fourth["recovery"]) and len(fifth["recovery"]) == 5
     assert (lm_alone["method"], lm_alone["recovery"]) == ("data-aware", "LM fine-tune")
     assert "--recover-no-distill" in lm_alone["run"]["command"]
     section = results_file.read_text()
     assert "no teacher" in section and "data-aware + LM fine-tune" in section
-    # other settings: a new dense reference for them; the kept distill + LM loss row keeps its own reference
+    # other settings: a new dense reference for them; the rows of the earlier settings (LM alone included) stay,
+    # each with its own reference
     completed = subprocess.run(base + ["--merge", "--recover-only", "--recover-lm-weight", "1", "--recover-no-distill",
                                        "--recover-lr", "3e-4"], capture_output=True, text=True, timeout=300, env=env,
                                cwd=tmp_path)
@@ -122,23 +131,26 @@ def test_recover_only_redoes_the_recovery_and_keeps_the_other_figures(tmp_path):
     assert "keeping the dense LM fine-tune" not in completed.stdout
     sixth = json.loads((tmp_path / "bench_convert.json").read_text())["smollm2"]["recovery"]
     assert [(r["method"], r["recovery"], r["learning_rate"]) for r in sixth] == [
-        ("data-aware", "distill", 3e-4), ("data-aware", "distill + LM loss", 2e-4), ("dense", "LM fine-tune", 2e-4),
-        ("dense", "LM fine-tune", 3e-4), ("data-aware", "LM fine-tune", 3e-4)]
-    old_reference, new_reference = sixth[2]["ppl_after"], sixth[3]["ppl_after"]
-    section = results_file.read_text()
-    distilled = next(line for line in section.splitlines() if "+ distill + LM loss (" in line)
+        ("data-aware", "distill", 2e-4), ("data-aware", "distill", 3e-4), ("data-aware", "distill + LM loss", 2e-4),
+        ("dense", "LM fine-tune", 2e-4), ("data-aware", "LM fine-tune", 2e-4), ("dense", "LM fine-tune", 3e-4),
+        ("data-aware", "LM fine-tune", 3e-4)]
+    old_reference, new_reference = sixth[3]["ppl_after"], sixth[5]["ppl_after"]
+    targets = results_file.read_text().split("### Targets")[1].splitlines()
+    distilled = next(line for line in targets if "+ distill + LM loss (" in line)
     assert f"({old_reference})" in distilled
-    alone = next(line for line in section.splitlines() if "data-aware + LM fine-tune (" in line)
-    assert f"({new_reference})" in alone
-    # distill + LM loss again: it redoes its own row and keeps the LM-alone row and that row's dense reference
+    for lr, reference in (("0.0002", old_reference), ("0.0003", new_reference)):
+        (alone,) = [line for line in targets if "data-aware + LM fine-tune (" in line and f"lr {lr})" in line]
+        assert f"({reference})" in alone and "2 of 2 planned steps" in alone
+    # distill + LM loss again: it redoes its own row, keeps the others, and keeps its dense reference as it was
     completed = subprocess.run(base + ["--merge", "--recover-only", "--recover-lm-weight", "1"], capture_output=True,
                                text=True, timeout=300, env=env, cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
     seventh = json.loads((tmp_path / "bench_convert.json").read_text())["smollm2"]["recovery"]
     assert [(r["method"], r["recovery"], r["learning_rate"]) for r in seventh] == [
-        ("data-aware", "distill", 3e-4), ("data-aware", "LM fine-tune", 3e-4), ("dense", "LM fine-tune", 3e-4),
-        ("dense", "LM fine-tune", 2e-4), ("data-aware", "distill + LM loss", 2e-4)]
-    assert seventh[:4] == [sixth[0], sixth[4], sixth[3], sixth[2]]
+        ("data-aware", "distill", 2e-4), ("data-aware", "distill", 3e-4), ("data-aware", "LM fine-tune", 2e-4),
+        ("dense", "LM fine-tune", 3e-4), ("data-aware", "LM fine-tune", 3e-4), ("dense", "LM fine-tune", 2e-4),
+        ("data-aware", "distill + LM loss", 2e-4)]
+    assert seventh[:6] == [sixth[0], sixth[1], sixth[4], sixth[5], sixth[6], sixth[3]]
     # a full rerun that recovers nothing redoes the conversions and keeps every recovery row
     completed = subprocess.run(base + ["--merge", "--recover-minutes", "0"], capture_output=True, text=True,
                                timeout=300, env=env, cwd=tmp_path)
