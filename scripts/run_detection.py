@@ -13,6 +13,8 @@ pycocotools (through the shipped ``coco_map`` metric)::
 Images are resized to ``--image_size`` squares (boxes are kept in relative coordinates, so they follow).
 A DETR built from a config trains its whole backbone, BatchNorm included (`train_backbone_from_scratch`);
 a checkpoint keeps DETR's frozen BatchNorm.
+Every evaluation, the periodic ones (``--eval_strategy``) included, reports COCO mAP (``eval_map``,
+``eval_map_50``, ...), so ``--metric_for_best_model map --load_best_model_at_end`` keeps the best checkpoint.
 Writes to ``--output_dir``: the model, ``{train,eval,all}_results.json`` (loss, mAP, AP50, ...),
 ``parameter_report.{txt,json}``; ``--push_to_hub`` uploads them.
 """
@@ -254,9 +256,10 @@ def check_config_keys(config: Any, overrides: dict[str, Any], option: str) -> No
 
 
 @torch.no_grad()
+@torch.no_grad()
 def detection_metrics(model: DetrForObjectDetection, dataset: DetectionDataset, category_of_label: dict[int, int],
-                      batch_size: int) -> dict[str, float]:
-    """COCO mAP of `model` on `dataset` (every query a detection, scored by its best class)."""
+                      batch_size: int, prefix: str = "eval") -> dict[str, float]:
+    """COCO mAP of `model` on `dataset` (every query a detection, scored by its best class), keys ``{prefix}_*``."""
     metric = load_metric("coco_map")
     device = next(model.parameters()).device
     was_training = model.training
@@ -277,7 +280,7 @@ def detection_metrics(model: DetrForObjectDetection, dataset: DetectionDataset, 
                            "labels": [category_of_label[int(k)] for k in target["class_labels"]]},
             )
     model.train(was_training)
-    return {f"eval_{k}": v for k, v in metric.compute().items()}
+    return {f"{prefix}_{k}": v for k, v in metric.compute().items()}
 
 
 def _reference_boxes(target: dict[str, torch.Tensor]) -> list[list[float]]:
@@ -287,6 +290,31 @@ def _reference_boxes(target: dict[str, torch.Tensor]) -> list[list[float]]:
 
 
 # ------------------------------------------------------------------------------------------------- main
+
+
+class DetectionTrainer(Trainer):
+    """`Trainer` whose every evaluation also scores COCO mAP on the evaluated set.
+
+    The mAP joins the evaluation loop's metrics, so it is logged, passed to callbacks (early stopping) and
+    usable as ``metric_for_best_model``. The main process scores it and, under DDP, sends it to the others.
+    """
+
+    def __init__(self, *args: Any, category_of_label: dict[int, int], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.category_of_label = category_of_label
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                         metric_key_prefix)
+        scores = [None]
+        if self.is_world_process_zero():
+            scores[0] = detection_metrics(self.model, dataloader.dataset, self.category_of_label,
+                                          self.args.per_device_eval_batch_size, prefix=metric_key_prefix)
+        if self.args.world_size > 1:
+            torch.distributed.broadcast_object_list(scores, src=0)
+        output.metrics.update(scores[0])
+        return output
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -340,19 +368,12 @@ def main(argv: list[str] | None = None) -> int:
 
     push_to_hub = defer_push_to_hub(training_args)
     training_args.remove_unused_columns = False
-    training_args.prediction_loss_only = True  # mAP is computed separately, on the whole validation set
-    trainer = Trainer(model=model, args=training_args, train_dataset=datasets_.get("train"),
-                      eval_dataset=datasets_.get("validation"), data_collator=collate,
-                      optimizers=lors_optimizers(model, training_args, lors_args))
-
-    def map_metrics(metrics: dict[str, float]) -> dict[str, float]:
-        """COCO mAP on the main process (the other processes log and save no metrics)."""
-        if not trainer.is_world_process_zero():
-            return {}
-        return detection_metrics(trainer.model, datasets_["validation"], dict(enumerate(category_ids)),
-                                 training_args.per_device_eval_batch_size)
-
-    train_and_evaluate(trainer, lors_args, eval_metrics=map_metrics)
+    training_args.prediction_loss_only = True  # mAP is scored separately, on the whole evaluated set
+    trainer = DetectionTrainer(model=model, args=training_args, train_dataset=datasets_.get("train"),
+                               eval_dataset=datasets_.get("validation"), data_collator=collate,
+                               optimizers=lors_optimizers(model, training_args, lors_args),
+                               category_of_label=dict(enumerate(category_ids)))
+    train_and_evaluate(trainer, lors_args)
     if push_to_hub and trainer.is_world_process_zero():
         logger.info("pushed: %s", push_trained_model(trainer, trainer_model_card=lors_args.no_lors))
     return 0

@@ -250,6 +250,28 @@ def test_detection_learns_saves_and_reloads(data, tmp_path):
     assert reloaded["eval_map"] == pytest.approx(results["eval_map"], abs=1e-6)
 
 
+def test_detection_map_in_every_evaluation_picks_the_best_checkpoint(data, tmp_path):
+    """Periodic evaluations report mAP, so ``--metric_for_best_model map`` keeps the best checkpoint."""
+    out = tmp_path / "detr"
+    train = str(data / "fashion_detection/train.json")
+    common = [a for a in COMMON if a not in ("--save_strategy", "no")]
+    code = run_script(
+        "run_detection", *TINY_DETR, "--lors_rank", "4", "--train_annotation_file", train,
+        "--validation_annotation_file", train, "--max_train_samples", "4", "--max_eval_samples", "4",
+        "--per_device_train_batch_size", "4", "--max_steps", "3", "--do_train", "--do_eval",
+        "--eval_strategy", "steps", "--eval_steps", "1", "--save_strategy", "steps", "--save_steps", "1",
+        "--metric_for_best_model", "map", "--load_best_model_at_end", "--output_dir", str(out), *common)
+    assert code == 0
+    state = read_json(out / "checkpoint-3" / "trainer_state.json")
+    scored = [entry for entry in state["log_history"] if "eval_loss" in entry]
+    assert [entry["step"] for entry in scored] == [1, 2, 3]
+    assert all(0 <= entry["eval_map"] <= 1 and "eval_map_50" in entry for entry in scored)
+    best = max(scored, key=lambda entry: entry["eval_map"])
+    assert state["best_metric"] == best["eval_map"]
+    assert state["best_model_checkpoint"].endswith(f"checkpoint-{best['step']}")
+    assert "eval_map" in read_json(out / "eval_results.json")
+
+
 def test_detection_from_scratch_trains_the_whole_backbone():
     """A DETR built from a config trains its backbone, BatchNorm included; DETR alone freezes all of it."""
     detection = load_script("run_detection")

@@ -625,7 +625,7 @@ def train_and_evaluate(trainer: Trainer, lors_args: LorsArguments,
 
     The train and eval metrics, logged and saved as ``{train,eval,all}_results.json``, also hold the sample
     count and `parameter_metrics`; ``eval_metrics(metrics)``, when given, returns task metrics to add to
-    the evaluation's (perplexity, mAP).
+    the evaluation's (run_clm: perplexity).
 
     Example:
         >>> # train_and_evaluate(trainer, lors_args, eval_metrics=lambda m: {"perplexity": math.exp(m["eval_loss"])})
