@@ -256,7 +256,6 @@ def check_config_keys(config: Any, overrides: dict[str, Any], option: str) -> No
 
 
 @torch.no_grad()
-@torch.no_grad()
 def detection_metrics(model: DetrForObjectDetection, dataset: DetectionDataset, category_of_label: dict[int, int],
                       batch_size: int, prefix: str = "eval") -> dict[str, float]:
     """COCO mAP of `model` on `dataset` (every query a detection, scored by its best class), keys ``{prefix}_*``."""
