@@ -250,18 +250,19 @@ def test_detection_learns_saves_and_reloads(data, tmp_path):
     assert reloaded["eval_map"] == pytest.approx(results["eval_map"], abs=1e-6)
 
 
-def test_detection_map_in_every_evaluation_picks_the_best_checkpoint(data, tmp_path):
-    """Periodic evaluations report mAP, so ``--metric_for_best_model map`` keeps the best checkpoint."""
-    out = tmp_path / "detr"
+def best_map_detection_args(data: Path, out: Path) -> list[str]:
+    """run_detection for 3 steps of a tiny DETR, evaluated and saved every step, keeping the best mAP."""
     train = str(data / "fashion_detection/train.json")
-    common = [a for a in COMMON if a not in ("--save_strategy", "no")]
-    code = run_script(
-        "run_detection", *TINY_DETR, "--lors_rank", "4", "--train_annotation_file", train,
-        "--validation_annotation_file", train, "--max_train_samples", "4", "--max_eval_samples", "4",
-        "--per_device_train_batch_size", "4", "--max_steps", "3", "--do_train", "--do_eval",
-        "--eval_strategy", "steps", "--eval_steps", "1", "--save_strategy", "steps", "--save_steps", "1",
-        "--metric_for_best_model", "map", "--load_best_model_at_end", "--output_dir", str(out), *common)
-    assert code == 0
+    return [*TINY_DETR, "--lors_rank", "4", "--train_annotation_file", train, "--validation_annotation_file", train,
+            "--max_train_samples", "4", "--max_eval_samples", "4", "--per_device_train_batch_size", "2",
+            "--max_steps", "3", "--do_train", "--do_eval", "--eval_strategy", "steps", "--eval_steps", "1",
+            "--save_strategy", "steps", "--save_steps", "1", "--metric_for_best_model", "map",
+            "--load_best_model_at_end", "--output_dir", str(out),
+            *[a for a in COMMON if a not in ("--save_strategy", "no")]]
+
+
+def assert_best_map_checkpoint(out: Path) -> None:
+    """Every evaluation of `best_map_detection_args` scored mAP, and the best one's checkpoint was kept."""
     state = read_json(out / "checkpoint-3" / "trainer_state.json")
     scored = [entry for entry in state["log_history"] if "eval_loss" in entry]
     assert [entry["step"] for entry in scored] == [1, 2, 3]
@@ -270,6 +271,12 @@ def test_detection_map_in_every_evaluation_picks_the_best_checkpoint(data, tmp_p
     assert state["best_metric"] == best["eval_map"]
     assert state["best_model_checkpoint"].endswith(f"checkpoint-{best['step']}")
     assert "eval_map" in read_json(out / "eval_results.json")
+
+
+def test_detection_map_in_every_evaluation_picks_the_best_checkpoint(data, tmp_path):
+    """Periodic evaluations report mAP, so ``--metric_for_best_model map`` keeps the best checkpoint."""
+    assert run_script("run_detection", *best_map_detection_args(data, tmp_path / "detr")) == 0
+    assert_best_map_checkpoint(tmp_path / "detr")
 
 
 def test_detection_from_scratch_trains_the_whole_backbone():
@@ -332,6 +339,17 @@ def test_torchrun_two_processes_keep_shared_weights_equal(data, tiny_bert, tmp_p
         rows = sum(1 for _ in csv.DictReader(f))
     state = read_json(out / "trainer_state.json")
     assert state["global_step"] == 4 and state["epoch"] == pytest.approx(4 / math.ceil(rows / 16))
+
+
+@pytest.mark.slow
+def test_torchrun_detection_scores_map_for_every_process(data, tmp_path):
+    """Process 0 scores the mAP and sends it to process 1, whose best-checkpoint choice needs it too."""
+    out = tmp_path / "ddp-detr"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(SCRIPTS / "run_detection.py"), *best_map_detection_args(data, out)]
+    proc = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert_best_map_checkpoint(out)
 
 
 @pytest.mark.slow
