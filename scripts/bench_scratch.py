@@ -149,6 +149,10 @@ class RunResult:
     def test_ppl(self) -> float:
         return math.exp(self.test_nll)
 
+    @property
+    def best_test_ppl(self) -> float:
+        return math.exp(self.best_test_nll)
+
 
 def gpt2_config(layers: int, width: int, heads: int, seq_len: int, vocab_size: int, dropout: float = 0.0) -> GPT2Config:
     """A GPT-2 config (feed-forward width 4x, tied embeddings), one `dropout` rate on embeddings, residuals and
@@ -298,7 +302,16 @@ def train_variant(spec: VariantSpec, seed: int, data: CharData, args: argparse.N
     warmup = max(1, int(args.warmup_fraction * args.steps))
     losses: list[torch.Tensor] = []  # kept on the device: no sync per step
     train_ids = training_ids(data, args)
+
+    def validation() -> float:
+        return evaluate_nll(model, data.validation, args.seq_len, max(args.seq_len, args.eval_tokens // 4),
+                            bf16=args.bf16)
+
+    def test() -> float:
+        return evaluate_nll(model, data.test, args.seq_len, args.eval_tokens, bf16=args.bf16)
+
     best: tuple[int, float, float] | None = None  # (step, validation NLL, test NLL) at the best validation NLL
+    validation_nll = None  # with --eval-every: the last periodic score, which is the final step's
     eval_seconds = 0.0  # spent in the periodic evaluations, left out of the training time
     start = time.perf_counter()
     for step in range(args.steps):
@@ -315,10 +328,9 @@ def train_variant(spec: VariantSpec, seed: int, data: CharData, args: argparse.N
         losses.append(loss.detach())
         if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
             eval_start = time.perf_counter()
-            nll = evaluate_nll(model, data.validation, args.seq_len, max(args.seq_len, args.eval_tokens // 4),
-                               bf16=args.bf16)
-            if best is None or nll < best[1]:
-                best = (step + 1, nll, evaluate_nll(model, data.test, args.seq_len, args.eval_tokens, bf16=args.bf16))
+            validation_nll = validation()
+            if best is None or validation_nll < best[1]:
+                best = (step + 1, validation_nll, test())
             eval_seconds += time.perf_counter() - eval_start
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             elapsed = time.perf_counter() - start
@@ -329,9 +341,9 @@ def train_variant(spec: VariantSpec, seed: int, data: CharData, args: argparse.N
         torch.cuda.synchronize()
     train_seconds = time.perf_counter() - start - eval_seconds
     loss_values = torch.stack(losses).float().cpu().tolist()
-    test_nll = evaluate_nll(model, data.test, args.seq_len, args.eval_tokens, bf16=args.bf16)
-    validation_nll = evaluate_nll(model, data.validation, args.seq_len, max(args.seq_len, args.eval_tokens // 4),
-                                  bf16=args.bf16)
+    # the periodic scoring ran at the last step too: its figures are the final ones, not scored again
+    test_nll = best[2] if best and best[0] == args.steps else test()
+    validation_nll = validation() if validation_nll is None else validation_nll
     return RunResult(spec.name, seed, stack_parameter_count(model), sum(p.numel() for p in model.parameters()), rank,
                      test_nll, validation_nll, train_seconds, loss_values,
                      *((best[0], best[2]) if best else (None, None)))
@@ -506,7 +518,7 @@ def render_markdown(results: list[RunResult], specs: list[VariantSpec], args: ar
             f"| {spec.name} ({spec.description}) | {spec.layers} x {spec.width} | {runs[0].rank} | "
             f"{runs[0].stack_params:,} | {runs[0].stack_params / dense_stack - 1:+.1%} | {runs[0].model_params:,} | "
             f"{mean:.3f} ± {spread:.3f} | {per_seed} | {mean / dense_ppl - 1:+.2%} | {val_mean:.3f} | {train_ppl:.3f} | "
-            + (f"{np.mean([math.exp(r.best_test_nll) for r in runs]):.3f} "
+            + (f"{np.mean([r.best_test_ppl for r in runs]):.3f} "
                f"({' / '.join(str(r.best_step) for r in runs)}) | " if args.eval_every else "")
             + f"{minutes:.1f} min |"
         )
@@ -520,7 +532,7 @@ def render_markdown(results: list[RunResult], specs: list[VariantSpec], args: ar
     if args.eval_every:
         lines += ["", "The same targets on the test perplexity at each run's best validation step (early stopping, "
                   f"validation scored every {args.eval_every} steps):", ""]
-        lines += target_lines({name: float(np.mean([math.exp(r.best_test_nll) for r in runs]))
+        lines += target_lines({name: float(np.mean([r.best_test_ppl for r in runs]))
                                for name, runs in by_variant.items()})
     lines += ["", *[f"![{name}]({name})" for name in plots]]
     return "\n".join(lines)
