@@ -195,3 +195,33 @@ def test_routed_experts_convert_with_calibration():
         lorsify(model, LorsConfig(target_reduction=0.5, init="alternating"), calibration_data=batches)
     with torch.no_grad():
         assert torch.isfinite(model(**batches[0]).logits).all()
+
+
+def test_calibration_damping_reaches_the_fit():
+    """`lorsify(..., calibration_damping=d)` fits with ridge d: the same weights as `convert_with_calibration`
+    called with that damping, and other weights than the default's."""
+    model, inputs = build("bert")
+    batches = _batches(inputs)
+    config = LorsConfig(rank=2, init="alternating")
+    default = lorsify(copy.deepcopy(model), config, calibration_data=batches)
+    damped = lorsify(copy.deepcopy(model), config, calibration_data=batches, calibration_damping=0.05)
+    direct = copy.deepcopy(model)
+    convert_with_calibration(direct, plan_ranks(direct, config), config, batches, damping=0.05)
+    torch.testing.assert_close(damped.state_dict(), direct.state_dict(), rtol=0, atol=0)
+    assert not torch.allclose(_outputs(damped, inputs), _outputs(default, inputs))
+
+
+@pytest.mark.parametrize("damping, data, error, match", [
+    (0.1, False, ValueError, "calibration_damping applies to data-aware conversion; pass calibration_data"),
+    (-0.1, True, ValueError, "calibration_damping must be finite and >= 0"),
+    (float("nan"), True, ValueError, "calibration_damping must be finite and >= 0"),
+    (float("inf"), True, ValueError, "calibration_damping must be finite and >= 0"),
+    ("0.1", True, TypeError, "calibration_damping must be a number"),
+    (True, True, TypeError, "calibration_damping must be a number"),
+])
+def test_bad_calibration_damping_is_refused_before_any_change(damping, data, error, match):
+    model, inputs = build("bert")
+    with pytest.raises(error, match=match):
+        lorsify(model, rank=2, init="svd", calibration_data=_batches(inputs) if data else None,
+                calibration_damping=damping)
+    assert getattr(model.config, "lors_config", None) is None

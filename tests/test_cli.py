@@ -87,13 +87,22 @@ def test_convert_report_merge_roundtrip(dense_dir, tmp_path, capsys):
     assert torch.allclose(stock, logits(converted, lors_dir), atol=1e-5)
 
 
-def test_convert_to_a_budget_with_calibration_data(dense_dir, tmp_path, capsys):
+def test_convert_to_a_budget_with_calibration_data(dense_dir, tmp_path, capsys, monkeypatch):
     calibration = tmp_path / "calibration.txt"
     calibration.write_text("\n".join(lors_hf.assets.shakespeare_text().splitlines()[200:260]), encoding="utf-8")
     out = tmp_path / "budget"
+    dampings = []  # the real lorsify, watched for the damping the command passes on
+
+    def watched_lorsify(*args, calibration_damping=None, **kwargs):
+        dampings.append(calibration_damping)
+        return real_lorsify(*args, calibration_damping=calibration_damping, **kwargs)
+
+    real_lorsify = lors_hf.surgery.lorsify
+    monkeypatch.setattr(lors_hf.surgery, "lorsify", watched_lorsify)
     code = run_cli("convert", dense_dir, out, "--target-reduction", "0.4", "--init", "alternating",
-                   "--calibration-file", calibration, "--calibration-samples", "40", "--max-length", "32")
-    assert code == 0
+                   "--calibration-file", calibration, "--calibration-samples", "40", "--max-length", "32",
+                   "--calibration-damping", "0.05")
+    assert code == 0 and dampings == [0.05]
     assert "data-aware on 40 samples" in capsys.readouterr().out
     assert run_cli("report", out, "--json") == 0
     report = json.loads(capsys.readouterr().out)
@@ -119,6 +128,9 @@ def test_report_of_a_dense_checkpoint(dense_dir, capsys):
         (["convert", "{dense}", "{tmp}/out", "--rank", "4", "--target-reduction", "0.5"], 2, "not allowed with"),
         (["convert", "{dense}", "{tmp}/out", "--calibration-file", "{tmp}/none.txt"], 1, "no such file"),
         (["convert", "{dense}", "{tmp}/out", "--calibration-samples", "0"], 2, "invalid count 0"),
+        (["convert", "{dense}", "{tmp}/out", "--calibration-damping", "-1"], 2, "invalid damping -1.0"),
+        (["convert", "{dense}", "{tmp}/out", "--calibration-damping", "nan"], 2, "invalid damping nan"),
+        (["convert", "{dense}", "{tmp}/out", "--calibration-damping", "0.1"], 1, "add --calibration-file"),
         (["convert", "{dense}", "{tmp}/out", "--max-length", "-3"], 2, "invalid count -3"),
         (["convert", "{dense}", "{dense}"], 1, "must differ from the input"),
         (["merge", "{dense}", "{tmp}/out"], 1, "not a LORS checkpoint"),

@@ -115,8 +115,8 @@ def accuracy_of(model_dir: Path, csv_file: Path, max_length: int) -> float:
 def test_classification_lors_saves_what_it_evaluated(data, tiny_bert, tmp_path):
     out = tmp_path / "cls"
     code = run_script("run_classification", *classification_args(
-        data, tiny_bert, out, "--lors_rank", "4", "--lors_calibration_batches", "2", "--lors_b_lr_ratio", "4",
-        "--do_train", "--do_eval"))
+        data, tiny_bert, out, "--lors_rank", "4", "--lors_calibration_batches", "2", "--lors_calibration_damping",
+        "0.2", "--lors_b_lr_ratio", "4", "--do_train", "--do_eval"))
     assert code == 0
     results = read_json(out / "all_results.json")
     report = read_json(out / "parameter_report.json")
@@ -392,6 +392,10 @@ def test_push_to_hub(data, tiny_bert, tmp_path, guarded_hub):
          "drop --no_lors"),
         ("run_classification", ["--train_file", "{data}/rotten_tomatoes/train.csv", "--lors_init", "scratch",
                                 "--lors_calibration_batches", "2"], 1, "needs --lors_init svd"),
+        ("run_classification", ["--train_file", "{data}/rotten_tomatoes/train.csv", "--lors_calibration_damping",
+                                "0.1"], 2, "add --lors_calibration_batches"),
+        ("run_classification", ["--train_file", "{data}/rotten_tomatoes/train.csv", "--lors_calibration_batches", "2",
+                                "--lors_calibration_damping", "-1"], 2, "must be finite and >= 0"),
         ("run_clm", ["--train_file", "{data}/shakespeare/train.txt"], 1, "--model_type"),
         ("run_clm", [*TINY_GPT2, "--train_file", "{data}/shakespeare/train.txt", "--block_size", "32",
                      "--lors_rank", "0", "--lors_b_lr_ratio", "8"], 1, "no trainable LORS layer with a private rank"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -79,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--calibration-samples", type=_positive_int, default=128, help="lines of it to use (default 128)")
     convert.add_argument("--max-length", type=_positive_int, default=128,
                          help="tokens per calibration sample (default 128)")
+    convert.add_argument("--calibration-damping", type=_damping, default=None,
+                         help="ridge on the calibration inputs' moments, a fraction of their mean diagonal "
+                              "(default: lors_hf.calibration.DEFAULT_DAMPING)")
     convert.set_defaults(handler=_convert)
 
     report = commands.add_parser("report", help="parameter report of a dense or LORS checkpoint directory")
@@ -131,6 +135,16 @@ def _rank(text: str) -> int | str:
 
 def _positive_int(text: str) -> int:
     return _int_at_least(text, 1, "count")
+
+
+def _damping(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid damping {text!r}: a number >= 0, e.g. 0.1") from None
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"invalid damping {value}: must be finite and >= 0")
+    return value
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -245,6 +259,8 @@ def _convert(args: argparse.Namespace) -> None:
         raise CommandError(f"--calibration-file {args.calibration_file}: no such file")
     if args.calibration_file is not None and args.init == "scratch":
         raise CommandError("--calibration-file needs --init svd or alternating")
+    if args.calibration_damping is not None and args.calibration_file is None:
+        raise CommandError("--calibration-damping applies to data-aware conversion: add --calibration-file")
     with _guard("convert", ValueError, TypeError):
         config = LorsConfig(rank=args.rank, target_reduction=args.target_reduction, init=args.init,
                             target_modules=_names(args.target_modules), exclude_modules=_names(args.exclude_modules))
@@ -264,7 +280,7 @@ def _convert(args: argparse.Namespace) -> None:
             bar.update()
         bar.set_description_str(f"convert: converting ({'data-aware, ' if calibration else ''}init={config.init})")
         with _guard("convert"):
-            lorsify(model, config, calibration_data=calibration)
+            lorsify(model, config, calibration_data=calibration, calibration_damping=args.calibration_damping)
         bar.update()
         bar.set_description_str(f"convert: saving {output}")
         with _guard("save"):

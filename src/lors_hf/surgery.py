@@ -9,6 +9,8 @@ The flow: `LorsConfig` -> `discovery.plan_ranks` (stacks, groups, ranks) -> `bui
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -46,6 +48,7 @@ def lorsify(
     config: LorsConfig | Mapping[str, Any] | None = None,
     *,
     calibration_data: Iterable[Any] | torch.Tensor | None = None,
+    calibration_damping: float | None = None,
     **overrides: Any,
 ) -> PreTrainedModel:
     """Turn every stack of `model` into LORS layers, in place, and return the same model.
@@ -65,6 +68,9 @@ def lorsify(
             for data-aware conversion: the shared and private parts then minimise the error of each
             projection's outputs on these real activations instead of the weights' error. Needs
             ``init="svd"`` or ``"alternating"``.
+        calibration_damping: for data-aware conversion, the ridge added to the inputs' second moments, as
+            a fraction of their mean diagonal (default `calibration.DEFAULT_DAMPING`); fewer calibration
+            tokens per input dimension want more, see that constant for measured values.
         **overrides: fields of `LorsConfig` to change, e.g. ``rank=16``.
 
     Example:
@@ -96,6 +102,14 @@ def lorsify(
             "lorsify: calibration_data converts pretrained weights; use init='svd' or init='alternating' "
             "(init='scratch' starts every layer equal to the shared weight and ignores data)."
         )
+    if calibration_damping is not None:
+        if calibration_data is None:
+            raise ValueError("lorsify: calibration_damping applies to data-aware conversion; pass calibration_data "
+                             "too, or leave calibration_damping out.")
+        if isinstance(calibration_damping, bool) or not isinstance(calibration_damping, numbers.Real):
+            raise TypeError(f"lorsify: calibration_damping must be a number, got {calibration_damping!r}.")
+        if not 0 <= calibration_damping < math.inf:
+            raise ValueError(f"lorsify: calibration_damping must be finite and >= 0 (e.g. 0.1), got {calibration_damping}.")
     stacks = plan_ranks(model, config)
     dense_layers = {
         (stack.name, group.relative_name): [stack.blocks[i].get_submodule(group.relative_name) for i in group.layer_indices]
@@ -105,7 +119,8 @@ def lorsify(
         if calibration_data is not None:
             from .calibration import convert_with_calibration
 
-            convert_with_calibration(model, stacks, config, calibration_data)
+            damping = {} if calibration_damping is None else {"damping": float(calibration_damping)}
+            convert_with_calibration(model, stacks, config, calibration_data, **damping)
         else:
             build_lors_layers(model, stacks)
             with torch.no_grad():

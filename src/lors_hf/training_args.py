@@ -97,6 +97,13 @@ class LorsArguments:
             "minimise the error of each projection's outputs on them (needs svd/alternating init)."
         },
     )
+    lors_calibration_damping: float | None = field(
+        default=None,
+        metadata={
+            "help": "Data-aware conversion: the ridge added to the inputs' second moments, a fraction of their mean "
+            "diagonal (default lors_hf.calibration.DEFAULT_DAMPING; needs --lors_calibration_batches)."
+        },
+    )
     lors_b_lr_ratio: float = field(
         default=1.0,
         metadata={
@@ -124,6 +131,13 @@ class LorsArguments:
             f"<output_dir>/{DDP_SYNC_DIR}/rank<k>.json (to check that DDP kept the shared weights equal)."
         },
     )
+
+    def __post_init__(self) -> None:  # checked at parse time, not after minutes of loading the model
+        damping = self.lors_calibration_damping
+        if damping is not None and not self.lors_calibration_batches:
+            raise ValueError("--lors_calibration_damping applies to data-aware conversion: add --lors_calibration_batches")
+        if damping is not None and not 0 <= damping < float("inf"):
+            raise ValueError(f"--lors_calibration_damping must be finite and >= 0 (e.g. 0.1), got {damping:g}")
 
     def to_config(self, pretrained: bool = True) -> LorsConfig | None:
         """The `LorsConfig` these arguments ask for; None for the dense baseline (``--no_lors``).
@@ -463,7 +477,8 @@ def convert_model(model: torch.nn.Module, lors_args: LorsArguments, pretrained: 
         if calibration_batches and config.init == "scratch":
             raise ScriptError("--lors_calibration_batches needs --lors_init svd or alternating "
                               "(scratch initialisation ignores the data)")
-        return lorsify(model, config, calibration_data=calibration_batches or None)
+        return lorsify(model, config, calibration_data=calibration_batches or None,
+                       calibration_damping=lors_args.lors_calibration_damping if calibration_batches else None)
 
 
 def calibration_batches(dataset: Any, collator: Callable, batch_size: int, count: int) -> list[dict[str, Any]]:
