@@ -59,6 +59,7 @@ from bench_results import RESULTS_FILE, machine_description, update_section  # n
 
 import lors_hf  # noqa: E402
 from lors_hf import LorsConfig, assets, lorsify, parameter_report  # noqa: E402
+from lors_hf.calibration import DEFAULT_DAMPING  # noqa: E402
 from lors_hf.distill import DistillationTrainer  # noqa: E402
 
 SECTION = "bench_convert"
@@ -103,8 +104,9 @@ def load_pretrained(auto_class, path: str, smoke: bool, **kwargs):
     return auto_class.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
 
 
-def convert(dense: torch.nn.Module, method: str, reduction: float, calibration: list | None):
-    """A converted copy of `dense`, the private rank and the seconds it took."""
+def convert(dense: torch.nn.Module, method: str, reduction: float, calibration: list | None,
+            damping: float = DEFAULT_DAMPING):
+    """A converted copy of `dense`, the private rank and the seconds it took (and, data-aware, the damping)."""
     model = copy.deepcopy(dense)
     tf.set_seed(SEED)
     start = time.perf_counter()
@@ -113,7 +115,8 @@ def convert(dense: torch.nn.Module, method: str, reduction: float, calibration: 
     elif method == "alternating":
         lorsify(model, LorsConfig(target_reduction=reduction, init="alternating"))
     elif method == "data-aware":
-        lorsify(model, LorsConfig(target_reduction=reduction, init="alternating"), calibration_data=calibration)
+        lorsify(model, LorsConfig(target_reduction=reduction, init="alternating"), calibration_data=calibration,
+                calibration_damping=damping)
     else:
         raise ValueError(f"unknown method {method!r}")
     seconds = time.perf_counter() - start
@@ -121,7 +124,18 @@ def convert(dense: torch.nn.Module, method: str, reduction: float, calibration: 
     report = parameter_report(model)
     return model.eval(), {"rank": ranks[0] if len(ranks) == 1 else ranks, "convert_s": round(seconds, 1),
                           "stack_reduction": round(report.stacks_total.reduction, 4),
-                          "stack_params": report.stacks_total.lors, "stack_params_dense": report.stacks_total.dense}
+                          "stack_params": report.stacks_total.lors, "stack_params_dense": report.stacks_total.dense,
+                          **({"damping": damping} if method == "data-aware" else {})}
+
+
+def conversion_key(row: dict) -> tuple[float, str, float | None]:
+    """What makes a conversion row: budget, method and, data-aware, the damping (rows saved before the damping
+    was recorded were all made at 0.3, the default then)."""
+    return row["reduction"], row["method"], row.get("damping", 0.3) if row["method"] == "data-aware" else None
+
+
+def method_label(row: dict) -> str:
+    return f"{row['method']} (damping {row['damping']:g})" if row.get("damping") is not None else row["method"]
 
 
 class TimeBudget(tf.TrainerCallback):
@@ -211,7 +225,7 @@ def bench_minilm(args, sizes, results: dict, save) -> None:
     kept: dict[tuple[float, str], tuple[torch.nn.Module, dict]] = {}
     for reduction in args.reductions:
         for method in args.methods:
-            model, info = convert(dense, method, reduction, calibration)
+            model, info = convert(dense, method, reduction, calibration, args.damping)
             embeddings = sentence_embeddings(model.base_model, eval_batches)
             cosine = torch.nn.functional.cosine_similarity(embeddings, reference).mean()
             row = {"reduction": reduction, "method": method, "error": round(1 - cosine.item(), 5), **info}
@@ -314,7 +328,8 @@ def bench_smollm2(args, sizes, results: dict, save, run: dict) -> None:
     # the conversions this run makes (--recover-only: only those it recovers); with --merge it keeps the others
     recovers = {(r, args.methods[-1]) for r in args.recover_reductions} if args.recover_minutes > 0 else set()
     redo = {(r, m) for r in args.reductions for m in args.methods if not args.recover_only or (r, m) in recovers}
-    kept_conversion = [r for r in (earlier or {}).get("conversion", []) if (r["reduction"], r["method"]) not in redo]
+    redo_keys = {conversion_key({"reduction": r, "method": m, "damping": args.damping}) for r, m in redo}
+    kept_conversion = [r for r in (earlier or {}).get("conversion", []) if conversion_key(r) not in redo_keys]
     # A partial run keeps the section's provenance and names itself (`run`) on each row it adds; a run that
     # redoes every conversion becomes the section's run and names the earlier run on the recovery rows it keeps.
     partial = bool(earlier) and (args.recover_only or bool(kept_conversion))
@@ -327,7 +342,8 @@ def bench_smollm2(args, sizes, results: dict, save, run: dict) -> None:
     planned = min(args.recover_steps, sizes["smol_max_steps"])
     # this run redoes its recovery recipes with its settings and keeps every other row: the same recipe with
     # other settings (and that row's dense reference) stays next to this run's
-    recovery_settings = {"batch": batch, "learning_rate": args.recover_lr, "planned_steps": planned}
+    recovery_settings = {"batch": batch, "learning_rate": args.recover_lr, "planned_steps": planned,
+                         "damping": args.damping}
     kept_rows = [r for r in earlier_recovery if not redone_by(r, recipes, recovery_settings)]
     section = results["smollm2"] = {**(earlier if partial else {}), "conversion": kept_conversion if partial else [],
                                     "recovery": kept_rows}
@@ -343,13 +359,12 @@ def bench_smollm2(args, sizes, results: dict, save, run: dict) -> None:
         for method in args.methods:
             if (reduction, method) not in redo:
                 continue  # its figure stays the earlier run's
-            model, info = convert(dense, method, reduction, calibration)
+            model, info = convert(dense, method, reduction, calibration, args.damping)
             ppl = perplexity(model, eval_windows)
             row = {"reduction": reduction, "method": method, "error": round(ppl, 3), **info,
                    **({"run": run} if partial else {})}
             print(f"[smollm2] {row}", flush=True)
-            section["conversion"] = [r for r in section["conversion"]
-                                     if (r["reduction"], r["method"]) != (reduction, method)] + [row]
+            section["conversion"] = [r for r in section["conversion"] if conversion_key(r) != conversion_key(row)] + [row]
             save()
             if (reduction, method) in recovers:
                 kept[(reduction, method)] = model
@@ -375,6 +390,8 @@ def bench_smollm2(args, sizes, results: dict, save, run: dict) -> None:
                    planned_steps=targs.max_steps)
         if row["method"] != "dense":
             row["calibration_tokens"] = section["calibration_tokens"]
+            if row["method"] == "data-aware":
+                row["damping"] = args.damping
         if partial:
             row["run"] = run
         print(f"[smollm2] {row}", flush=True)
@@ -401,7 +418,8 @@ def bench_smollm2(args, sizes, results: dict, save, run: dict) -> None:
             record({"reduction": 0.0, "method": "dense", "recovery": recipes[1], "ppl_before": section["dense_ppl"],
                     **info}, targs)
     for (reduction, method), student in kept.items():
-        before = next(r["error"] for r in section["conversion"] if r["reduction"] == reduction and r["method"] == method)
+        made = conversion_key({"reduction": reduction, "method": method, "damping": args.damping})
+        before = next(r["error"] for r in section["conversion"] if conversion_key(r) == made)
         for name, parameter in student.named_parameters():  # recovery trains the stack, not the embeddings
             parameter.requires_grad_("lors" in name or ".layers." in name)
         # Cosine decay over --recover-steps (the wall-time budget may stop it earlier): an earlier run at a
@@ -421,8 +439,12 @@ def bench_smollm2(args, sizes, results: dict, save, run: dict) -> None:
 
 def redone_by(row: dict, recipes: list[str], settings: dict) -> bool:
     """Whether a run that makes `recipes` (LORS recipe, then dense reference's) with `settings` (batch, peak lr,
-    planned steps) makes `row` again."""
+    planned steps; the conversion's damping, which a dense row does not have) makes `row` again."""
     same_recipe = row["recovery"] in (recipes[1:] if row["method"] == "dense" else recipes[:1])
+    if row["method"] == "dense":
+        settings = {key: value for key, value in settings.items() if key != "damping"}
+    elif row["method"] == "data-aware":
+        row = {**row, "damping": conversion_key(row)[2]}
     return bool(recipes) and same_recipe and all(row.get(key) == value for key, value in settings.items())
 
 
@@ -473,7 +495,7 @@ def markdown(results: dict, command: str, plot_name: str | None) -> str:
         "on the calibration batches (bias correction where there are biases), then one sequential round "
         "that refits block by block, and within a block stage by stage in execution order (q/k/v, then the "
         "output projection, then the MLP's input and output projections), on the inputs the converted model "
-        "itself feeds each stage. "
+        "itself feeds each stage; the ridge on the inputs' moments (`calibration_damping`) is in the method column. "
         "`vs svd` = functional error / that of mean+SVD at the same budget, where the functional error is "
         "`1 - cosine` for MiniLM and, for SmolLM2, the excess loss over the dense model, "
         "`ln(ppl / dense ppl)` nats/token (a perplexity ratio would call a model at 2x the dense perplexity "
@@ -491,13 +513,14 @@ def markdown(results: dict, command: str, plot_name: str | None) -> str:
             continue
         if key == "smollm2":
             lines.append(f"| {label} | dense | 0% | - | - | ppl {section['dense_ppl']} | - | - |")
-        for row in sorted(section["conversion"], key=lambda r: (r["reduction"], METHODS.index(r["method"]))):
+        for row in sorted(section["conversion"], key=lambda r: (r["reduction"], METHODS.index(r["method"]),
+                                                                 -(r.get("damping") or 0))):
             base = find(section["conversion"], reduction=row["reduction"], method="svd")
             base_error = functional_error(key, base, section) if base else 0.0
             ratio = f"{functional_error(key, row, section) / base_error:.3f}" if base_error > 0 else "-"
             mark = "*" * (later_runs.index(run_key(row["run"])) + 1) if row.get("run") else ""
             lines.append(f"| {label} | {row['reduction']:.0%} | {row['stack_reduction']:.1%} | {row['rank']} | "
-                         f"{row['method']}{mark} | {unit} {row['error']:.4g} | {ratio} | {row['convert_s']} |")
+                         f"{method_label(row)}{mark} | {unit} {row['error']:.4g} | {ratio} | {row['convert_s']} |")
     redone = ["\\*" * (i + 1) + f" converted again by `{cmd}` ({day}), with the code of that day; the model's "
               "other rows are from its first command above." for i, (cmd, day) in enumerate(later_runs)]
     lines += (["", *redone] if redone else []) + ["", f"MiniLM: {results.get('minilm', {}).get('eval_sentences', '?')} test sentences, "
@@ -549,9 +572,10 @@ def markdown(results: dict, command: str, plot_name: str | None) -> str:
                 if like:
                     reference += f"; dense + LM fine-tune {like['ppl_after']} (x{row['ppl_after'] / like['ppl_after']:.3f})"
                 target = "-" if row["method"] == "dense" else f"{row['reduction']:.0%}"
-                start = find(results["smollm2"]["conversion"], reduction=row["reduction"], method=row["method"])
+                start = next((r for r in results["smollm2"]["conversion"] if conversion_key(r) == conversion_key(row)),
+                             None)
                 earlier = " (an earlier run's conversion)" if start and start["error"] != row["ppl_before"] else ""
-                lines.append(f"| SmolLM2-135M | {target} | {row['method']} | {recipe} | "
+                lines.append(f"| SmolLM2-135M | {target} | {method_label(row)} | {recipe} | "
                              f"{row['steps']} | {minutes} | ppl {row['ppl_before']}{earlier} -> {row['ppl_after']} | "
                              f"{reference} |")
         lines.append("")
@@ -599,17 +623,18 @@ def target_lines(results: dict) -> list[str]:
     minilm, smol = results.get("minilm", {}), results.get("smollm2", {})
     for key, label, section in (("minilm", "MiniLM 1-cos", minilm), ("smollm2", "SmolLM2 ppl", smol)):
         base = find(section.get("conversion", []), reduction=0.5, method="svd")
-        aware = find(section.get("conversion", []), reduction=0.5, method="data-aware")
-        if not (base and aware):
-            continue
-        errors = [functional_error(key, row, section) for row in (aware, base)]
-        gain = 1 - errors[0] / errors[1] if errors[1] > 0 else 0.0
-        if key == "minilm":
-            what = f"{label} at 50%: data-aware {aware['error']:.4g} vs mean+SVD {base['error']:.4g}"
-        else:  # functional error of a language model: excess loss (nats/token) over the dense model
-            what = (f"{label} at 50%: data-aware {aware['error']:.4g} vs mean+SVD {base['error']:.4g} "
-                    f"(dense {smol['dense_ppl']}); excess loss over dense {errors[0]:.3f} vs {errors[1]:.3f} nats/token")
-        out.append(f"{what}: {gain:.1%} lower error; target >= 50% lower: {'met' if gain >= 0.5 else 'MISSED'}.")
+        for aware in [r for r in section.get("conversion", []) if r["reduction"] == 0.5 and r["method"] == "data-aware"]:
+            if not base:
+                break
+            errors = [functional_error(key, row, section) for row in (aware, base)]
+            gain = 1 - errors[0] / errors[1] if errors[1] > 0 else 0.0
+            if key == "minilm":
+                what = f"{label} at 50%: {method_label(aware)} {aware['error']:.4g} vs mean+SVD {base['error']:.4g}"
+            else:  # functional error of a language model: excess loss (nats/token) over the dense model
+                what = (f"{label} at 50%: {method_label(aware)} {aware['error']:.4g} vs mean+SVD {base['error']:.4g} "
+                        f"(dense {smol['dense_ppl']}); excess loss over dense {errors[0]:.3f} vs {errors[1]:.3f} "
+                        "nats/token")
+            out.append(f"{what}: {gain:.1%} lower error; target >= 50% lower: {'met' if gain >= 0.5 else 'MISSED'}.")
     dense = find(minilm.get("recovery", []), method="dense")
     for row in minilm.get("recovery", []):
         if row["method"] != "dense" and dense:
@@ -621,7 +646,7 @@ def target_lines(results: dict) -> list[str]:
         if row["method"] == "dense":
             continue
         ratio = row["ppl_after"] / row["dense_ppl"]
-        line = (f"SmolLM2 {row['reduction']:.0%} {row['method']} + {row['recovery']} ({row['train_s'] / 60:.0f} min, "
+        line = (f"SmolLM2 {row['reduction']:.0%} {method_label(row)} + {row['recovery']} ({row['train_s'] / 60:.0f} min, "
                 f"{row['steps']} of {row.get('planned_steps', '?')} planned steps, lr {row.get('learning_rate', '?')}): "
                 f"perplexity x{ratio:.3f} of the original; target within 10%: {'met' if ratio <= 1.10 else 'MISSED'}")
         reference = lm_reference(row, smol["recovery"]) if row.get("lm_weight") else None
@@ -645,8 +670,8 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, (key, title, ylabel) in zip(axes[0], panels, strict=True):
         rows = results[key]["conversion"]
-        for method in dict.fromkeys(r["method"] for r in rows):
-            points = sorted((r["reduction"], r["error"]) for r in rows if r["method"] == method)
+        for method in dict.fromkeys(method_label(r) for r in rows):
+            points = sorted((r["reduction"], r["error"]) for r in rows if method_label(r) == method)
             ax.plot([100 * x for x, _ in points], [y for _, y in points], marker="o", label=method)
         if key == "smollm2":
             ax.axhline(results[key]["dense_ppl"], color="gray", linestyle="--", label="dense")
@@ -717,12 +742,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="keep the other model's figures from the JSON of an earlier run (rerun one model); "
                              "SmolLM2 also keeps the recovery rows this run does not redo (other recipes, or the "
                              "same recipe with another batch, peak lr or planned steps)")
+    parser.add_argument("--damping", type=float, default=DEFAULT_DAMPING,
+                        help="data-aware conversion: lorsify's calibration_damping (default: the library's, "
+                             f"{DEFAULT_DAMPING}); a SmolLM2 run with another damping keeps the rows of the earlier one")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args(argv)
     if args.smoke and args.results_file is None:
         parser.error("--smoke writes to a scratch file: give --results-file (docs/RESULTS.md is for real runs).")
     if args.recover_no_distill and args.recover_lm_weight <= 0:
         parser.error("--recover-no-distill trains on the next-token loss alone: give it --recover-lm-weight 1.")
+    if not 0 <= args.damping < math.inf:
+        parser.error(f"--damping must be finite and >= 0, got {args.damping}")
     for value in [*args.reductions, *args.recover_reductions]:
         if not 0 < value < 1:
             parser.error(f"reductions must lie in (0, 1), got {value}")

@@ -80,7 +80,8 @@ def test_recover_only_redoes_the_recovery_and_keeps_the_other_figures(tmp_path):
     assert "batch 2, lr 0.0002" in section  # both rows are in the table
     (redone,) = [r for r in second["conversion"] if "run" in r]  # the recovery run converted that model again
     assert (redone["reduction"], redone["method"]) == (0.5, "data-aware") and "this_run" not in redone
-    assert "| data-aware* |" in section and "\\* converted again by `" in section
+    assert redone["damping"] == 0.3  # the library's default, recorded
+    assert "| data-aware (damping 0.3)* |" in section and "\\* converted again by `" in section
     # a recovery with the LM loss adds its rows and the dense reference, and keeps the distillation-only row
     completed = subprocess.run(base + ["--merge", "--recover-only", "--recover-lm-weight", "1"], capture_output=True,
                                text=True, timeout=300, env=env, cwd=tmp_path)
@@ -121,7 +122,7 @@ def test_recover_only_redoes_the_recovery_and_keeps_the_other_figures(tmp_path):
     assert (lm_alone["method"], lm_alone["recovery"]) == ("data-aware", "LM fine-tune")
     assert "--recover-no-distill" in lm_alone["run"]["command"]
     section = results_file.read_text()
-    assert "no teacher" in section and "data-aware + LM fine-tune" in section
+    assert "no teacher" in section and "data-aware (damping 0.3) + LM fine-tune" in section
     # other settings: a new dense reference for them; the rows of the earlier settings (LM alone included) stay,
     # each with its own reference
     completed = subprocess.run(base + ["--merge", "--recover-only", "--recover-lm-weight", "1", "--recover-no-distill",
@@ -139,7 +140,7 @@ def test_recover_only_redoes_the_recovery_and_keeps_the_other_figures(tmp_path):
     distilled = next(line for line in targets if "+ distill + LM loss (" in line)
     assert f"({old_reference})" in distilled
     for lr, reference in (("0.0002", old_reference), ("0.0003", new_reference)):
-        (alone,) = [line for line in targets if "data-aware + LM fine-tune (" in line and f"lr {lr})" in line]
+        (alone,) = [line for line in targets if "data-aware (damping 0.3) + LM fine-tune (" in line and f"lr {lr})" in line]
         assert f"({reference})" in alone and "2 of 2 planned steps" in alone
     # distill + LM loss again: it redoes its own row, keeps the others, and keeps its dense reference as it was
     completed = subprocess.run(base + ["--merge", "--recover-only", "--recover-lm-weight", "1"], capture_output=True,
@@ -160,6 +161,26 @@ def test_recover_only_redoes_the_recovery_and_keeps_the_other_figures(tmp_path):
     assert [{k: v for k, v in r.items() if k != "run"} for r in eighth["recovery"]] == [
         {k: v for k, v in r.items() if k != "run"} for r in seventh]
     assert all("--recover-minutes 0" not in r["run"]["command"] for r in eighth["recovery"])
+    # another damping is another conversion: its row and its recovery go next to the earlier ones, and the dense
+    # reference (which has no conversion) is kept, not trained again
+    completed = subprocess.run(base + ["--merge", "--recover-only", "--recover-lm-weight", "1", "--damping", "0.1"],
+                               capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "keeping the dense LM fine-tune" in completed.stdout
+    ninth = json.loads((tmp_path / "bench_convert.json").read_text())["smollm2"]
+    assert all(row in ninth["conversion"] for row in eighth["conversion"]) and len(ninth["conversion"]) == 7
+    (converted,) = [r for r in ninth["conversion"] if r not in eighth["conversion"]]
+    assert (converted["reduction"], converted["method"], converted["damping"]) == (0.5, "data-aware", 0.1)
+    assert all(row in ninth["recovery"] for row in eighth["recovery"]) and len(ninth["recovery"]) == 8
+    reference, recovered = ninth["recovery"][-2:]  # the kept reference moves next to the row it serves
+    assert reference == next(r for r in eighth["recovery"] if r["method"] == "dense" and r["learning_rate"] == 2e-4)
+    assert (recovered["recovery"], recovered["damping"], recovered["ppl_before"]) == (
+        "distill + LM loss", 0.1, converted["error"])
+    section = results_file.read_text()
+    assert "| data-aware (damping 0.1)* |" in section and "| data-aware (damping 0.3) |" in section
+    targets = section.split("### Targets")[1]
+    assert "data-aware (damping 0.1) + distill + LM loss (" in targets
+    assert "data-aware (damping 0.1) " in targets.split("SmolLM2 ppl at 50%: ")[2]  # both conversions' target lines
 
 
 @pytest.mark.slow
