@@ -439,12 +439,12 @@ def bench_smollm2(args, sizes, results: dict, save, run: dict) -> None:
 
 def redone_by(row: dict, recipes: list[str], settings: dict) -> bool:
     """Whether a run that makes `recipes` (LORS recipe, then dense reference's) with `settings` (batch, peak lr,
-    planned steps; the conversion's damping, which a dense row does not have) makes `row` again."""
+    planned steps; a data-aware conversion's damping) makes `row` again."""
     same_recipe = row["recovery"] in (recipes[1:] if row["method"] == "dense" else recipes[:1])
-    if row["method"] == "dense":
-        settings = {key: value for key, value in settings.items() if key != "damping"}
-    elif row["method"] == "data-aware":
+    if row["method"] == "data-aware":
         row = {**row, "damping": conversion_key(row)[2]}
+    else:  # the damping is a data-aware conversion's setting: the dense reference and svd rows have none
+        settings = {key: value for key, value in settings.items() if key != "damping"}
     return bool(recipes) and same_recipe and all(row.get(key) == value for key, value in settings.items())
 
 
