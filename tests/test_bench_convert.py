@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from lors_hf.calibration import DEFAULT_DAMPING
+
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_convert.py"
 
 
@@ -29,7 +31,7 @@ def test_smoke_run_writes_the_table_the_plot_and_the_command(tmp_path):
     assert "python scripts/bench_convert.py --smoke" in section
     assert "| model | target | stacks removed | rank | method | error after conversion | vs svd | convert s |" in section
     for model in ("MiniLM-L6", "SmolLM2-135M"):
-        for method in ("svd", "alternating", "data-aware"):
+        for method in ("svd", "alternating", f"data-aware (damping {DEFAULT_DAMPING:g})"):
             assert any(line.startswith(f"| {model} | 50% |") and f"| {method} |" in line for line in section.splitlines())
     assert "### After recovery" in section and "### Targets" in section
     assert (tmp_path / "bench_convert.png").stat().st_size > 1000
@@ -210,8 +212,8 @@ def test_a_partial_rerun_redoes_only_the_rows_it_names_and_each_row_names_the_ru
     assert (added["reduction"], added["method"]) == (0.3, "data-aware")
     assert "--recover-minutes 0" in added["run"]["command"] and added["run"]["wall_minutes"] >= 0
     lines = results_file.read_text().splitlines()
-    assert any(line.startswith("| SmolLM2-135M | 50% |") and "| data-aware* |" in line for line in lines)
-    assert any(line.startswith("| SmolLM2-135M | 30% |") and "| data-aware** |" in line for line in lines)
+    assert any(line.startswith("| SmolLM2-135M | 50% |") and "| data-aware (damping 0.3)* |" in line for line in lines)
+    assert any(line.startswith("| SmolLM2-135M | 30% |") and "| data-aware (damping 0.3)** |" in line for line in lines)
     (once,) = [line for line in lines if line.startswith("\\* converted again by `")]
     (twice,) = [line for line in lines if line.startswith("\\*\\* converted again by `")]
     assert "--recover-only" in once and "--recover-minutes 0" in twice
