@@ -59,7 +59,7 @@ from bench_results import RESULTS_FILE, machine_description, update_section  # n
 
 import lors_hf  # noqa: E402
 from lors_hf import LorsConfig, assets, lorsify, parameter_report  # noqa: E402
-from lors_hf.calibration import DEFAULT_DAMPING  # noqa: E402
+from lors_hf.calibration import DEFAULT_DAMPING, checked_damping  # noqa: E402
 from lors_hf.distill import DistillationTrainer  # noqa: E402
 
 SECTION = "bench_convert"
@@ -129,9 +129,8 @@ def convert(dense: torch.nn.Module, method: str, reduction: float, calibration: 
 
 
 def conversion_key(row: dict) -> tuple[float, str, float | None]:
-    """What makes a conversion row: budget, method and, data-aware, the damping (rows saved before the damping
-    was recorded were all made at 0.3, the default then)."""
-    return row["reduction"], row["method"], row.get("damping", 0.3) if row["method"] == "data-aware" else None
+    """What makes a conversion row: budget, method and, data-aware, the damping."""
+    return row["reduction"], row["method"], row.get("damping") if row["method"] == "data-aware" else None
 
 
 def method_label(row: dict) -> str:
@@ -441,9 +440,7 @@ def redone_by(row: dict, recipes: list[str], settings: dict) -> bool:
     """Whether a run that makes `recipes` (LORS recipe, then dense reference's) with `settings` (batch, peak lr,
     planned steps; a data-aware conversion's damping) makes `row` again."""
     same_recipe = row["recovery"] in (recipes[1:] if row["method"] == "dense" else recipes[:1])
-    if row["method"] == "data-aware":
-        row = {**row, "damping": conversion_key(row)[2]}
-    else:  # the damping is a data-aware conversion's setting: the dense reference and svd rows have none
+    if row["method"] != "data-aware":  # the damping is a data-aware conversion's setting: dense and svd rows have none
         settings = {key: value for key, value in settings.items() if key != "damping"}
     return bool(recipes) and same_recipe and all(row.get(key) == value for key, value in settings.items())
 
@@ -751,8 +748,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--smoke writes to a scratch file: give --results-file (docs/RESULTS.md is for real runs).")
     if args.recover_no_distill and args.recover_lm_weight <= 0:
         parser.error("--recover-no-distill trains on the next-token loss alone: give it --recover-lm-weight 1.")
-    if not 0 <= args.damping < math.inf:
-        parser.error(f"--damping must be finite and >= 0, got {args.damping}")
+    try:
+        checked_damping(args.damping, "--damping")
+    except ValueError as err:
+        parser.error(str(err))
     for value in [*args.reductions, *args.recover_reductions]:
         if not 0 < value < 1:
             parser.error(f"reductions must lie in (0, 1), got {value}")

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
+import numbers
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -57,6 +59,22 @@ calibration tokens) gives perplexity 120.5 at 0.3 and 106.8 at 0.1 (`scripts/ben
 2026-11-30; after a 30-minute recovery both end near 50, see the README). Both models now do better at 0.1; the default stays 0.3
 until the benchmark's data-aware rows (and the demo's figures, which use it) are measured again at 0.1. Pass
 ``lorsify(..., calibration_damping=0.1)`` meanwhile."""
+
+
+
+def checked_damping(damping: Any, what: str = "calibration_damping") -> float:
+    """`damping` as a float; a TypeError or ValueError naming `what` unless it is a finite number >= 0.
+
+    Example:
+        >>> checked_damping(0.1)
+        0.1
+    """
+    if isinstance(damping, bool) or not isinstance(damping, numbers.Real):
+        raise TypeError(f"{what} must be a number, got {damping!r}.")
+    if not 0 <= damping < math.inf:
+        raise ValueError(f"{what} must be finite and >= 0 (e.g. 0.1), got {damping}.")
+    return float(damping)
+
 
 DEFAULT_ROUNDS = 2
 """First fit on the dense model's activations, then one sequential round on the converted model's.

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -138,13 +137,16 @@ def _positive_int(text: str) -> int:
 
 
 def _damping(text: str) -> float:
+    from .calibration import checked_damping
+
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid damping {text!r}: a number >= 0, e.g. 0.1") from None
-    if not 0 <= value < math.inf:
-        raise argparse.ArgumentTypeError(f"invalid damping {value}: must be finite and >= 0")
-    return value
+    try:
+        return checked_damping(value, f"invalid damping {value}:")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _names(text: str | None) -> list[str] | None:

@@ -9,8 +9,6 @@ The flow: `LorsConfig` -> `discovery.plan_ranks` (stacks, groups, ranks) -> `bui
 from __future__ import annotations
 
 import copy
-import math
-import numbers
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -106,10 +104,9 @@ def lorsify(
         if calibration_data is None:
             raise ValueError("lorsify: calibration_damping applies to data-aware conversion; pass calibration_data "
                              "too, or leave calibration_damping out.")
-        if isinstance(calibration_damping, bool) or not isinstance(calibration_damping, numbers.Real):
-            raise TypeError(f"lorsify: calibration_damping must be a number, got {calibration_damping!r}.")
-        if not 0 <= calibration_damping < math.inf:
-            raise ValueError(f"lorsify: calibration_damping must be finite and >= 0 (e.g. 0.1), got {calibration_damping}.")
+        from .calibration import checked_damping
+
+        calibration_damping = checked_damping(calibration_damping, "lorsify: calibration_damping")
     stacks = plan_ranks(model, config)
     dense_layers = {
         (stack.name, group.relative_name): [stack.blocks[i].get_submodule(group.relative_name) for i in group.layer_indices]
@@ -117,10 +114,10 @@ def lorsify(
     }
     try:
         if calibration_data is not None:
-            from .calibration import convert_with_calibration
+            from .calibration import DEFAULT_DAMPING, convert_with_calibration
 
-            damping = {} if calibration_damping is None else {"damping": float(calibration_damping)}
-            convert_with_calibration(model, stacks, config, calibration_data, **damping)
+            damping = DEFAULT_DAMPING if calibration_damping is None else calibration_damping
+            convert_with_calibration(model, stacks, config, calibration_data, damping=damping)
         else:
             build_lors_layers(model, stacks)
             with torch.no_grad():

@@ -37,6 +37,7 @@ import torch
 from transformers import HfArgumentParser
 from transformers.utils import logging as hf_logging
 
+from .calibration import checked_damping
 from .config import INIT_METHODS, LorsConfig
 from .optim import lors_parameter_groups
 from .report import parameter_report
@@ -133,11 +134,11 @@ class LorsArguments:
     )
 
     def __post_init__(self) -> None:  # checked at parse time, not after minutes of loading the model
-        damping = self.lors_calibration_damping
-        if damping is not None and not self.lors_calibration_batches:
-            raise ValueError("--lors_calibration_damping applies to data-aware conversion: add --lors_calibration_batches")
-        if damping is not None and not 0 <= damping < float("inf"):
-            raise ValueError(f"--lors_calibration_damping must be finite and >= 0 (e.g. 0.1), got {damping:g}")
+        if self.lors_calibration_damping is not None:
+            if not self.lors_calibration_batches:
+                raise ValueError("--lors_calibration_damping applies to data-aware conversion: add "
+                                 "--lors_calibration_batches")
+            checked_damping(self.lors_calibration_damping, "--lors_calibration_damping")
 
     def to_config(self, pretrained: bool = True) -> LorsConfig | None:
         """The `LorsConfig` these arguments ask for; None for the dense baseline (``--no_lors``).
