@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_results import RESULTS_FILE, machine_description, update_section  # noqa: E402
 
 import lors_hf  # noqa: E402
-from lors_hf import LorsConfig, assets, lorsify, parameter_report  # noqa: E402
+from lors_hf import LorsConfig, assets, get_lors_config, lorsify, parameter_report  # noqa: E402
 from lors_hf.calibration import DEFAULT_DAMPING, checked_damping  # noqa: E402
 from lors_hf.distill import DistillationTrainer  # noqa: E402
 
@@ -120,12 +120,20 @@ def convert(dense: torch.nn.Module, method: str, reduction: float, calibration: 
     else:
         raise ValueError(f"unknown method {method!r}")
     seconds = time.perf_counter() - start
-    ranks = sorted({r for spec in model.config.lors_config["rank"].values() for r in spec if r})
+    plan = get_lors_config(model)
+    ranks = plan.private_ranks() or [0]
+    kept_dense = sorted(name.rsplit(".", 1)[-1] for name in plan.dense_groups())
     report = parameter_report(model)
     return model.eval(), {"rank": ranks[0] if len(ranks) == 1 else ranks, "convert_s": round(seconds, 1),
+                          **({"kept_dense": kept_dense} if kept_dense else {}),
                           "stack_reduction": round(report.stacks_total.reduction, 4),
                           "stack_params": report.stacks_total.lors, "stack_params_dense": report.stacks_total.dense,
                           **({"damping": damping} if method == "data-aware" else {})}
+
+
+def kept_dense_note(row: dict) -> str:
+    """The rank column's note on the projections the plan left dense (only rows made since lorsify does that)."""
+    return f"; {', '.join(row['kept_dense'])} dense" if row.get("kept_dense") else ""
 
 
 def conversion_key(row: dict) -> tuple[float, str, float | None]:
@@ -483,8 +491,10 @@ def markdown(results: dict, command: str, plot_name: str | None) -> str:
         + (" **Smoke run: tiny random models, tiny slices; the figures mean nothing.**" if meta["smoke"] else ""),
         "",
         "Same private rank for every method at a given budget (`target_reduction` = fraction of the stacks' "
-        "parameters removed; the rank is the largest that reaches it; a projection too small for it keeps its "
-        "largest rank, `min(d_out, d_in)`, and the `rank` column lists both). "
+        "parameters removed; the rank is the largest that reaches it. Rows made before lors_hf left dense the "
+        "projections that LORS would not make smaller: there a projection too small for the rank keeps its "
+        "largest rank, `min(d_out, d_in)`, and the `rank` column lists both; later rows name the projections "
+        "kept dense). "
         "Error right after conversion, no training: "
         "MiniLM `1 - cosine` between dense and converted sentence embeddings (mean pooling) of held-out "
         "Rotten Tomatoes test sentences; SmolLM2-135M-Instruct perplexity on held-out Shakespeare test text. "
@@ -516,7 +526,7 @@ def markdown(results: dict, command: str, plot_name: str | None) -> str:
             base_error = functional_error(key, base, section) if base else 0.0
             ratio = f"{functional_error(key, row, section) / base_error:.3f}" if base_error > 0 else "-"
             mark = "*" * (later_runs.index(run_key(row["run"])) + 1) if row.get("run") else ""
-            lines.append(f"| {label} | {row['reduction']:.0%} | {row['stack_reduction']:.1%} | {row['rank']} | "
+            lines.append(f"| {label} | {row['reduction']:.0%} | {row['stack_reduction']:.1%} | {row['rank']}{kept_dense_note(row)} | "
                          f"{method_label(row)}{mark} | {unit} {row['error']:.4g} | {ratio} | {row['convert_s']} |")
     redone = ["\\*" * (i + 1) + f" converted again by `{cmd}` ({day}), with the code of that day; the model's "
               "other rows are from its first command above." for i, (cmd, day) in enumerate(later_runs)]

@@ -323,6 +323,8 @@ def run_variant(variant: str, data: DetectionData, args: argparse.Namespace, mea
     ranks = {}
     if variant == "lors":  # the resolved per-layer ranks lorsify recorded, one value per stack
         for group, per_layer in model.config.lors_config["rank"].items():
+            if not isinstance(per_layer, list):
+                continue  # a group left dense
             stack = next(s for s in STACKS if f".{s}." in group.replace("\\", ""))
             ranks[stack] = ",".join(str(r) for r in sorted(set(per_layer)))
     peak_lr = args.lrs[variant]

@@ -54,7 +54,7 @@ from bench_results import (
 )
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from lors_hf import lors_parameter_groups, lorsify, parameter_report
+from lors_hf import get_lors_config, lors_parameter_groups, lorsify, parameter_report
 from lors_hf.assets import shakespeare_splits
 
 SECTION = "bench_scratch"  # "bench_scratch_gpu" for a --device cuda run, so CPU and GPU figures coexist
@@ -295,8 +295,7 @@ def train_variant(spec: VariantSpec, seed: int, data: CharData, args: argparse.N
     model.train()
     rank = "-"
     if spec.lorsify_kwargs is not None:
-        ranks = {r for per_layer in model.config.lors_config["rank"].values() for r in per_layer}
-        rank = ",".join(str(r) for r in sorted(ranks))
+        rank = ",".join(str(r) for r in get_lors_config(model).private_ranks() or [0])
     optimizer = make_optimizer(model, args.lr, args.weight_decay, args.b_lr_ratio, args.stack_lr_ratio)
     generator = torch.Generator().manual_seed(1000 + seed)  # the same batches for every variant of a seed
     warmup = max(1, int(args.warmup_fraction * args.steps))

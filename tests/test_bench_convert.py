@@ -38,6 +38,11 @@ def test_smoke_run_writes_the_table_the_plot_and_the_command(tmp_path):
     raw = json.loads((tmp_path / "bench_convert.json").read_text())
     assert {row["reduction"] for row in raw["minilm"]["conversion"]} == {0.3, 0.5}
     assert all(row["error"] >= 0 for row in raw["minilm"]["conversion"])
+    # the tiny SmolLM2's grouped-query keys and values (16 x 32) would grow as LORS at 30%: they stay dense
+    smol_30 = [row for row in raw["smollm2"]["conversion"] if row["reduction"] == 0.3]
+    assert smol_30 and all(row["kept_dense"] == ["k_proj", "v_proj"] for row in smol_30)
+    assert any(line.startswith("| SmolLM2-135M | 30% |") and "; k_proj, v_proj dense |" in line
+               for line in section.splitlines())
     # the report alone can be rebuilt from the saved figures
     rebuilt = tmp_path / "REBUILT.md"
     completed = subprocess.run(

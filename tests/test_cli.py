@@ -196,3 +196,19 @@ def test_demo_quick(tmp_path, capsys):
     model = tf.AutoModelForSequenceClassification.from_pretrained(out / "lors-model")
     assert lors_hf.is_lorsified(model) and model.config.num_labels == 2
     assert not any(p.name.startswith(".trainer") for p in out.iterdir())
+
+
+def test_convert_names_the_projections_it_keeps_dense(dense_dir, tmp_path, capsys):
+    # at 5% fewer parameters the rank is 13, where the tiny BERT's 32 x 32 attention projections (4 layers)
+    # would hold more as LORS (1,024 + 4 * 13 * 64) than dense (4 * 1,024): they stay dense
+    out = tmp_path / "light"
+    assert run_cli("convert", dense_dir, out, "--target-reduction", "0.05", "--init", "svd") == 0
+    attention = [f"bert.encoder.layer.attention.{name}" for name in ("self.query", "self.key", "self.value",
+                                                                      "output.dense")]
+    assert (f"private ranks [13]; {', '.join(sorted(attention))} kept dense: LORS would not make them smaller"
+            in capsys.readouterr().out)
+    converted = tf.AutoModelForSequenceClassification.from_pretrained(out)
+    assert sorted(lors_hf.get_lors_config(converted).dense_groups()) == sorted(attention)
+    assert type(converted.bert.encoder.layer[1].attention.self.query) is torch.nn.Linear
+    assert isinstance(converted.bert.encoder.layer[1].intermediate.dense, lors_hf.LorsLinear)
+    assert lors_hf.parameter_report(converted).stacks_total.reduction >= 0.05

@@ -104,3 +104,12 @@ def test_replace_switches_between_rank_and_target_reduction_and_validates():
     assert config.rank == 8  # the original is untouched
     with pytest.raises(ValueError, match="unknown init"):
         config.replace(init="zeros")
+
+
+def test_a_resolved_plan_names_its_ranks_and_the_groups_it_left_dense():
+    plan = LorsConfig(rank={r"^enc\.layer\.query$": [4, 0, 8], r"^enc\.layer\.key$": "dense", r"^enc\.layer\.value$": [4, 4, 4]})
+    assert plan.private_ranks() == [4, 8]
+    assert plan.dense_groups() == ["enc.layer.key"]
+    assert LorsConfig.from_dict(plan.to_dict()).dense_groups() == ["enc.layer.key"]
+    assert LorsConfig(rank=6).private_ranks() == [6] and LorsConfig(rank=6).dense_groups() == []
+    assert LorsConfig(rank=0).private_ranks() == []

@@ -339,24 +339,60 @@ def test_target_reduction_picks_the_largest_rank_that_reaches_it(family, target)
     assert parameter_report(bigger).stacks_total.reduction < target
 
 
-def test_target_reduction_is_not_overshot_when_a_projection_is_small():
-    # Grouped-query attention: k/v are 8 x 64, so their largest rank is 8. A uniform rank capped at 8
-    # would remove about half of the stacks whatever the target; past 8 they keep their exact rank 8.
-    def gqa_llama():
-        torch.manual_seed(0)
-        return tf.LlamaForCausalLM(tf.LlamaConfig(
-            vocab_size=99, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=8,
-            num_key_value_heads=1, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0))
+def _gqa_llama():
+    # grouped-query attention: k/v are 8 x 64 (largest rank 8). Four layers of them hold 2,048 weights
+    # dense; as LORS, even at rank 7 they would hold 512 + 4 * 7 * 72 = 2,528.
+    torch.manual_seed(0)
+    return tf.LlamaForCausalLM(tf.LlamaConfig(
+        vocab_size=99, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=1, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0))
 
-    model = gqa_llama()
-    lorsify(model, target_reduction=0.2)
+
+def test_target_reduction_leaves_dense_what_lors_would_not_make_smaller():
+    model = _gqa_llama()
+    dense = copy.deepcopy(model)
+    lorsify(model, target_reduction=0.2, init="svd")
     reduction = parameter_report(model).stacks_total.reduction
     assert 0.2 <= reduction < 0.25
-    ranks = {name.split(".")[-1].rstrip("$"): spec[0] for name, spec in get_lors_config(model).rank.items()}
-    assert ranks["k_proj"] == ranks["v_proj"] == 8 and ranks["q_proj"] == ranks["down_proj"] > 8
-    bigger = gqa_llama()
-    lorsify(bigger, rank={r"(k|v)_proj": 8, ".*": ranks["q_proj"] + 1})
+    layer = model.model.layers[2].self_attn
+    assert type(layer.k_proj) is type(layer.v_proj) is nn.Linear  # kept dense and exact
+    assert torch.equal(layer.k_proj.weight, dense.model.layers[2].self_attn.k_proj.weight)
+    assert isinstance(layer.q_proj, LorsLinear) and isinstance(model.model.layers[2].mlp.down_proj, LorsLinear)
+    rank = layer.q_proj.rank
+    assert rank > 8
+    ranks = get_lors_config(model).rank
+    assert {name for name, spec in ranks.items() if spec == "dense"} == {
+        r"^model\.layers\.self_attn\.k_proj$", r"^model\.layers\.self_attn\.v_proj$"}
+    # the largest rank: one more (k/v still dense) misses the target
+    bigger = _gqa_llama()
+    lorsify(bigger, rank={r"(k|v)_proj": "dense", ".*": rank + 1})
     assert parameter_report(bigger).stacks_total.reduction < 0.2
+    # merging gives the dense model back, the k/v that stayed dense included
+    merged = merge_and_unload(copy.deepcopy(model))
+    assert not any(isinstance(module, LorsLinear) for module in merged.modules())
+    assert torch.equal(merged.model.layers[2].self_attn.v_proj.weight, dense.model.layers[2].self_attn.v_proj.weight)
+    # sharing k/v as well, at their largest rank, would have cost parameters instead of saving them
+    shared_kv = _gqa_llama()
+    lorsify(shared_kv, rank={r"(k|v)_proj": 8, ".*": rank})
+    assert parameter_report(shared_kv).stacks_total.lors > parameter_report(model).stacks_total.lors
+
+
+def test_rank_dict_can_leave_groups_dense_and_the_plan_reloads(tmp_path):
+    model, inputs = build("llama")
+    lorsify(model, rank={r"(k|v)_proj": "dense", ".*": 4}, init="svd")
+    attention = model.model.layers[1].self_attn
+    assert type(attention.k_proj) is nn.Linear and isinstance(attention.q_proj, LorsLinear)
+    model.save_pretrained(tmp_path)
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(reloaded.model.layers[1].self_attn.v_proj) is nn.Linear
+    with torch.no_grad():
+        assert torch.equal(main_output(reloaded.eval()(**inputs)), main_output(model.eval()(**inputs)))
+
+
+def test_a_plan_with_nothing_left_dense_adds_no_dense_entry():
+    model, _ = build("llama")
+    lorsify(model, target_reduction=0.5)
+    assert "dense" not in get_lors_config(model).rank.values()
 
 
 def test_unreachable_target_reduction_is_refused():
@@ -395,6 +431,9 @@ class _OneBlockModel(tf.PreTrainedModel):
         (lambda: build("llama")[0], {"rank": {"k_proj": 17, ".*": 4}}, ValueError, r"rank 17 does not fit .*k_proj.*16x32"),
         (lambda: build("bert")[0], {"rank": [2, 2]}, ValueError, r"has 2 entries but stack .* has 3 layers"),
         (lambda: build("bert")[0], {"rank": {"query": 2}}, ValueError, r"no key of the rank dict .* add a default entry"),
+        (lambda: build("bert")[0], {"rank": {".*": "dense"}}, ValueError,
+         r"maps every projection group to 'dense', so nothing would be shared; give some groups a rank"),
+        (lambda: build("bert")[0], {"rank": "dense"}, ValueError, r"rank`='dense' would leave every projection dense"),
         (lambda: build("bert")[0], {"init": "kaiming"}, ValueError, r"unknown init 'kaiming'"),
         (lambda: build("bert")[0], {"config": "rank=4"}, TypeError, r"must be a LorsConfig or a dict"),
         (lambda: build("bert")[0], {"target_reduction": 0.99}, ValueError, r"cannot be reached"),

@@ -253,7 +253,7 @@ def _demo(args: argparse.Namespace) -> None:
 def _convert(args: argparse.Namespace) -> None:
     from .config import LorsConfig
     from .report import parameter_report
-    from .surgery import is_lorsified, lorsify
+    from .surgery import get_lors_config, is_lorsified, lorsify
 
     _check_source(args.model)
     _check_output(args.output, args.model)
@@ -291,9 +291,11 @@ def _convert(args: argparse.Namespace) -> None:
         bar.update()
         bar.set_description_str("convert: done")
     print(parameter_report(model))
-    ranks = sorted({r for spec in model.config.lors_config["rank"].values() for r in spec if r})
-    print(f"LORS checkpoint written to {output} (init={config.init}, private ranks {ranks or [0]}"
+    plan = get_lors_config(model)
+    kept_dense = plan.dense_groups()
+    print(f"LORS checkpoint written to {output} (init={config.init}, private ranks {plan.private_ranks() or [0]}"
           + (f", data-aware on {sum(len(b['input_ids']) for b in calibration)} samples" if calibration else "")
+          + (f"; {', '.join(kept_dense)} kept dense: LORS would not make them smaller" if kept_dense else "")
           + (f"; copied {', '.join(copied)}" if copied else "") + ")")
 
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 RankSpec = int | str | list[int]
-"""A rank for one projection group: an int, ``"full"`` (exact), or one int per layer of the stack."""
+"""A rank for one projection group: an int, ``"full"`` (exact), one int per layer of the stack, or (as a
+value of a rank dict) ``"dense"``, which leaves the group's projections dense and unshared."""
 
 INIT_METHODS = ("scratch", "svd", "alternating")
 
@@ -29,11 +30,13 @@ class LorsConfig:
         rank: private rank of every layer. An int; ``"full"`` (``min(d_out, d_in)``: exact
             conversion); a list with one rank per layer of the stack (the paper's schedules, e.g.
             more private rank in late attention layers); or a dict mapping a regex (searched in the
-            projection group's name, e.g. ``"encoder.layer.attention.self.query"``) to one of those,
-            first match wins. Defaults to 32 unless ``target_reduction`` is given.
+            projection group's name, e.g. ``"encoder.layer.attention.self.query"``) to one of those
+            or to ``"dense"`` (leave that group dense), first match wins. Defaults to 32 unless
+            ``target_reduction`` is given.
         target_reduction: instead of a rank, the fraction of the stacks' parameters to remove
-            (e.g. 0.6); the largest uniform rank that reaches it is chosen (a projection too small
-            for it, such as grouped-query keys and values, keeps its largest rank, ``min(d_out, d_in)``).
+            (e.g. 0.6); the largest uniform rank that reaches it is chosen. A group whose shared weight
+            plus private factors at that rank would hold at least as many weights as its dense layers
+            (grouped-query keys and values at a large rank) stays dense: exact, and no larger.
         target_modules: which projections to convert: a list of names matched as suffixes of the
             module path (``["query", "value"]``, ``["mlp.fc1"]``), or one regex matched in full
             against the module path (``r".*decoder.*(q|v)_proj"``). Default: every linear
@@ -86,7 +89,7 @@ class LorsConfig:
                     if not isinstance(pattern, str):
                         raise TypeError(f"LorsConfig: `rank` dict keys must be regex strings, got {pattern!r}.")
                     _compile(pattern, "rank")
-                    _check_rank_spec(spec, f"rank[{pattern!r}]")
+                    _check_rank_spec(spec, f"rank[{pattern!r}]", dense_allowed=True)
             else:
                 _check_rank_spec(self.rank, "rank")
         if self.target_reduction is not None:
@@ -146,6 +149,31 @@ class LorsConfig:
             )
         return cls(**data)
 
+    # --- a resolved plan (``model.config.lors_config`` of a LORS model) ------------------------------
+    def private_ranks(self) -> list[int]:
+        """The distinct non-zero private ranks a resolved config gives its layers, smallest first (of an
+        unresolved one: the ranks it names; ``"full"`` and a budget are only known once resolved).
+
+        Example:
+            >>> LorsConfig(rank={"^a$": [4, 4], "^b$": [0, 8], "^c$": "dense"}).private_ranks()
+            [4, 8]
+        """
+        specs = self.rank.values() if isinstance(self.rank, dict) else [self.rank]
+        per_layer = [spec if isinstance(spec, list) else [spec] for spec in specs if spec not in ("full", "dense")]
+        return sorted({r for ranks in per_layer for r in ranks if r})
+
+    def dense_groups(self) -> list[str]:
+        """The projection groups a resolved config leaves dense (written ``"^name$": "dense"``).
+
+        Example:
+            >>> LorsConfig(rank={"^k_proj$": "dense", "^q_proj$": [4, 4]}).dense_groups()
+            ['k_proj']
+        """
+        if not isinstance(self.rank, dict):
+            return []
+        return [re.sub(r"\\(.)", r"\1", name.removeprefix("^").removesuffix("$"))
+                for name, spec in self.rank.items() if spec == "dense"]
+
     def replace(self, **changes: Any) -> LorsConfig:
         """A copy with some fields changed (validated again)."""
         if "rank" in changes and "target_reduction" not in changes:
@@ -171,10 +199,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _check_rank_spec(spec: Any, what: str) -> None:
+def _check_rank_spec(spec: Any, what: str, dense_allowed: bool = False) -> None:
     if isinstance(spec, str):
-        if spec != "full":
-            raise ValueError(f"LorsConfig: `{what}` must be an int, 'full' or a list of ints, got {spec!r}.")
+        if spec == "dense" and not dense_allowed:
+            raise ValueError(f"LorsConfig: `{what}`='dense' would leave every projection dense; to keep some groups "
+                             "dense, map their names to 'dense' in a rank dict, e.g. {'k_proj|v_proj': 'dense', '.*': 32}.")
+        if spec not in ("full", "dense"):
+            choices = "an int, 'full', 'dense' or a list of ints" if dense_allowed else "an int, 'full' or a list of ints"
+            raise ValueError(f"LorsConfig: `{what}` must be {choices}, got {spec!r}.")
         return
     values = spec if isinstance(spec, list | tuple) else [spec]
     if isinstance(spec, list | tuple) and not spec:

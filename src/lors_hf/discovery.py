@@ -217,21 +217,40 @@ def stack_parameters(stack: Stack) -> int:
 def plan_ranks(model: nn.Module, config: LorsConfig) -> list[Stack]:
     """Discover the groups `config` targets and give every member layer its private rank.
 
+    Groups the plan leaves dense (a rank dict's ``"dense"``; under `target_reduction`, those whose LORS form
+    would be no smaller than their dense layers) are dropped from ``stack.groups``, and stacks left with
+    no group from the result.
+
     Raises ValueError when a rank does not fit the shapes, a per-layer list has the wrong length,
-    or `target_reduction` cannot be reached even by full sharing.
+    `target_reduction` cannot be reached even by full sharing, or the rank dict leaves every group dense.
     """
     stacks = find_groups(model, config)
     groups = [group for stack in stacks for group in stack.groups]
     if config.target_reduction is not None:
         rank = _solve_uniform_rank(stacks, groups, float(config.target_reduction))
         for group in groups:
-            group.ranks = [min(rank, group.max_rank)] * len(group.layer_indices)
-        return stacks
+            group.ranks = [] if _cheaper_dense(group, rank) else [min(rank, group.max_rank)] * len(group.layer_indices)
+    else:
+        for stack in stacks:
+            for group in stack.groups:
+                spec = _rank_spec_for(group, config.rank)
+                group.ranks = [] if spec == "dense" else _expand(spec, group, len(stack.blocks))
     for stack in stacks:
-        for group in stack.groups:
-            spec = _rank_spec_for(group, config.rank)
-            group.ranks = _expand(spec, group, len(stack.blocks))
+        stack.groups = [group for group in stack.groups if group.ranks]
+    stacks = [stack for stack in stacks if stack.groups]
+    if not stacks:
+        raise ValueError(
+            f"lorsify: the rank dict {config.rank!r} maps every projection group to 'dense', so nothing would be "
+            f"shared; give some groups a rank (e.g. add {{'.*': 32}} as the last entry). Groups: "
+            f"{', '.join(group.name for group in groups)}."
+        )
     return stacks
+
+
+def _cheaper_dense(group: ProjectionGroup, rank: int) -> bool:
+    """Whether `group`'s LORS form at `rank` (shared weight + private factors) would hold at least as many
+    weights as its dense layers."""
+    return group.lors_parameters([min(rank, group.max_rank)] * len(group.layer_indices)) >= group.dense_parameters()
 
 
 def _rank_spec_for(group: ProjectionGroup, rank: RankSpec | dict[str, RankSpec]) -> RankSpec:
@@ -273,8 +292,12 @@ def _solve_uniform_rank(stacks: list[Stack], groups: list[ProjectionGroup], targ
     dense_total = sum(stack_parameters(stack) for stack in stacks)
     dense_targeted = sum(group.dense_parameters() for group in groups)
 
-    def reduction(rank: int) -> float:  # a rank past a group's largest one stays at that (exact) rank
-        lors = sum(group.lors_parameters([min(rank, group.max_rank)] * len(group.layer_indices)) for group in groups)
+    def reduction(rank: int) -> float:
+        # a rank past a group's largest one stays at that (exact) rank; a group that LORS would not make
+        # smaller stays dense
+        lors = sum(group.dense_parameters() if _cheaper_dense(group, rank)
+                   else group.lors_parameters([min(rank, group.max_rank)] * len(group.layer_indices))
+                   for group in groups)
         return 1.0 - (dense_total - dense_targeted + lors) / dense_total
 
     if reduction(0) < target:

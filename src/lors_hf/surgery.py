@@ -20,7 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import LorsConfig
 from .conversion import decompose
-from .discovery import Stack, dense_weight, plan_ranks
+from .discovery import Stack, dense_weight, find_groups, plan_ranks
 from .layer import LorsLinear, SharedWeight
 
 SHARED_CONTAINER = "lors_shared"
@@ -108,6 +108,7 @@ def lorsify(
 
         calibration_damping = checked_damping(calibration_damping, "lorsify: calibration_damping")
     stacks = plan_ranks(model, config)
+    left_dense = _group_names(find_groups(model, config)) - _group_names(stacks)
     dense_layers = {
         (stack.name, group.relative_name): [stack.blocks[i].get_submodule(group.relative_name) for i in group.layer_indices]
         for stack in stacks for group in stack.groups
@@ -131,8 +132,12 @@ def lorsify(
         raise
     _keep_frozen(stacks, dense_layers)
     _own_config(model)
-    model.config.lors_config = resolved_config(config, stacks).to_dict()
+    model.config.lors_config = resolved_config(config, stacks, tuple(sorted(left_dense))).to_dict()
     return model
+
+
+def _group_names(stacks: list[Stack]) -> set[str]:
+    return {group.name for stack in stacks for group in stack.groups}
 
 
 def _restore_dense_layers(model: nn.Module, stacks: list[Stack], dense_layers: dict[tuple[str, str], list[nn.Module]]) -> None:
@@ -172,9 +177,10 @@ def _own_config(model: nn.Module) -> None:
     model.config = config
 
 
-def resolved_config(config: LorsConfig, stacks: list[Stack]) -> LorsConfig:
-    """`config` with every group's per-layer ranks written out, so a reload needs no solving."""
-    ranks: dict[str, list[int]] = {}
+def resolved_config(config: LorsConfig, stacks: list[Stack], left_dense: tuple[str, ...] = ()) -> LorsConfig:
+    """`config` with every group's per-layer ranks written out, so a reload needs no solving; the targeted
+    groups the plan left dense (`left_dense`, their names) are written as ``"dense"``."""
+    ranks: dict[str, list[int] | str] = {"^" + re.escape(name) + "$": "dense" for name in left_dense}
     for stack in stacks:
         for group in stack.groups:
             per_layer = [0] * len(stack.blocks)

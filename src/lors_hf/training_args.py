@@ -336,8 +336,7 @@ def resolve_resume(model: torch.nn.Module, resume_from_checkpoint: str | bool | 
 def _describe(config: LorsConfig | None) -> str:
     if config is None:
         return "dense"
-    ranks = {r for per_layer in config.rank.values() for r in per_layer} if isinstance(config.rank, dict) else {config.rank}
-    return f"LORS (private ranks {sorted(ranks)})"
+    return f"LORS (private ranks {config.private_ranks() or [0]})"
 
 
 def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
