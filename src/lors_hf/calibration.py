@@ -56,7 +56,8 @@ same benchmark prints 1032 at 16384 tokens. With the refit in execution order (2
 gives 1-cos 0.1891 / 0.1928 / 0.2170 for damping 0.1 / 0.3 / 1.0 (`bench_convert.main` with MiniLM, 50%,
 data-aware, the damping passed in by an ad-hoc wrapper; 2026-11-29); SmolLM2 at 50% (16384
 calibration tokens) gives perplexity 120.5 at 0.3 and 106.8 at 0.1 (`scripts/bench_convert.py ... --damping 0.1`,
-2026-11-30; after a 30-minute recovery both end near 50, see the README). Both models now do better at 0.1; the default stays 0.3
+2026-11-30; after a 30-minute recovery both end near 50, see the README); since keys and values stay dense
+at that budget (1a7576d), 123.2 and 107.9. Both models now do better at 0.1; the default stays 0.3
 until the benchmark's data-aware rows (and the demo's figures, which use it) are measured again at 0.1. Pass
 ``lorsify(..., calibration_damping=0.1)`` meanwhile."""
 
