@@ -62,7 +62,6 @@ until the benchmark's data-aware rows (and the demo's figures, which use it) are
 ``lorsify(..., calibration_damping=0.1)`` meanwhile."""
 
 
-
 def checked_damping(damping: Any, what: str = "calibration_damping") -> float:
     """`damping` as a float; a TypeError or ValueError naming `what` unless it is a finite number >= 0.
 

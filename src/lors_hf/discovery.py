@@ -229,7 +229,8 @@ def plan_ranks(model: nn.Module, config: LorsConfig) -> list[Stack]:
     if config.target_reduction is not None:
         rank = _solve_uniform_rank(stacks, groups, float(config.target_reduction))
         for group in groups:
-            group.ranks = [] if _cheaper_dense(group, rank) else [min(rank, group.max_rank)] * len(group.layer_indices)
+            uniform = _uniform_ranks(group, rank)
+            group.ranks = [] if group.lors_parameters(uniform) >= group.dense_parameters() else uniform
     else:
         for stack in stacks:
             for group in stack.groups:
@@ -247,10 +248,9 @@ def plan_ranks(model: nn.Module, config: LorsConfig) -> list[Stack]:
     return stacks
 
 
-def _cheaper_dense(group: ProjectionGroup, rank: int) -> bool:
-    """Whether `group`'s LORS form at `rank` (shared weight + private factors) would hold at least as many
-    weights as its dense layers."""
-    return group.lors_parameters([min(rank, group.max_rank)] * len(group.layer_indices)) >= group.dense_parameters()
+def _uniform_ranks(group: ProjectionGroup, rank: int) -> list[int]:
+    """`rank` for every layer of `group`; a rank past the group's largest one stays at that (exact) rank."""
+    return [min(rank, group.max_rank)] * len(group.layer_indices)
 
 
 def _rank_spec_for(group: ProjectionGroup, rank: RankSpec | dict[str, RankSpec]) -> RankSpec:
@@ -293,11 +293,8 @@ def _solve_uniform_rank(stacks: list[Stack], groups: list[ProjectionGroup], targ
     dense_targeted = sum(group.dense_parameters() for group in groups)
 
     def reduction(rank: int) -> float:
-        # a rank past a group's largest one stays at that (exact) rank; a group that LORS would not make
-        # smaller stays dense
-        lors = sum(group.dense_parameters() if _cheaper_dense(group, rank)
-                   else group.lors_parameters([min(rank, group.max_rank)] * len(group.layer_indices))
-                   for group in groups)
+        # a group that LORS would not make smaller stays dense (`plan_ranks`)
+        lors = sum(min(group.lors_parameters(_uniform_ranks(group, rank)), group.dense_parameters()) for group in groups)
         return 1.0 - (dense_total - dense_targeted + lors) / dense_total
 
     if reduction(0) < target:
