@@ -494,7 +494,7 @@ def markdown(results: dict, command: str, plot_name: str | None) -> str:
         "parameters removed; the rank is the largest that reaches it. Rows made before lors_hf left dense the "
         "projections that LORS would not make smaller: there a projection too small for the rank keeps its "
         "largest rank, `min(d_out, d_in)`, and the `rank` column lists both; later rows name the projections "
-        "kept dense). "
+        "kept dense, which data-aware conversion refits at full rank in its sequential round). "
         "Error right after conversion, no training: "
         "MiniLM `1 - cosine` between dense and converted sentence embeddings (mean pooling) of held-out "
         "Rotten Tomatoes test sentences; SmolLM2-135M-Instruct perplexity on held-out Shakespeare test text. "

@@ -225,3 +225,67 @@ def test_bad_calibration_damping_is_refused_before_any_change(damping, data, err
         lorsify(model, rank=2, init="svd", calibration_data=_batches(inputs) if data else None,
                 calibration_damping=damping)
     assert getattr(model.config, "lors_config", None) is None
+
+
+def _inputs_of(model, module_name: str, batches: list[dict]) -> torch.Tensor:
+    """The rows `model` feeds `module_name` on `batches`."""
+    rows = []
+    handle = model.get_submodule(module_name).register_forward_pre_hook(
+        lambda _m, args: rows.append(args[0].reshape(-1, args[0].shape[-1]).detach()))
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    handle.remove()
+    return torch.cat(rows)
+
+
+def test_the_sequential_round_refits_the_projections_kept_dense():
+    """A projection the plan keeps dense stays an nn.Linear, but behind converted layers its inputs drift: the
+    sequential round refits its whole weight to the dense outputs on the inputs it now sees (ridge towards the
+    dense weight, so never worse on the calibration data). Block 0 sees the dense model's own inputs: unchanged."""
+    from torch import nn
+
+    dense, inputs = build("llama", layers=4)
+    with torch.no_grad():
+        for parameter in dense.parameters():
+            parameter.mul_(3.0)
+    batches = _batches(inputs, count=4)
+    model = lorsify(copy.deepcopy(dense), LorsConfig(rank={r"(k|v)_proj": "dense", ".*": 2}, init="alternating"),
+                    calibration_data=batches)
+    first = "model.layers.0.self_attn.k_proj"
+    torch.testing.assert_close(model.get_submodule(first).weight, dense.get_submodule(first).weight)
+    for index in (2, 3):
+        name = f"model.layers.{index}.self_attn.v_proj"
+        refitted, original = model.get_submodule(name), dense.get_submodule(name)
+        assert type(refitted) is nn.Linear
+        x, x_dense = _inputs_of(model, name, batches), _inputs_of(dense, name, batches)
+        with torch.no_grad():
+            target = original(x_dense)
+            error_refitted = (refitted(x) - target).pow(2).mean().item()
+            error_original = (original(x) - target).pow(2).mean().item()
+        assert error_refitted < 0.95 * error_original
+
+
+def test_a_failed_conversion_gives_the_projections_kept_dense_their_weights_back(monkeypatch):
+    from lors_hf import calibration
+
+    dense, inputs = build("llama", layers=4)
+    model = copy.deepcopy(dense)
+    refit = calibration._refit_layers
+    calls = []
+
+    def refit_then_fail(*args, **kwargs):
+        refit(*args, **kwargs)
+        calls.append(args[2])
+        if len(calls) == 6:  # block 1's MLP stage (4 stages a block); its k/v were refitted at its first
+            name = "model.layers.1.self_attn.k_proj"
+            assert not torch.equal(model.get_submodule(name).weight, dense.get_submodule(name).weight)
+            raise ValueError("interrupted")
+
+    monkeypatch.setattr(calibration, "_refit_layers", refit_then_fail)
+    with pytest.raises(ValueError, match="interrupted"):
+        lorsify(model, LorsConfig(rank={r"(k|v)_proj": "dense", ".*": 2}, init="svd"),
+                calibration_data=_batches(inputs))
+    assert calls[-1] == 1
+    torch.testing.assert_close(model.state_dict(), dense.state_dict(), rtol=0, atol=0)
+    assert getattr(model.config, "lors_config", None) is None

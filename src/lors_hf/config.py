@@ -36,7 +36,8 @@ class LorsConfig:
         target_reduction: instead of a rank, the fraction of the stacks' parameters to remove
             (e.g. 0.6); the largest uniform rank that reaches it is chosen. A group whose shared weight
             plus private factors at that rank would hold at least as many weights as its dense layers
-            (grouped-query keys and values at a large rank) stays dense: exact, and no larger.
+            (grouped-query keys and values at a large rank) stays dense and no larger (exact, unless
+            ``calibration_data`` refits it).
         target_modules: which projections to convert: a list of names matched as suffixes of the
             module path (``["query", "value"]``, ``["mlp.fc1"]``), or one regex matched in full
             against the module path (``r".*decoder.*(q|v)_proj"``). Default: every linear

@@ -65,7 +65,8 @@ def lorsify(
             ``input_ids``, ``pixel_values`` for a vision model)
             for data-aware conversion: the shared and private parts then minimise the error of each
             projection's outputs on these real activations instead of the weights' error. Needs
-            ``init="svd"`` or ``"alternating"``.
+            ``init="svd"`` or ``"alternating"``. Targeted projections the plan keeps dense are refitted
+            too (their weights change, see `calibration`); ``exclude_modules`` leaves projections untouched.
         calibration_damping: for data-aware conversion, the ridge added to the inputs' second moments, as
             a fraction of their mean diagonal (default `calibration.DEFAULT_DAMPING`); fewer calibration
             tokens per input dimension want more, see that constant for measured values.
@@ -108,7 +109,8 @@ def lorsify(
 
         calibration_damping = checked_damping(calibration_damping, "lorsify: calibration_damping")
     stacks = plan_ranks(model, config)
-    left_dense = _group_names(find_groups(model, config)) - _group_names(stacks)
+    planned = _group_names(stacks)
+    kept_dense = [group for stack in find_groups(model, config) for group in stack.groups if group.name not in planned]
     dense_layers = {
         (stack.name, group.relative_name): [stack.blocks[i].get_submodule(group.relative_name) for i in group.layer_indices]
         for stack in stacks for group in stack.groups
@@ -118,7 +120,7 @@ def lorsify(
             from .calibration import DEFAULT_DAMPING, convert_with_calibration
 
             damping = DEFAULT_DAMPING if calibration_damping is None else calibration_damping
-            convert_with_calibration(model, stacks, config, calibration_data, damping=damping)
+            convert_with_calibration(model, stacks, config, calibration_data, damping=damping, kept_dense=kept_dense)
         else:
             build_lors_layers(model, stacks)
             with torch.no_grad():
@@ -132,7 +134,7 @@ def lorsify(
         raise
     _keep_frozen(stacks, dense_layers)
     _own_config(model)
-    model.config.lors_config = resolved_config(config, stacks, tuple(sorted(left_dense))).to_dict()
+    model.config.lors_config = resolved_config(config, stacks, tuple(sorted(group.name for group in kept_dense))).to_dict()
     return model
 
 
