@@ -2,6 +2,7 @@
 
 import copy
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -519,3 +520,14 @@ def test_what_the_user_froze_stays_frozen_through_lorsify_and_merge(calibrated):
     assert not any(p.requires_grad for p in frozen_whole.parameters())
     trainable = merge_and_unload(lorsify(build("bert")[0], rank=2))
     assert all(p.requires_grad for p in trainable.parameters())
+
+
+def test_an_explicit_rank_past_the_break_even_warns_and_names_the_groups():
+    # k/v of _gqa_llama: 2,048 weights dense, 512 + 4 * 7 * 72 = 2,528 as LORS at rank 7
+    with pytest.warns(UserWarning, match=r"k_proj: 2,528 as LORS, 2,048 dense.*'k_proj': 'dense'"):
+        lorsify(_gqa_llama(), rank=7, init="svd")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lorsify(_gqa_llama(), rank=5, init="svd")  # 1,952 as LORS: still smaller
+        lorsify(_gqa_llama(), rank="full", init="svd")  # exact: asked for on purpose
+        lorsify(_gqa_llama(), target_reduction=0.2, init="svd")  # the budget keeps k/v dense itself

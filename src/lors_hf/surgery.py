@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -109,6 +110,7 @@ def lorsify(
 
         calibration_damping = checked_damping(calibration_damping, "lorsify: calibration_damping")
     stacks = plan_ranks(model, config)
+    _warn_of_groups_larger_than_dense(stacks)
     planned = _group_names(stacks)
     kept_dense = [group for stack in find_groups(model, config) for group in stack.groups if group.name not in planned]
     dense_layers = {
@@ -136,6 +138,20 @@ def lorsify(
     _own_config(model)
     model.config.lors_config = resolved_config(config, stacks, tuple(sorted(group.name for group in kept_dense))).to_dict()
     return model
+
+
+def _warn_of_groups_larger_than_dense(stacks: list[Stack]) -> None:
+    """Warn about groups whose (lossy) LORS form would hold at least as many weights as their dense layers: an
+    explicit rank past the break-even (grouped-query keys and values); `target_reduction` never plans one."""
+    larger = [group for stack in stacks for group in stack.groups
+              if group.lors_parameters() >= group.dense_parameters() and min(group.ranks) < group.max_rank]
+    if larger:
+        details = "; ".join(f"{group.name}: {group.lors_parameters():,} as LORS, {group.dense_parameters():,} dense"
+                            for group in larger)
+        warnings.warn(
+            f"lorsify: these projection groups would hold more weights as LORS than dense, and lose accuracy: "
+            f"{details}. Give them a lower rank, or keep them dense with a rank dict entry such as "
+            f"{{'{larger[0].relative_name.split('.')[-1]}': 'dense', '.*': ...}}.", stacklevel=3)
 
 
 def _group_names(stacks: list[Stack]) -> set[str]:
