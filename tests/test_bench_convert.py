@@ -12,6 +12,9 @@ import pytest
 
 from lors_hf.calibration import DEFAULT_DAMPING
 
+DEFAULT = f"damping {DEFAULT_DAMPING:g}"  # how the results table names the library's default
+OTHER_DAMPING = 0.5  # another damping: another conversion
+
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_convert.py"
 
 
@@ -87,8 +90,8 @@ def test_recover_only_redoes_the_recovery_and_keeps_the_other_figures(tmp_path):
     assert "batch 2, lr 0.0002" in section  # both rows are in the table
     (redone,) = [r for r in second["conversion"] if "run" in r]  # the recovery run converted that model again
     assert (redone["reduction"], redone["method"]) == (0.5, "data-aware") and "this_run" not in redone
-    assert redone["damping"] == 0.3  # the library's default, recorded
-    assert "| data-aware (damping 0.3)* |" in section and "\\* converted again by `" in section
+    assert redone["damping"] == DEFAULT_DAMPING  # the library's default, recorded
+    assert f"| data-aware ({DEFAULT})* |" in section and "\\* converted again by `" in section
     # a recovery with the LM loss adds its rows and the dense reference, and keeps the distillation-only row
     completed = subprocess.run(base + ["--merge", "--recover-only", "--recover-lm-weight", "1"], capture_output=True,
                                text=True, timeout=300, env=env, cwd=tmp_path)
@@ -129,7 +132,7 @@ def test_recover_only_redoes_the_recovery_and_keeps_the_other_figures(tmp_path):
     assert (lm_alone["method"], lm_alone["recovery"]) == ("data-aware", "LM fine-tune")
     assert "--recover-no-distill" in lm_alone["run"]["command"]
     section = results_file.read_text()
-    assert "no teacher" in section and "data-aware (damping 0.3) + LM fine-tune" in section
+    assert "no teacher" in section and f"data-aware ({DEFAULT}) + LM fine-tune" in section
     # other settings: a new dense reference for them; the rows of the earlier settings (LM alone included) stay,
     # each with its own reference
     completed = subprocess.run(base + ["--merge", "--recover-only", "--recover-lm-weight", "1", "--recover-no-distill",
@@ -147,7 +150,7 @@ def test_recover_only_redoes_the_recovery_and_keeps_the_other_figures(tmp_path):
     distilled = next(line for line in targets if "+ distill + LM loss (" in line)
     assert f"({old_reference})" in distilled
     for lr, reference in (("0.0002", old_reference), ("0.0003", new_reference)):
-        (alone,) = [line for line in targets if "data-aware (damping 0.3) + LM fine-tune (" in line and f"lr {lr})" in line]
+        (alone,) = [line for line in targets if f"data-aware ({DEFAULT}) + LM fine-tune (" in line and f"lr {lr})" in line]
         assert f"({reference})" in alone and "2 of 2 planned steps" in alone
     # distill + LM loss again: it redoes its own row, keeps the others, and keeps its dense reference as it was
     completed = subprocess.run(base + ["--merge", "--recover-only", "--recover-lm-weight", "1"], capture_output=True,
@@ -170,24 +173,24 @@ def test_recover_only_redoes_the_recovery_and_keeps_the_other_figures(tmp_path):
     assert all("--recover-minutes 0" not in r["run"]["command"] for r in eighth["recovery"])
     # another damping is another conversion: its row and its recovery go next to the earlier ones, and the dense
     # reference (which has no conversion) is kept, not trained again
-    completed = subprocess.run(base + ["--merge", "--recover-only", "--recover-lm-weight", "1", "--damping", "0.1"],
+    completed = subprocess.run(base + ["--merge", "--recover-only", "--recover-lm-weight", "1", "--damping", str(OTHER_DAMPING)],
                                capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "keeping the dense LM fine-tune" in completed.stdout
     ninth = json.loads((tmp_path / "bench_convert.json").read_text())["smollm2"]
     assert all(row in ninth["conversion"] for row in eighth["conversion"]) and len(ninth["conversion"]) == 7
     (converted,) = [r for r in ninth["conversion"] if r not in eighth["conversion"]]
-    assert (converted["reduction"], converted["method"], converted["damping"]) == (0.5, "data-aware", 0.1)
+    assert (converted["reduction"], converted["method"], converted["damping"]) == (0.5, "data-aware", OTHER_DAMPING)
     assert all(row in ninth["recovery"] for row in eighth["recovery"]) and len(ninth["recovery"]) == 8
     reference, recovered = ninth["recovery"][-2:]  # the kept reference moves next to the row it serves
     assert reference == next(r for r in eighth["recovery"] if r["method"] == "dense" and r["learning_rate"] == 2e-4)
     assert (recovered["recovery"], recovered["damping"], recovered["ppl_before"]) == (
-        "distill + LM loss", 0.1, converted["error"])
+        "distill + LM loss", OTHER_DAMPING, converted["error"])
     section = results_file.read_text()
-    assert "| data-aware (damping 0.1)* |" in section and "| data-aware (damping 0.3) |" in section
+    assert f"| data-aware (damping {OTHER_DAMPING:g})* |" in section and f"| data-aware ({DEFAULT}) |" in section
     targets = section.split("### Targets")[1]
-    assert "data-aware (damping 0.1) + distill + LM loss (" in targets
-    assert "data-aware (damping 0.1) " in targets.split("SmolLM2 ppl at 50%: ")[2]  # both conversions' target lines
+    assert f"data-aware (damping {OTHER_DAMPING:g}) + distill + LM loss (" in targets
+    assert f"data-aware (damping {OTHER_DAMPING:g}) " in targets.split("SmolLM2 ppl at 50%: ")[2]  # both conversions' target lines
 
 
 @pytest.mark.slow
@@ -217,8 +220,8 @@ def test_a_partial_rerun_redoes_only_the_rows_it_names_and_each_row_names_the_ru
     assert (added["reduction"], added["method"]) == (0.3, "data-aware")
     assert "--recover-minutes 0" in added["run"]["command"] and added["run"]["wall_minutes"] >= 0
     lines = results_file.read_text().splitlines()
-    assert any(line.startswith("| SmolLM2-135M | 50% |") and "| data-aware (damping 0.3)* |" in line for line in lines)
-    assert any(line.startswith("| SmolLM2-135M | 30% |") and "| data-aware (damping 0.3)** |" in line for line in lines)
+    assert any(line.startswith("| SmolLM2-135M | 50% |") and f"| data-aware ({DEFAULT})* |" in line for line in lines)
+    assert any(line.startswith("| SmolLM2-135M | 30% |") and f"| data-aware ({DEFAULT})** |" in line for line in lines)
     (once,) = [line for line in lines if line.startswith("\\* converted again by `")]
     (twice,) = [line for line in lines if line.startswith("\\*\\* converted again by `")]
     assert "--recover-only" in once and "--recover-minutes 0" in twice
