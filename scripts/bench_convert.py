@@ -210,7 +210,7 @@ def accuracy(model, tokenizer, texts: list[str], labels: list[int], max_length: 
     return correct / len(texts)
 
 
-def bench_minilm(args, sizes, results: dict, save) -> None:
+def bench_minilm(args, sizes, results: dict, save, run: dict) -> None:
     """MiniLM: 1 - cosine of sentence embeddings after conversion; sentiment accuracy after fine-tuning.
 
     The model converted is the sentiment classifier (the pretrained encoder plus a seeded random head);
@@ -225,17 +225,29 @@ def bench_minilm(args, sizes, results: dict, save) -> None:
                                    sizes["minilm_calib_batch"])
     dense = load_pretrained(tf.AutoModelForSequenceClassification, path, args.smoke, num_labels=2)
     reference = sentence_embeddings(dense.base_model, eval_batches)
-    section = results.setdefault("minilm", {"conversion": [], "recovery": []})
+    recover = args.recover_minutes > 0
+    earlier = results.get("minilm")  # with --merge: the figures of an earlier run
+    # With --merge, a run that recovers nothing redoes only its conversions: the other rows (the fine-tuning ones
+    # included) and the section's provenance stay, and its rows name it (`run`). A run that fine-tunes redoes
+    # the whole section (its recovery rows compare models of that run with a dense model fine-tuned in it).
+    partial = bool(earlier) and not recover
+    if partial:
+        redone = {conversion_key({"reduction": r, "method": m, "damping": args.damping})
+                  for r in args.reductions for m in args.methods}
+        section = earlier
+        section["conversion"] = [row for row in earlier.get("conversion", []) if conversion_key(row) not in redone]
+    else:
+        section = results["minilm"] = {"conversion": [], "recovery": []}
     section["eval_sentences"] = len(reference)
     section["calibration_sentences"] = sizes["minilm_calib"]
-    recover = args.recover_minutes > 0
     kept: dict[tuple[float, str], tuple[torch.nn.Module, dict]] = {}
     for reduction in args.reductions:
         for method in args.methods:
             model, info = convert(dense, method, reduction, calibration, args.damping)
             embeddings = sentence_embeddings(model.base_model, eval_batches)
             cosine = torch.nn.functional.cosine_similarity(embeddings, reference).mean()
-            row = {"reduction": reduction, "method": method, "error": round(1 - cosine.item(), 5), **info}
+            row = {"reduction": reduction, "method": method, "error": round(1 - cosine.item(), 5), **info,
+                   **({"run": run} if partial else {})}
             print(f"[minilm] {row}", flush=True)
             section["conversion"].append(row)
             save()
@@ -746,9 +758,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--recover-only", action="store_true",
                         help="SmolLM2: convert only the models to recover; keep the other figures (needs --merge)")
     parser.add_argument("--merge", action="store_true",
-                        help="keep the other model's figures from the JSON of an earlier run (rerun one model); "
-                             "SmolLM2 also keeps the recovery rows this run does not redo (other recipes, or the "
-                             "same recipe with another batch, peak lr or planned steps)")
+                        help="keep the figures of the JSON of an earlier run that this run does not redo: the other "
+                             "model's; the conversion rows of other budgets, methods or dampings; SmolLM2's recovery "
+                             "rows of other recipes (or the same recipe with another batch, peak lr or planned "
+                             "steps). A MiniLM run that fine-tunes (--recover-minutes > 0) redoes MiniLM's section")
     parser.add_argument("--damping", type=float, default=DEFAULT_DAMPING,
                         help="data-aware conversion: lorsify's calibration_damping (default: the library's, "
                              f"{DEFAULT_DAMPING}); a SmolLM2 run with another damping keeps the rows of the earlier one")
@@ -807,7 +820,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.merge and json_path.exists():  # keep the other model's figures from the earlier run
         earlier = read_results(json_path)
         for key in ("minilm", "smollm2"):
-            if key in earlier and (args.model not in (key, "all") or key == "smollm2"):
+            if key in earlier:  # the model this run benchmarks decides what it keeps of it
                 results[key] = earlier[key]
                 if "command" not in results[key]:  # a run that did both models: its command and total time
                     results[key].update(command=earlier["meta"].get("command"), date=earlier["meta"].get("date"),
@@ -815,7 +828,8 @@ def main(argv: list[str] | None = None) -> None:
     total = time.perf_counter()
     # this run, as the rows of a partial SmolLM2 run name it from the moment they are saved (the wall time comes last)
     run = {"command": command, "date": date.today().isoformat()}
-    for key, bench in (("minilm", bench_minilm), ("smollm2", functools.partial(bench_smollm2, run=run))):
+    for key, bench in (("minilm", functools.partial(bench_minilm, run=run)),
+                       ("smollm2", functools.partial(bench_smollm2, run=run))):
         if args.model not in (key, "all"):
             continue
         start = time.perf_counter()

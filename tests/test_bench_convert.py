@@ -271,3 +271,34 @@ def test_smoke_refuses_to_write_docs_results(capsys):
     with pytest.raises(SystemExit):  # the LM loss alone needs the LM loss
         bench.parse_args(["--recover-no-distill"])
     assert "--recover-lm-weight" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_minilm_rerun_of_conversions_keeps_the_other_rows(tmp_path):
+    """MiniLM with --merge and no fine-tuning redoes only the conversions it names (it used to drop every other
+    MiniLM row, the fine-tuning ones included)."""
+    results_file = tmp_path / "RESULTS.md"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    base = [sys.executable, str(SCRIPT), "--smoke", "--model", "minilm", "--results-file", str(results_file)]
+
+    def run(*extra: str) -> dict:
+        completed = subprocess.run(base + list(extra), capture_output=True, text=True, timeout=300, env=env,
+                                   cwd=tmp_path)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        return json.loads((tmp_path / "bench_convert.json").read_text())["minilm"]
+
+    first = run("--reductions", "0.3", "0.5")
+    assert len(first["conversion"]) == 6 and first["recovery"]
+    second = run("--merge", "--reductions", "0.5", "--methods", "data-aware", "--recover-minutes", "0",
+                 "--damping", str(OTHER_DAMPING))
+    assert second["command"] == first["command"] and second["recovery"] == first["recovery"]
+    assert all(row in second["conversion"] for row in first["conversion"]) and len(second["conversion"]) == 7
+    (added,) = [row for row in second["conversion"] if row not in first["conversion"]]
+    assert (added["reduction"], added["method"], added["damping"]) == (0.5, "data-aware", OTHER_DAMPING)
+    assert "--recover-minutes 0" in added["run"]["command"]
+    section = results_file.read_text()
+    assert f"| data-aware (damping {OTHER_DAMPING:g})* |" in section and "### After recovery" in section
+    # the same conversion again replaces its own row
+    third = run("--merge", "--reductions", "0.5", "--methods", "data-aware", "--recover-minutes", "0",
+                "--damping", str(OTHER_DAMPING))
+    assert len(third["conversion"]) == 7 and third["recovery"] == first["recovery"]
