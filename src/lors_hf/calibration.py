@@ -50,23 +50,20 @@ from .conversion import decompose, fit_private, positive_definite
 from .discovery import ProjectionGroup, Stack, dense_weight
 from .layer import LorsLinear
 
-DEFAULT_DAMPING = 0.3
+DEFAULT_DAMPING = 0.1
 """Added to the diagonal of the input second moments (and of the cross moments), as a fraction of
-their mean diagonal. Tuned at 50% fewer stack parameters with the sequential round (round 1 alone is
-insensitive to it): MiniLM 1-cos 0.240 / 0.227 / 0.236 / 0.276 and SmolLM2 perplexity
-832 / 452 / 287 / 212 for damping 0.01 / 0.1 / 0.3 / 1.0: the deeper model with fewer calibration
-tokens per input dimension wants more; 0.3 is the compromise. These figures come from the evaluation
-used when this code landed (4096 SmolLM2 calibration tokens): read them as relative, since
-`scripts/bench_convert.py` now prints 2400 for that setting. More calibration tokens help more: the
-same benchmark prints 1032 at 16384 tokens. With the refit in execution order (2937ab9), MiniLM at 50%
-gives 1-cos 0.1891 / 0.1928 / 0.2170 for damping 0.1 / 0.3 / 1.0 (`bench_convert.main` with MiniLM, 50%,
-data-aware, the damping passed in by an ad-hoc wrapper; 2026-11-29); SmolLM2 at 50% (16384
-calibration tokens) gives perplexity 120.5 at 0.3 and 106.8 at 0.1 (`scripts/bench_convert.py ... --damping 0.1`,
-2026-11-30; after a 30-minute recovery both end near 50, see the README); since keys and values stay dense
-at that budget (1a7576d), 123.2 and 107.9, and 119.7 and 104.2 with them refitted in the sequential round
-(same command, 2026-11-30). Both models now do better at 0.1; the default stays 0.3
-until the benchmark's data-aware rows (and the demo's figures, which use it) are measured again at 0.1. Pass
-``lorsify(..., calibration_damping=0.1)`` meanwhile."""
+their mean diagonal. Measured with the current sequential round (refit in execution order, projections
+kept dense refitted too), MiniLM 1-cos / SmolLM2-135M perplexity (16384 calibration tokens) right after
+conversion, `scripts/bench_convert.py` (docs/RESULTS.md, 2026-11-29/30):
+
+    fewer stack parameters    MiniLM 0.1 / 0.3          SmolLM2 0.1 / 0.3
+    30%                       0.1083 / 0.1092           73.46 / 79.15
+    50%                       0.1891 / 0.1928           104.2 / 119.7
+    70%                       0.3106 / 0.3160           167.6 / 198.2
+
+0.1 is better everywhere (MiniLM at 50% with 1.0: 0.2170). The default was 0.3 before 2026-11-30: tuned when
+the sequential round refitted a whole block from inputs gathered once, which wanted more ridge (SmolLM2 at
+50% then gave 452 at 0.1 and 287 at 0.3, on 4096 calibration tokens and an earlier evaluation). Fewer calibration tokens per input dimension may want more."""
 
 
 def checked_damping(damping: Any, what: str = "calibration_damping") -> float:
