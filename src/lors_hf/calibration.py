@@ -63,7 +63,8 @@ conversion, `scripts/bench_convert.py` (docs/RESULTS.md, 2026-11-29/30):
 
 0.1 is better everywhere (MiniLM at 50% with 1.0: 0.2170). The default was 0.3 before 2026-11-30: tuned when
 the sequential round refitted a whole block from inputs gathered once, which wanted more ridge (SmolLM2 at
-50% then gave 452 at 0.1 and 287 at 0.3, on 4096 calibration tokens and an earlier evaluation). Fewer calibration tokens per input dimension may want more."""
+50% then gave 452 at 0.1 and 287 at 0.3, on 4096 calibration tokens and an earlier evaluation). Fewer
+calibration tokens per input dimension may want more."""
 
 
 def checked_damping(damping: Any, what: str = "calibration_damping") -> float:
@@ -292,18 +293,11 @@ def convert_with_calibration(
     batches = [calibration_data] if isinstance(calibration_data, torch.Tensor | Mapping) else list(calibration_data)
     reference = copy.deepcopy(model) if rounds > 1 else None
     statistics = collect_input_statistics(model, stacks, batches)
-    dense: dict[str, tuple[torch.Tensor, list[torch.Tensor | None]]] = {}
-    for stack in stacks:
-        for group in stack.groups:
-            layers = [stack.blocks[i].get_submodule(group.relative_name) for i in group.layer_indices]
-            dense[group.name] = (torch.stack([dense_weight(layer).detach().clone() for layer in layers]),
-                                 [None if layer.bias is None else layer.bias.detach().clone() for layer in layers])
+    dense = {group.name: _dense_copy(model, group) for stack in stacks for group in stack.groups}
     kept_by_stack: dict[str, list[ProjectionGroup]] = {}
     for group in kept_dense:
         kept_by_stack.setdefault(group.stack_name, []).append(group)
-        layers = [model.get_submodule(group.module_name(i)) for i in group.layer_indices]
-        dense[group.name] = (torch.stack([dense_weight(layer).detach().clone() for layer in layers]),
-                             [None if layer.bias is None else layer.bias.detach().clone() for layer in layers])
+        dense[group.name] = _dense_copy(model, group)
     build_lors_layers(model, stacks)
     steps = config.alternating_steps if config.init == "alternating" else 0
     with torch.no_grad():
@@ -340,6 +334,13 @@ def convert_with_calibration(
         raise
     finally:
         del reference
+
+
+def _dense_copy(model: nn.Module, group: ProjectionGroup) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Copies of the dense weights ``(N, out, in)`` and biases of `group`'s layers, before any change."""
+    layers = [model.get_submodule(group.module_name(i)) for i in group.layer_indices]
+    return (torch.stack([dense_weight(layer).detach().clone() for layer in layers]),
+            [None if layer.bias is None else layer.bias.detach().clone() for layer in layers])
 
 
 def _set_layer(layer, b: torch.Tensor, a: torch.Tensor, bias: torch.Tensor | None, weight: torch.Tensor,
@@ -426,8 +427,8 @@ def _sequential_round(model: nn.Module, reference: nn.Module, stack: Stack,
                     statistics, stages = _paired_block_statistics(
                         block, dense_block, pending, index, lors_hidden, dense_hidden,
                         [calls[index] for _, calls in lors_calls], [calls[index] for _, calls in dense_calls], masks)
-                    _refit_layers(block, [g for g in pending if g.name in statistics], index, statistics,
-                                         dense, damping)
+                    _refit_layers(block, [g for g in pending if g.name in statistics], index, statistics, dense,
+                                  damping)
                     # a routed expert no calibration token reached has no stage: it keeps its first-round fit
                     pending = [g for g in pending if g.name in stages and g.name not in statistics]
                 for j in range(len(batches)):  # the refitted block's outputs feed the next block
