@@ -239,25 +239,28 @@ def _inputs_of(model, module_name: str, batches: list[dict]) -> torch.Tensor:
     return torch.cat(rows)
 
 
-def test_the_sequential_round_refits_the_projections_kept_dense():
-    """A projection the plan keeps dense stays an nn.Linear, but behind converted layers its inputs drift: the
-    sequential round refits its whole weight to the dense outputs on the inputs it now sees (ridge towards the
-    dense weight, so never worse on the calibration data). Block 0 sees the dense model's own inputs: unchanged."""
-    from torch import nn
-
-    dense, inputs = build("llama", layers=4)
+@pytest.mark.parametrize("family, kept, path", [
+    ("llama", r"(k|v)_proj", "model.layers.{}.self_attn.v_proj"),
+    ("gpt2", r"c_attn", "transformer.h.{}.attn.c_attn"),  # a Conv1D, (in, out) storage, with a bias
+])
+def test_the_sequential_round_refits_the_projections_kept_dense(family, kept, path):
+    """A projection the plan keeps dense stays an nn.Linear (Conv1D), but behind converted layers its inputs
+    drift: the sequential round refits its whole weight to the dense outputs on the inputs it now sees (ridge
+    towards the dense weight, so never worse on the calibration data). Block 0 sees the dense model's own inputs:
+    unchanged."""
+    dense, inputs = build(family, layers=4)
     with torch.no_grad():
         for parameter in dense.parameters():
             parameter.mul_(3.0)
     batches = _batches(inputs, count=4)
-    model = lorsify(copy.deepcopy(dense), LorsConfig(rank={r"(k|v)_proj": "dense", ".*": 2}, init="alternating"),
+    model = lorsify(copy.deepcopy(dense), LorsConfig(rank={kept: "dense", ".*": 2}, init="alternating"),
                     calibration_data=batches)
-    first = "model.layers.0.self_attn.k_proj"
+    first = path.format(0)
     torch.testing.assert_close(model.get_submodule(first).weight, dense.get_submodule(first).weight)
     for index in (2, 3):
-        name = f"model.layers.{index}.self_attn.v_proj"
+        name = path.format(index)
         refitted, original = model.get_submodule(name), dense.get_submodule(name)
-        assert type(refitted) is nn.Linear
+        assert type(refitted) is type(original)
         x, x_dense = _inputs_of(model, name, batches), _inputs_of(dense, name, batches)
         with torch.no_grad():
             target = original(x_dense)

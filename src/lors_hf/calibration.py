@@ -43,7 +43,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from .config import LorsConfig
 from .conversion import decompose, fit_private, positive_definite
@@ -461,8 +460,9 @@ def _refit_layers(block: nn.Module, groups: list, index: int, statistics: dict[s
 
 
 def _set_dense_layer(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """Write an ``(out, in)`` `weight` (and `bias`) into an ``nn.Linear`` or a ``Conv1D`` (stored ``(in, out)``)."""
-    layer.weight.copy_(weight.t() if isinstance(layer, Conv1D) else weight)
+    """Write an ``(out, in)`` `weight` (and `bias`) into an ``nn.Linear`` or a ``Conv1D`` (through `dense_weight`'s
+    ``(out, in)`` view of its ``(in, out)`` storage)."""
+    dense_weight(layer).copy_(weight)
     if bias is not None:
         layer.bias.copy_(bias)
 
