@@ -68,6 +68,10 @@ class ProjectionGroup:
     def dense_parameters(self) -> int:
         return len(self.layer_indices) * self.out_features * self.in_features
 
+    def no_smaller_as_lors(self, ranks: list[int] | None = None) -> bool:
+        """Whether the group's LORS form (at `ranks`, default its own) holds at least as many weights as dense."""
+        return self.lors_parameters(ranks) >= self.dense_parameters()
+
 
 @dataclass
 class Stack:
@@ -230,7 +234,7 @@ def plan_ranks(model: nn.Module, config: LorsConfig) -> list[Stack]:
         rank = _solve_uniform_rank(stacks, groups, float(config.target_reduction))
         for group in groups:
             uniform = _uniform_ranks(group, rank)
-            group.ranks = [] if group.lors_parameters(uniform) >= group.dense_parameters() else uniform
+            group.ranks = [] if group.no_smaller_as_lors(uniform) else uniform
     else:
         for stack in stacks:
             for group in stack.groups:

@@ -144,7 +144,7 @@ def _warn_of_groups_larger_than_dense(stacks: list[Stack]) -> None:
     """Warn about groups whose (lossy) LORS form would hold at least as many weights as their dense layers: an
     explicit rank past the break-even (grouped-query keys and values); `target_reduction` never plans one."""
     larger = [group for stack in stacks for group in stack.groups
-              if group.lors_parameters() >= group.dense_parameters() and min(group.ranks) < group.max_rank]
+              if group.no_smaller_as_lors() and min(group.ranks) < group.max_rank]
     if larger:
         details = "; ".join(f"{group.name}: {group.lors_parameters():,} as LORS, {group.dense_parameters():,} dense"
                             for group in larger)
