@@ -537,11 +537,11 @@ def markdown(results: dict, command: str, plot_name: str | None) -> str:
             base = find(section["conversion"], reduction=row["reduction"], method="svd")
             base_error = functional_error(key, base, section) if base else 0.0
             ratio = f"{functional_error(key, row, section) / base_error:.3f}" if base_error > 0 else "-"
-            mark = "*" * (later_runs.index(run_key(row["run"])) + 1) if row.get("run") else ""
+            mark = f"<sup>{later_runs.index(run_key(row['run'])) + 1}</sup>" if row.get("run") else ""
             lines.append(f"| {label} | {row['reduction']:.0%} | {row['stack_reduction']:.1%} | {row['rank']}{kept_dense_note(row)} | "
                          f"{method_label(row)}{mark} | {unit} {row['error']:.4g} | {ratio} | {row['convert_s']} |")
-    redone = ["\\*" * (i + 1) + f" converted again by `{cmd}` ({day}), with the code of that day; the model's "
-              "other rows are from its first command above." for i, (cmd, day) in enumerate(later_runs)]
+    redone = [f"<sup>{i + 1}</sup> converted again by `{cmd}` ({day}), with the code of that day; the model's "
+              "other rows are from its first command above.  " for i, (cmd, day) in enumerate(later_runs)]
     lines += (["", *redone] if redone else []) + ["", f"MiniLM: {results.get('minilm', {}).get('eval_sentences', '?')} test sentences, "
               f"{results.get('minilm', {}).get('calibration_sentences', '?')} calibration sentences (train split). "
               f"SmolLM2: {results.get('smollm2', {}).get('eval_tokens', '?')} test tokens (windows of "

@@ -91,7 +91,7 @@ def test_recover_only_redoes_the_recovery_and_keeps_the_other_figures(tmp_path):
     (redone,) = [r for r in second["conversion"] if "run" in r]  # the recovery run converted that model again
     assert (redone["reduction"], redone["method"]) == (0.5, "data-aware") and "this_run" not in redone
     assert redone["damping"] == DEFAULT_DAMPING  # the library's default, recorded
-    assert f"| data-aware ({DEFAULT})* |" in section and "\\* converted again by `" in section
+    assert f"| data-aware ({DEFAULT})<sup>1</sup> |" in section and "<sup>1</sup> converted again by `" in section
     # a recovery with the LM loss adds its rows and the dense reference, and keeps the distillation-only row
     completed = subprocess.run(base + ["--merge", "--recover-only", "--recover-lm-weight", "1"], capture_output=True,
                                text=True, timeout=300, env=env, cwd=tmp_path)
@@ -187,7 +187,7 @@ def test_recover_only_redoes_the_recovery_and_keeps_the_other_figures(tmp_path):
     assert (recovered["recovery"], recovered["damping"], recovered["ppl_before"]) == (
         "distill + LM loss", OTHER_DAMPING, converted["error"])
     section = results_file.read_text()
-    assert f"| data-aware (damping {OTHER_DAMPING:g})* |" in section and f"| data-aware ({DEFAULT}) |" in section
+    assert f"| data-aware (damping {OTHER_DAMPING:g})<sup>1</sup> |" in section and f"| data-aware ({DEFAULT}) |" in section
     targets = section.split("### Targets")[1]
     assert f"data-aware (damping {OTHER_DAMPING:g}) + distill + LM loss (" in targets
     assert f"data-aware (damping {OTHER_DAMPING:g}) " in targets.split("SmolLM2 ppl at 50%: ")[2]  # both conversions' target lines
@@ -220,10 +220,10 @@ def test_a_partial_rerun_redoes_only_the_rows_it_names_and_each_row_names_the_ru
     assert (added["reduction"], added["method"]) == (0.3, "data-aware")
     assert "--recover-minutes 0" in added["run"]["command"] and added["run"]["wall_minutes"] >= 0
     lines = results_file.read_text().splitlines()
-    assert any(line.startswith("| SmolLM2-135M | 50% |") and f"| data-aware ({DEFAULT})* |" in line for line in lines)
-    assert any(line.startswith("| SmolLM2-135M | 30% |") and f"| data-aware ({DEFAULT})** |" in line for line in lines)
-    (once,) = [line for line in lines if line.startswith("\\* converted again by `")]
-    (twice,) = [line for line in lines if line.startswith("\\*\\* converted again by `")]
+    assert any(line.startswith("| SmolLM2-135M | 50% |") and f"| data-aware ({DEFAULT})<sup>1</sup> |" in line for line in lines)
+    assert any(line.startswith("| SmolLM2-135M | 30% |") and f"| data-aware ({DEFAULT})<sup>2</sup> |" in line for line in lines)
+    (once,) = [line for line in lines if line.startswith("<sup>1</sup> converted again by `")]
+    (twice,) = [line for line in lines if line.startswith("<sup>2</sup> converted again by `")]
     assert "--recover-only" in once and "--recover-minutes 0" in twice
     (conversions,) = [line for line in lines if line.startswith("Command:") and "--recover-minutes 0" in line]
     assert "SmolLM2 conversions" in conversions
@@ -297,7 +297,7 @@ def test_a_minilm_rerun_of_conversions_keeps_the_other_rows(tmp_path):
     assert (added["reduction"], added["method"], added["damping"]) == (0.5, "data-aware", OTHER_DAMPING)
     assert "--recover-minutes 0" in added["run"]["command"]
     section = results_file.read_text()
-    assert f"| data-aware (damping {OTHER_DAMPING:g})* |" in section and "### After recovery" in section
+    assert f"| data-aware (damping {OTHER_DAMPING:g})<sup>1</sup> |" in section and "### After recovery" in section
     # the same conversion again replaces its own row
     third = run("--merge", "--reductions", "0.5", "--methods", "data-aware", "--recover-minutes", "0",
                 "--damping", str(OTHER_DAMPING))
