@@ -141,6 +141,12 @@ def conversion_key(row: dict) -> tuple[float, str, float | None]:
     return row["reduction"], row["method"], row.get("damping") if row["method"] == "data-aware" else None
 
 
+def with_row(section: dict, row: dict) -> None:
+    """Put a conversion `row` into `section`, in place of an earlier row of the same conversion (kept until then,
+    so a run that fails keeps the earlier figures)."""
+    section["conversion"] = [r for r in section["conversion"] if conversion_key(r) != conversion_key(row)] + [row]
+
+
 def method_label(row: dict) -> str:
     return f"{row['method']} (damping {row['damping']:g})" if row.get("damping") is not None else row["method"]
 
@@ -231,13 +237,7 @@ def bench_minilm(args, sizes, results: dict, save, run: dict) -> None:
     # included) and the section's provenance stay, and its rows name it (`run`). A run that fine-tunes redoes
     # the whole section (its recovery rows compare models of that run with a dense model fine-tuned in it).
     partial = bool(earlier) and not recover
-    if partial:
-        redone = {conversion_key({"reduction": r, "method": m, "damping": args.damping})
-                  for r in args.reductions for m in args.methods}
-        section = earlier
-        section["conversion"] = [row for row in earlier.get("conversion", []) if conversion_key(row) not in redone]
-    else:
-        section = results["minilm"] = {"conversion": [], "recovery": []}
+    section = results["minilm"] = earlier if partial else {"conversion": [], "recovery": []}
     section["eval_sentences"] = len(reference)
     section["calibration_sentences"] = sizes["minilm_calib"]
     kept: dict[tuple[float, str], tuple[torch.nn.Module, dict]] = {}
@@ -249,7 +249,7 @@ def bench_minilm(args, sizes, results: dict, save, run: dict) -> None:
             row = {"reduction": reduction, "method": method, "error": round(1 - cosine.item(), 5), **info,
                    **({"run": run} if partial else {})}
             print(f"[minilm] {row}", flush=True)
-            section["conversion"].append(row)
+            with_row(section, row)
             save()
             if recover and reduction in args.recover_reductions and method in args.recover_methods:
                 kept[(reduction, method)] = (model, info)
@@ -383,7 +383,7 @@ def bench_smollm2(args, sizes, results: dict, save, run: dict) -> None:
             row = {"reduction": reduction, "method": method, "error": round(ppl, 3), **info,
                    **({"run": run} if partial else {})}
             print(f"[smollm2] {row}", flush=True)
-            section["conversion"] = [r for r in section["conversion"] if conversion_key(r) != conversion_key(row)] + [row]
+            with_row(section, row)
             save()
             if (reduction, method) in recovers:
                 kept[(reduction, method)] = model
