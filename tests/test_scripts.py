@@ -341,6 +341,32 @@ def test_torchrun_two_processes_keep_shared_weights_equal(data, tiny_bert, tmp_p
     assert state["global_step"] == 4 and state["epoch"] == pytest.approx(4 / math.ceil(rows / 16))
 
 
+@pytest.mark.parametrize("outcome", ["returns", "script error", "raises"])
+def test_run_main_destroys_the_process_group_however_main_ends(tmp_path, outcome):
+    """Left to interpreter shutdown, gloo's threads can abort a torchrun process after its work is done."""
+    from lors_hf.training_args import ScriptError, run_main
+
+    def main(argv):
+        assert torch.distributed.is_initialized()
+        if outcome == "script error":
+            raise ScriptError("bad option")
+        if outcome == "raises":
+            raise RuntimeError("boom")
+        return 0
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        if outcome == "raises":
+            with pytest.raises(RuntimeError, match="boom"):
+                run_main(main, [])
+        else:
+            assert run_main(main, []) == (1 if outcome == "script error" else 0)
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 @pytest.mark.slow
 def test_torchrun_detection_scores_map_for_every_process(data, tmp_path):
     """Process 0 scores the mAP and sends it to process 1, whose best-checkpoint choice needs it too."""

@@ -342,6 +342,10 @@ def _describe(config: LorsConfig | None) -> str:
 def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     """Call ``main(argv)``; a `ScriptError` becomes ``error: <message>`` on stderr and exit status 1.
 
+    Under torchrun the process group (which the Trainer started) is destroyed before returning, however
+    ``main`` ended: left to interpreter shutdown, gloo's worker threads can abort the process (SIGABRT,
+    "terminate called without an active exception") after the work is done.
+
     Example:
         >>> # if __name__ == "__main__": sys.exit(run_main(main))
     """
@@ -350,6 +354,9 @@ def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | N
     except ScriptError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 1
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def resolve_model_path(name: str) -> str:
