@@ -348,10 +348,10 @@ def bench_smollm2(args, sizes, results: dict, save, run: dict) -> None:
     recovers = {(r, args.methods[-1]) for r in args.recover_reductions} if args.recover_minutes > 0 else set()
     redo = {(r, m) for r in args.reductions for m in args.methods if not args.recover_only or (r, m) in recovers}
     redo_keys = {conversion_key({"reduction": r, "method": m, "damping": args.damping}) for r, m in redo}
-    kept_conversion = [r for r in (earlier or {}).get("conversion", []) if conversion_key(r) not in redo_keys]
+    keeps_conversions = any(conversion_key(r) not in redo_keys for r in (earlier or {}).get("conversion", []))
     # A partial run keeps the section's provenance and names itself (`run`) on each row it adds; a run that
     # redoes every conversion becomes the section's run and names the earlier run on the recovery rows it keeps.
-    partial = bool(earlier) and (args.recover_only or bool(kept_conversion))
+    partial = bool(earlier) and (args.recover_only or keeps_conversions)
     earlier_recovery = [dict(r) for r in (earlier or {}).get("recovery", [])]
     if earlier and not partial:
         for row in earlier_recovery:
@@ -364,8 +364,8 @@ def bench_smollm2(args, sizes, results: dict, save, run: dict) -> None:
     recovery_settings = {"batch": batch, "learning_rate": args.recover_lr, "planned_steps": planned,
                          "damping": args.damping}
     kept_rows = [r for r in earlier_recovery if not redone_by(r, recipes, recovery_settings)]
-    section = results["smollm2"] = {**(earlier if partial else {}), "conversion": kept_conversion if partial else [],
-                                    "recovery": kept_rows}
+    # a partial run keeps every earlier conversion row until its own row of that conversion replaces it (`with_row`)
+    section = results["smollm2"] = {**(earlier if partial else {"conversion": []}), "recovery": kept_rows}
     start = time.perf_counter()
     section["dense_ppl"] = round(perplexity(dense, eval_windows), 3)
     section["eval_tokens"] = eval_windows.numel()

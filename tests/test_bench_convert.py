@@ -302,3 +302,33 @@ def test_a_minilm_rerun_of_conversions_keeps_the_other_rows(tmp_path):
     third = run("--merge", "--reductions", "0.5", "--methods", "data-aware", "--recover-minutes", "0",
                 "--damping", str(OTHER_DAMPING))
     assert len(third["conversion"]) == 7 and third["recovery"] == first["recovery"]
+
+
+@pytest.mark.slow
+def test_a_smollm2_rerun_that_fails_keeps_the_rows_it_would_redo(tmp_path, monkeypatch):
+    """A partial --merge run saves the section before its first conversion: the rows it would redo stay until
+    its own rows replace them, so a run that fails (or is stopped) loses none of the earlier figures."""
+    import torch
+
+    results_file, env, base = _smollm2_smoke(tmp_path)
+    completed = subprocess.run(base + ["--recover-minutes", "0"], capture_output=True, text=True, timeout=300,
+                               env=env, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    json_path = tmp_path / "bench_convert.json"
+    first = json.loads(json_path.read_text())["smollm2"]
+    module = _load_script()
+
+    def interrupted(*args, **kwargs):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(module, "convert", interrupted)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(RuntimeError, match="interrupted"):
+            module.main(base[2:] + ["--merge", "--reductions", "0.5", "--methods", "data-aware",
+                                    "--recover-minutes", "0"])
+    finally:
+        torch.set_num_threads(threads)
+    saved = json.loads(json_path.read_text())
+    assert "--merge" in saved["meta"]["command"]  # the failed run did write the file
+    assert saved["smollm2"]["conversion"] == first["conversion"]
