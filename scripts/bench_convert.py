@@ -55,7 +55,7 @@ import torch  # noqa: E402
 import transformers as tf  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_results import RESULTS_FILE, machine_description, update_section  # noqa: E402
+from bench_results import RESULTS_FILE, machine_description, update_section, write_atomically  # noqa: E402
 
 import lors_hf  # noqa: E402
 from lors_hf import LorsConfig, assets, get_lors_config, lorsify, parameter_report  # noqa: E402
@@ -815,7 +815,7 @@ def main(argv: list[str] | None = None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
-        json_path.write_text(json.dumps(results, indent=1))
+        write_atomically(json_path, json.dumps(results, indent=1))
 
     if args.merge and json_path.exists():  # keep the other model's figures from the earlier run
         earlier = read_results(json_path)
