@@ -22,7 +22,9 @@ that loss the same way (the like-for-like reference, as both adapt to Shakespear
 reference (no teacher: each step costs about a third less).
 
 Writes its section of docs/RESULTS.md (table, the command line, a PNG plot under docs/) and the raw
-figures as JSON next to the plot.
+figures as JSON next to the plot, once the run has ended well. While it runs, its figures so far are in
+``bench_convert.partial.json`` next to the JSON: a run that fails or is stopped leaves the earlier JSON
+and section as they were, and the progress file shows what it measured.
 
 Usage:
     python scripts/bench_convert.py --model all --out docs            # the full run (about 2 hours on 2 cores)
@@ -143,7 +145,7 @@ def conversion_key(row: dict) -> tuple[float, str, float | None]:
 
 def with_row(section: dict, row: dict) -> None:
     """Put a conversion `row` into `section`, in place of an earlier row of the same conversion (kept until then,
-    so a run that fails keeps the earlier figures)."""
+    so the progress file of a run that stops holds every figure)."""
     section["conversion"] = [r for r in section["conversion"] if conversion_key(r) != conversion_key(row)] + [row]
 
 
@@ -802,6 +804,7 @@ def main(argv: list[str] | None = None) -> None:
     results_file = Path(args.results_file) if args.results_file else RESULTS_FILE
     out_dir = Path(args.out) if args.out else (results_file.parent if args.smoke else RESULTS_FILE.parent)
     json_path = out_dir / f"{SECTION}.json"
+    progress_path = out_dir / f"{SECTION}.partial.json"  # this run's figures until it ends well
     if args.from_json:
         results = read_results(Path(args.from_json))
         print(write_report(results, out_dir, results_file, results["meta"]["command"]))
@@ -814,8 +817,8 @@ def main(argv: list[str] | None = None) -> None:
                                         "lors_hf": lors_hf.__version__}}
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    def save() -> None:
-        write_atomically(json_path, json.dumps(results, indent=1))
+    def save() -> None:  # after each figure: a run that stops keeps what it measured, in the progress file
+        write_atomically(progress_path, json.dumps(results, indent=1))
 
     if args.merge and json_path.exists():  # keep the other model's figures from the earlier run
         earlier = read_results(json_path)
@@ -828,20 +831,27 @@ def main(argv: list[str] | None = None) -> None:
     total = time.perf_counter()
     # this run, as the rows of a partial SmolLM2 run name it from the moment they are saved (the wall time comes last)
     run = {"command": command, "date": date.today().isoformat()}
-    for key, bench in (("minilm", functools.partial(bench_minilm, run=run)),
-                       ("smollm2", functools.partial(bench_smollm2, run=run))):
-        if args.model not in (key, "all"):
-            continue
-        start = time.perf_counter()
-        bench(args, sizes, results, save)
-        wall_minutes = round((time.perf_counter() - start) / 60, 1)
-        if "command" in results[key]:  # a partial run kept the section's provenance; its rows name this run
-            run["wall_minutes"] = wall_minutes
-        else:
-            results[key].update(run, wall_minutes=wall_minutes)
-        save()
+    try:
+        for key, bench in (("minilm", functools.partial(bench_minilm, run=run)),
+                           ("smollm2", functools.partial(bench_smollm2, run=run))):
+            if args.model not in (key, "all"):
+                continue
+            start = time.perf_counter()
+            bench(args, sizes, results, save)
+            wall_minutes = round((time.perf_counter() - start) / 60, 1)
+            if "command" in results[key]:  # a partial run kept the section's provenance; its rows name this run
+                run["wall_minutes"] = wall_minutes
+            else:
+                results[key].update(run, wall_minutes=wall_minutes)
+            save()
+    except BaseException:  # failed or stopped: the earlier figures stay whole; say where this run's are
+        print(f"bench_convert: the run stopped; {json_path} is as it was, and this run's figures so far are in "
+              f"{progress_path}", file=sys.stderr, flush=True)
+        raise
     results["meta"]["wall_minutes"] = round((time.perf_counter() - total) / 60, 1)
-    save()
+    # the run ended well: its figures replace the earlier JSON in one step
+    write_atomically(json_path, json.dumps(results, indent=1))
+    progress_path.unlink(missing_ok=True)
     path = write_report(results, out_dir, results_file, command)
     print(f"wrote {path} and {out_dir / (SECTION + '.png')} in {results['meta']['wall_minutes']} min")
 

@@ -305,30 +305,40 @@ def test_a_minilm_rerun_of_conversions_keeps_the_other_rows(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_smollm2_rerun_that_fails_keeps_the_rows_it_would_redo(tmp_path, monkeypatch):
-    """A partial --merge run saves the section before its first conversion: the rows it would redo stay until
-    its own rows replace them, so a run that fails (or is stopped) loses none of the earlier figures."""
+@pytest.mark.parametrize("failing, options", [
+    ("convert", ["--merge", "--reductions", "0.5", "--methods", "data-aware", "--recover-minutes", "0"]),
+    ("train", ["--merge"]),  # redoes the recovery rows, after converting again
+    ("convert", []),  # a run without --merge replaces the whole JSON, but only once it has ended well
+])
+def test_a_smollm2_rerun_that_fails_leaves_the_earlier_figures_whole(tmp_path, monkeypatch, capsys, failing, options):
+    """A run saves its figures as it goes in a progress file and replaces the JSON and the section only at its
+    end, so a rerun that fails (or is stopped) loses none of the earlier figures, whatever it would redo."""
     import torch
 
     results_file, env, base = _smollm2_smoke(tmp_path)
-    completed = subprocess.run(base + ["--recover-minutes", "0"], capture_output=True, text=True, timeout=300,
-                               env=env, cwd=tmp_path)
+    completed = subprocess.run(base, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    json_path = tmp_path / "bench_convert.json"
-    first = json.loads(json_path.read_text())["smollm2"]
+    json_path, progress_path = tmp_path / "bench_convert.json", tmp_path / "bench_convert.partial.json"
+    before, section_before = json_path.read_bytes(), results_file.read_text()
+    first = json.loads(before)["smollm2"]
+    assert first["recovery"] and not progress_path.exists()  # a run that ends well leaves no progress file
     module = _load_script()
 
     def interrupted(*args, **kwargs):
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(module, "convert", interrupted)
+    monkeypatch.setattr(module, failing, interrupted)
     threads = torch.get_num_threads()
     try:
         with pytest.raises(RuntimeError, match="interrupted"):
-            module.main(base[2:] + ["--merge", "--reductions", "0.5", "--methods", "data-aware",
-                                    "--recover-minutes", "0"])
+            module.main(base[2:] + options)
     finally:
         torch.set_num_threads(threads)
-    saved = json.loads(json_path.read_text())
-    assert "--merge" in saved["meta"]["command"]  # the failed run did write the file
-    assert saved["smollm2"]["conversion"] == first["conversion"]
+    assert json_path.read_bytes() == before and results_file.read_text() == section_before
+    assert str(progress_path) in capsys.readouterr().err
+    progress = json.loads(progress_path.read_text())
+    assert progress["meta"]["command"].endswith(" ".join(base[2:] + options))  # the failed run's own figures
+    if failing == "train":  # it had converted again before failing
+        assert len(progress["smollm2"]["conversion"]) == len(first["conversion"])
+    elif options:  # a partial run keeps the rows it would redo until its own replace them
+        assert progress["smollm2"]["conversion"] == first["conversion"]
