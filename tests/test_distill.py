@@ -1,6 +1,7 @@
 """DistillationTrainer: a converted student moves towards its frozen dense teacher."""
 
 import copy
+import math
 
 import datasets
 import pytest
@@ -158,6 +159,71 @@ def test_invalid_settings_are_refused(tmp_path):
         DistillationTrainer(model=student, args=_args(tmp_path), teacher_model=teacher, temperature=0)
     with pytest.raises(ValueError, match="alphas"):
         DistillationTrainer(model=student, args=_args(tmp_path), teacher_model=teacher, alpha_kl=0, alpha_hidden=0)
+    with pytest.raises(ValueError, match="temperature must be a finite"):
+        DistillationTrainer(model=student, args=_args(tmp_path), teacher_model=teacher, temperature=float("nan"))
+    with pytest.raises(ValueError, match="alphas must be finite"):
+        DistillationTrainer(model=student, args=_args(tmp_path), teacher_model=teacher, alpha_hidden=float("nan"))
+
+
+def test_a_teacher_that_is_the_student_is_refused(tmp_path):
+    """lorsify converts in place: `teacher = model` before it makes teacher and student one model, which freezing
+    the teacher would freeze (and training then fails deep in autograd)."""
+    model, _ = build("llama")
+    teacher = model
+    lorsify(model, LorsConfig(rank=1, init="svd"))
+    with pytest.raises(ValueError, match="shares parameters with the model.*copy.deepcopy"):
+        DistillationTrainer(model=model, args=_args(tmp_path), teacher_model=teacher)
+    assert all(p.requires_grad for p in model.parameters())  # nothing was frozen
+
+
+def _gradients_of_one_step(student, teacher, args, batch, **kwargs) -> tuple[float, dict[str, torch.Tensor]]:
+    trainer = DistillationTrainer(model=student, args=args, teacher_model=teacher, **kwargs)
+    trainer.current_gradient_accumulation_steps = args.gradient_accumulation_steps
+    student.zero_grad()
+    loss = float(trainer.training_step(student, dict(batch)))
+    return loss, {name: p.grad.clone() for name, p in student.named_parameters() if p.grad is not None}
+
+
+def test_gradient_accumulation_divides_the_loss_with_or_without_a_compute_loss_func(tmp_path):
+    """The distillation loss is a per-batch mean: each of N accumulated steps counts 1/N, also when the user gives
+    a compute_loss_func (the Trainer alone would then leave the loss undivided: N times the gradient)."""
+    student, teacher = _student_and_teacher("llama")
+    ids = torch.randint(1, 99, (4, 12), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    calls = []
+
+    def next_token_loss(outputs, labels, num_items_in_batch=None):  # the signature transformers documents
+        calls.append(num_items_in_batch)
+        logits = outputs.logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+
+    one_loss, one = _gradients_of_one_step(student, teacher, _args(tmp_path, steps=1), batch)
+    args = _args(tmp_path, steps=1, gradient_accumulation_steps=2)
+    for kwargs in ({}, {"compute_loss_func": next_token_loss}, {"compute_loss_func": next_token_loss,
+                                                                 "alpha_task": 1.0}):
+        loss, grads = _gradients_of_one_step(student, teacher, args, batch, **kwargs)
+        reference_loss, reference = (one_loss, one) if "alpha_task" not in kwargs else _gradients_of_one_step(
+            student, teacher, _args(tmp_path, steps=1), batch, **kwargs)
+        assert loss == pytest.approx(reference_loss / 2, rel=1e-5), kwargs
+        assert all(torch.allclose(grads[name], reference[name] / 2, atol=1e-7, rtol=1e-4) for name in reference)
+    assert calls and all(count is None for count in calls)  # the task term is a per-batch mean, like the others
+
+
+@pytest.mark.parametrize("alpha_task", [0.0, 1.0])
+def test_an_encoder_decoder_given_only_labels_distils(alpha_task, tmp_path):
+    """A seq2seq batch (input_ids, attention_mask, labels) has no decoder inputs: T5 builds them from the labels,
+    so the teacher (and a student without task loss) must get the labels too."""
+    student, teacher = _student_and_teacher("t5")
+    rows = 16
+    generator = torch.Generator().manual_seed(0)
+    data = datasets.Dataset.from_dict({"input_ids": torch.randint(2, 99, (rows, 10), generator=generator).tolist(),
+                                       "attention_mask": [[1] * 10] * rows,
+                                       "labels": torch.randint(2, 99, (rows, 6), generator=generator).tolist()})
+    trainer = DistillationTrainer(model=student, args=_args(tmp_path, steps=2), train_dataset=data,
+                                  teacher_model=teacher, alpha_task=alpha_task)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "distill_kl" in entry or "train_loss" in entry]
+    assert logged and all(math.isfinite(entry.get("distill_kl", entry.get("train_loss"))) for entry in logged)
 
 
 def test_encoder_decoder_outputs_are_masked_with_the_decoder_mask():

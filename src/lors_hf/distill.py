@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -67,18 +68,29 @@ class DistillationTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if temperature <= 0:
-            raise ValueError(f"DistillationTrainer: temperature must be > 0, got {temperature}.")
-        if min(alpha_kl, alpha_hidden, alpha_task) < 0 or alpha_kl + alpha_hidden + alpha_task == 0:
-            raise ValueError("DistillationTrainer: the alphas must be >= 0 and not all zero, got "
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"DistillationTrainer: temperature must be a finite number > 0, got {temperature}.")
+        alphas = (alpha_kl, alpha_hidden, alpha_task)
+        if not all(math.isfinite(a) and a >= 0 for a in alphas) or sum(alphas) == 0:
+            raise ValueError("DistillationTrainer: the alphas must be finite, >= 0 and not all zero, got "
                              f"alpha_kl={alpha_kl}, alpha_hidden={alpha_hidden}, alpha_task={alpha_task}.")
+        student_parameters = {id(p) for p in self.model.parameters()}
+        if any(id(p) in student_parameters for p in teacher_model.parameters()):
+            raise ValueError("DistillationTrainer: teacher_model shares parameters with the model (lorsify converts "
+                             "in place, so `teacher = model; lorsify(model, ...)` makes them one model, and freezing "
+                             "the teacher would freeze the student): pass a copy of the dense model taken before "
+                             "conversion, e.g. `teacher = copy.deepcopy(model)` before `lorsify(model, ...)`.")
         self.temperature = float(temperature)
         self.alpha_kl, self.alpha_hidden, self.alpha_task = float(alpha_kl), float(alpha_hidden), float(alpha_task)
         student_device = next(self.model.parameters()).device
         self.teacher_model = teacher_model.to(student_device).eval()
         self.teacher_model.requires_grad_(False)
-        # Our loss is a per-batch mean: let the Trainer divide it by the gradient accumulation steps.
+        # Our loss is a per-batch mean: the Trainer must divide it by the gradient accumulation steps. Since
+        # transformers 5.2x it does when told so; before, it skipped the division whenever a compute_loss_func is
+        # given (that function then normalises by the tokens of the whole accumulated batch), and we divide instead.
         self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
+        self._divide_for_accumulation = not hasattr(Trainer, "loss_is_scaled_for_ga")
         self._distill_sums: dict[str, float] = {}
         self._distill_count = 0
 
@@ -93,12 +105,17 @@ class DistillationTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         use_hidden = self.alpha_hidden > 0
-        student_inputs = dict(inputs)
+        student_inputs, teacher_inputs = dict(inputs), dict(inputs)
         # the task loss as the Trainer makes it: from the labels when they are smoothed (label_smoothing_factor)
         # or a compute_loss_func is given, else the model's own loss
         own_task_loss = self.alpha_task > 0 and (self.label_smoother is not None or self.compute_loss_func is not None)
-        labels = student_inputs.pop("labels", None) if self.alpha_task == 0 or own_task_loss else None
-        teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        labels = inputs.get("labels") if own_task_loss else None
+        # An encoder-decoder given no decoder inputs builds them from the labels: both models keep them then
+        # (each also computes a loss that goes unused unless it is the student's task loss).
+        if not _decoder_inputs_come_from_labels(self.accelerator.unwrap_model(model), inputs):
+            teacher_inputs.pop("labels", None)
+            if self.alpha_task == 0 or own_task_loss:
+                student_inputs.pop("labels", None)
         if use_hidden:
             student_inputs["output_hidden_states"] = teacher_inputs["output_hidden_states"] = True
         student_outputs = model(**student_inputs)
@@ -125,11 +142,12 @@ class DistillationTrainer(Trainer):
         if loss is None:
             raise ValueError("DistillationTrainer: nothing to distil: the models return neither logits nor "
                              "hidden states (alpha_kl > 0 needs logits, alpha_hidden > 0 hidden states).")
-        if model.training:
-            for name, term in (*terms.items(), ("task", task_loss)):
-                if term is not None:
-                    self._distill_sums[name] = self._distill_sums.get(name, 0.0) + float(term.detach())
-            self._distill_count += 1
+        for name, term in (*terms.items(), ("task", task_loss)):
+            if term is not None:
+                self._distill_sums[name] = self._distill_sums.get(name, 0.0) + float(term.detach())
+        self._distill_count += 1
+        if self._divide_for_accumulation and self.compute_loss_func is not None:
+            loss = loss / self.current_gradient_accumulation_steps  # older Trainer: see __init__
         if return_outputs:
             return loss, _without_hidden_states(student_outputs, keep=not use_hidden)
         return loss
@@ -137,8 +155,8 @@ class DistillationTrainer(Trainer):
     def _task_loss(self, model: nn.Module, outputs: Any, labels: torch.Tensor) -> torch.Tensor:
         """The student's loss on `labels` the way `Trainer.compute_loss` makes it with a label smoother or a
         ``compute_loss_func`` (a per-batch mean, like the distillation terms)."""
-        if self.compute_loss_func is not None:
-            return self.compute_loss_func(outputs, labels)
+        if self.compute_loss_func is not None:  # no token count: a per-batch mean, like the other terms
+            return self.compute_loss_func(outputs, labels, num_items_in_batch=None)
         causal = self.accelerator.unwrap_model(model)._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
         return self.label_smoother(outputs, labels, shift_labels=causal)
 
@@ -243,6 +261,13 @@ def _hidden_states(outputs: Any) -> list[torch.Tensor]:
         return states[1:] if len(states) > 1 else states  # index 0 is the embeddings' output
     last = _get(outputs, "last_hidden_state")
     return [last] if isinstance(last, torch.Tensor) else []
+
+
+def _decoder_inputs_come_from_labels(model: nn.Module, inputs: dict[str, Any]) -> bool:
+    """Whether `model` is an encoder-decoder that will build its decoder inputs from ``inputs["labels"]``."""
+    config = getattr(model, "config", None)
+    return (bool(getattr(config, "is_encoder_decoder", False)) and inputs.get("labels") is not None
+            and inputs.get("decoder_input_ids") is None and inputs.get("decoder_inputs_embeds") is None)
 
 
 def _decoder_mask(inputs: dict[str, Any]) -> torch.Tensor | None:
