@@ -184,6 +184,44 @@ def test_module_lists_that_are_not_stacks_are_ignored():
     assert [stack.name for stack in find_stacks(Holder())] == ["real"]
 
 
+def test_linear_subclasses_that_compute_something_else_are_left_dense():
+    """A subclass of nn.Linear with its own forward (a MoE router returning scores and indices, a quantized layer)
+    or a weight that is not a plain float tensor is not a projection LORS can share: replacing it by a plain
+    linear map broke Phimoe's forward deep inside the model."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.PhimoeConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                             max_position_embeddings=64)
+    model = tf.PhimoeForCausalLM(config).eval()
+    ids = torch.randint(0, 99, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+    router_class = type(model.model.layers[0].mlp.router)
+    lorsify(model, LorsConfig(rank="full", init="svd"))
+    assert all(type(layer.mlp.router) is router_class for layer in model.model.layers)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, LorsLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, reference, atol=1e-5, rtol=1e-5)
+
+    class ScaledLinear(nn.Linear):  # its own forward
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.plain, self.scaled, self.half_precision = nn.Linear(4, 4), ScaledLinear(4, 4), nn.Linear(4, 4)
+            self.integer = nn.Linear(4, 4)
+            self.integer.weight = nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False)
+
+    holder = nn.Module()
+    holder.layers = nn.ModuleList([Block(), Block()])
+    (stack,) = find_groups(holder, LorsConfig(rank=1))
+    assert [group.relative_name for group in stack.groups] == ["plain", "half_precision"]
+
+
 def test_the_outer_stack_wins_over_stacks_nested_inside_it():
     class Inner(nn.Module):
         def __init__(self):

@@ -24,10 +24,22 @@ from transformers.pytorch_utils import Conv1D
 from .config import LorsConfig, RankSpec
 from .layer import LorsLinear
 
+_PLAIN_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
 
 def is_projection(module: nn.Module) -> bool:
-    """True for the modules LORS can share: ``nn.Linear``, GPT-2's ``Conv1D`` and `LorsLinear`."""
-    return isinstance(module, nn.Linear | Conv1D | LorsLinear)
+    """True for the modules LORS can share: ``nn.Linear``, GPT-2's ``Conv1D`` and `LorsLinear`.
+
+    A subclass that computes something else (its own ``forward``: MoE routers such as Phimoe's, quantized
+    layers such as FP8 or bitsandbytes ones) or keeps a weight that is not a plain float tensor is left alone:
+    LORS would replace it by a plain linear map of the wrong weight.
+    """
+    if isinstance(module, LorsLinear):
+        return True
+    base = Conv1D if isinstance(module, Conv1D) else nn.Linear if isinstance(module, nn.Linear) else None
+    weight = getattr(module, "weight", None)
+    return (base is not None and type(module).forward is base.forward
+            and type(weight) in (torch.Tensor, nn.Parameter) and weight.dtype in _PLAIN_FLOATS)
 
 
 def projection_shape(module: nn.Module) -> tuple[int, int]:
