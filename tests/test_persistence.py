@@ -16,6 +16,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -87,7 +88,8 @@ def file_bytes(folder: Path) -> dict[str, bytes]:
 
 
 def staging_leftovers(folder: Path) -> list[str]:
-    return [p.name for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}.saving-")]
+    """The staging folders a save left behind (they live inside the checkpoint folder)."""
+    return [p.name for p in folder.iterdir() if p.name.startswith(".lors-saving-")] if folder.exists() else []
 
 
 def load(folder: Path, family: str = "bert", **kwargs):
@@ -209,6 +211,7 @@ print(json.dumps(results))
 
 BLOCK_LORS_HF = '''
 import sys
+import tempfile
 
 
 class BlockLorsHf:
@@ -546,6 +549,34 @@ def test_failed_save_keeps_the_previous_checkpoint(failure, monkeypatch, tmp_pat
     assert file_bytes(folder) == before
     assert staging_leftovers(folder) == []
     assert torch.equal(output(load(folder), inputs), expected)
+
+
+def test_a_failed_save_into_a_new_folder_leaves_no_folder(monkeypatch, tmp_path):
+    folder = tmp_path / "new" / "ckpt"
+    model, _ = perturbed_lors_model("bert")
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", _fail_half_way_through_writing)
+    with pytest.raises(OSError):
+        model.save_pretrained(folder)
+    assert not folder.exists()
+
+
+def test_save_into_a_folder_on_another_file_system_than_its_parent(tmp_path):
+    """A mounted output folder (a container's volume) lives on another file system than the folder holding it:
+    the staged files must still move in (staging beside the target failed with EXDEV)."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another file system than the temporary folder")
+    elsewhere = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        folder = tmp_path / "mounted"
+        folder.symlink_to(elsewhere, target_is_directory=True)
+        model, inputs = perturbed_lors_model("bert")
+        model.save_pretrained(folder)
+        assert {"config.json", "model.safetensors"} <= {p.name for p in elsewhere.iterdir()}
+        assert staging_leftovers(folder) == []
+        assert torch.equal(output(load(folder), inputs), output(model, inputs))
+    finally:
+        shutil.rmtree(elsewhere)
 
 
 def test_save_into_an_existing_folder(tmp_path):

@@ -234,11 +234,19 @@ def staged_save(save_directory: str | os.PathLike, variant: str | None = None) -
         >>> # with staged_save("out/model") as folder: model.save_pretrained(folder)
     """
     target = Path(save_directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+    created = not target.exists()
+    target.mkdir(parents=True, exist_ok=True)
+    # inside the target, on the file system its files live on (a mounted output folder is on another one than
+    # its parent): the files can then move in by rename; transformers' loading ignores the hidden folder
+    staging = Path(tempfile.mkdtemp(prefix=".lors-saving-", dir=target))
     try:
-        yield staging
-        target.mkdir(exist_ok=True)
+        try:
+            yield staging
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            if created and not any(target.iterdir()):
+                target.rmdir()  # leave no trace of a folder that did not exist
+            raise
         weight_files = _weight_files(variant)
         stale = [p for p in target.iterdir() if weight_files.fullmatch(p.name) and not (staging / p.name).exists()]
         # New weights first, then old shards out, config.json last: an interruption in between leaves
