@@ -147,6 +147,52 @@ def test_wrong_arguments_give_one_line(args, status, message, dense_dir, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def test_calibration_input_that_would_mislead_the_conversion_gives_one_line(dense_dir, tmp_path, capsys):
+    """A folder without tokenizer files would calibrate on unknown tokens only (transformers builds a near-empty
+    tokenizer from config.json); a file that is not UTF-8 was a traceback."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy2(dense_dir / name, bare / name)
+    text, latin1 = tmp_path / "text.txt", tmp_path / "latin1.txt"
+    text.write_text("a gripping, funny film\n")
+    latin1.write_bytes("un film très drôle\n".encode("latin-1"))
+    for source, calibration, message in ((bare, text, "has no tokenizer files"), (dense_dir, latin1, "is not UTF-8")):
+        assert run_cli("convert", source, tmp_path / "out", "--rank", "2", "--calibration-file", calibration) == 1
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and message in lines[0], lines
+        assert not (tmp_path / "out").exists()
+
+
+def test_converting_and_merging_into_an_earlier_output_replace_its_tokenizer_and_card(dense_dir, tmp_path, capsys,
+                                                                                      monkeypatch):
+    """The new checkpoint's tokenizer files replace an earlier model's (all of them, stale ones too), a README of
+    the user's own stays, and a merge into an earlier LORS folder drops that folder's LORS model card."""
+    out = tmp_path / "out"
+    assert run_cli("convert", dense_dir, out, "--rank", "2") == 0
+    assert "lors-hf" in (out / "README.md").read_text()  # the LORS model card
+    (out / "vocab.txt").write_text("[PAD]\n[UNK]\nstale\n")  # an earlier model's tokenizer file
+    (out / "tokenizer.json").write_text("{}")
+    shutil.copytree(out, tmp_path / "old_lors")
+    assert run_cli("convert", dense_dir, tmp_path / "lors2", "--rank", "2") == 0
+    assert run_cli("merge", tmp_path / "lors2", tmp_path / "old_lors") == 0
+    old = tmp_path / "old_lors"
+    assert not (old / "README.md").exists()  # the LORS card does not describe a dense checkpoint
+    assert (old / "tokenizer.json").read_bytes() == (dense_dir / "tokenizer.json").read_bytes()
+    assert not (old / "vocab.txt").exists()
+    assert tf.AutoModelForSequenceClassification.from_pretrained(old).config.to_dict().get("lors_config") is None
+
+    (out / "README.md").write_text("# my own notes\n")
+    assert run_cli("convert", dense_dir, out, "--rank", "3") == 0
+    assert (out / "README.md").read_text() == "# my own notes\n"
+    assert (out / "tokenizer.json").read_bytes() == (dense_dir / "tokenizer.json").read_bytes()
+    assert not (out / "vocab.txt").exists()
+    capsys.readouterr()
+    monkeypatch.setenv("HOME", str(tmp_path))  # a quoted "~/..." (no shell expansion) names the local folder
+    assert run_cli("report", "~/out", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["lors"] is True
+
+
 def test_failed_merge_writes_nothing(dense_dir, tmp_path, capsys, monkeypatch):
     """A merge whose save fails (disk full) leaves no output folder behind, not a config without weights."""
     assert run_cli("convert", dense_dir, tmp_path / "lors", "--rank", "2") == 0

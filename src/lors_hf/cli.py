@@ -24,6 +24,8 @@ from typing import Any, NoReturn
 AUXILIARY_PATTERNS = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json", "*.model",
                       "chat_template*", "preprocessor_config.json", "processor_config.json")
 """Files of a model directory (tokenizer, processor) that `convert` and `merge` copy next to the new weights."""
+TOKENIZER_PATTERNS = ("tokenizer.json", "vocab*", "merges.txt", "*.model")
+"""Files of which a model directory needs one for its tokenizer to load (``--calibration-file``)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -213,7 +215,7 @@ def _copy_auxiliary_files(source: str, output: Path) -> list[str]:
     if folder.is_dir():
         for pattern in AUXILIARY_PATTERNS:
             for path in sorted(folder.glob(pattern)):
-                if path.is_file() and not (output / path.name).exists():
+                if path.is_file() and path.name not in copied:
                     shutil.copy2(path, output / path.name)
                     copied.append(path.name)
         return copied
@@ -224,6 +226,25 @@ def _copy_auxiliary_files(source: str, output: Path) -> list[str]:
     except (OSError, ValueError, KeyError):
         pass  # a model without a tokenizer
     return copied
+
+
+def _save_with_auxiliary_files(model: Any, source: str, output: Path) -> list[str]:
+    """Save `model` and `source`'s tokenizer / processor files into `output` in one staged step: a failure
+    leaves `output` as it was, and new tokenizer files replace all of an earlier model's there."""
+    from .persistence import MODEL_CARD, _is_lors_model_card, staged_save
+
+    with staged_save(output, replaced_together=AUXILIARY_PATTERNS) as staging:
+        model.save_pretrained(staging)
+        card, theirs = staging / MODEL_CARD, output / MODEL_CARD
+        if card.exists() and theirs.is_file() and not _is_lors_model_card(theirs):
+            card.unlink()  # a README of the user's own stays, as with save_pretrained into `output`
+        return _copy_auxiliary_files(source, staging)
+
+
+def _local_or_hub(path: str) -> str:
+    """`path` with ``~`` expanded when it names a local folder, else as given (a Hub id)."""
+    local = Path(path).expanduser()
+    return str(local) if local.exists() else path
 
 
 def _progress(total: int, description: str):
@@ -257,6 +278,7 @@ def _convert(args: argparse.Namespace) -> None:
 
     _check_source(args.model)
     _check_output(args.output, args.model)
+    source = _local_or_hub(args.model)
     if args.calibration_file is not None and not Path(args.calibration_file).is_file():
         raise CommandError(f"--calibration-file {args.calibration_file}: no such file")
     if args.calibration_file is not None and args.init == "scratch":
@@ -271,14 +293,14 @@ def _convert(args: argparse.Namespace) -> None:
     with _progress(len(steps), "convert") as bar:
         bar.set_description_str(f"convert: loading {args.model}")
         with _guard(_loading(args.model)):
-            model = load_model(args.model)
+            model = load_model(source)
         if is_lorsified(model):
             raise CommandError(f"{args.model} is already a LORS checkpoint (lors-hf merge gives the dense one)")
         bar.update()
         calibration = None
         if args.calibration_file:
             bar.set_description_str("convert: reading the calibration data")
-            calibration = _calibration_batches(args)
+            calibration = _calibration_batches(args, source)
             bar.update()
         bar.set_description_str(f"convert: converting ({'data-aware, ' if calibration else ''}init={config.init})")
         with _guard("convert"):
@@ -286,8 +308,7 @@ def _convert(args: argparse.Namespace) -> None:
         bar.update()
         bar.set_description_str(f"convert: saving {output}")
         with _guard("save"):
-            model.save_pretrained(output)
-            copied = _copy_auxiliary_files(args.model, output)
+            copied = _save_with_auxiliary_files(model, source, output)
         bar.update()
         bar.set_description_str("convert: done")
     print(parameter_report(model))
@@ -299,15 +320,24 @@ def _convert(args: argparse.Namespace) -> None:
           + (f"; copied {', '.join(copied)}" if copied else "") + ")")
 
 
-def _calibration_batches(args: argparse.Namespace) -> list[dict[str, Any]]:
+def _calibration_batches(args: argparse.Namespace, source: str) -> list[dict[str, Any]]:
     from transformers import AutoTokenizer
 
-    lines = [line.strip() for line in Path(args.calibration_file).read_text(encoding="utf-8").splitlines()]
-    lines = [line for line in lines if line][: args.calibration_samples]
+    try:
+        text = Path(args.calibration_file).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CommandError(f"--calibration-file {args.calibration_file} is not UTF-8 text ({err.reason} at byte "
+                           f"{err.start}): give plain text, one sample per line") from None
+    lines = [line for line in (line.strip() for line in text.splitlines()) if line][: args.calibration_samples]
     if not lines:
         raise CommandError(f"--calibration-file {args.calibration_file} has no text")
+    folder = Path(source)
+    if folder.is_dir() and not any(any(folder.glob(glob)) for glob in TOKENIZER_PATTERNS):
+        # transformers would build a near-empty tokenizer from config.json alone: every word one unknown token
+        raise CommandError(f"{args.model} has no tokenizer files ({', '.join(TOKENIZER_PATTERNS)}): "
+                           "--calibration-file needs the model's tokenizer; copy it into the folder")
     with _guard(f"loading the tokenizer of {args.model}"):
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     batch_size = 16
@@ -321,7 +351,7 @@ def _report(args: argparse.Namespace) -> None:
 
     _check_source(args.model)
     with _guard(_loading(args.model)):
-        model = load_model(args.model)
+        model = load_model(_local_or_hub(args.model))
     report = parameter_report(model)
     if args.json:
         print(json.dumps({"model": args.model, "lors": is_lorsified(model), **report.to_dict()}, indent=2))
@@ -332,21 +362,23 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _merge(args: argparse.Namespace) -> None:
-    from .persistence import staged_save
+    from .persistence import MODEL_CARD, _is_lors_model_card
     from .surgery import is_lorsified, merge_and_unload
 
     _check_source(args.model)
     _check_output(args.output, args.model)
+    source = _local_or_hub(args.model)
     with _guard(_loading(args.model)):
-        model = load_model(args.model)
+        model = load_model(source)
     if not is_lorsified(model):
         raise CommandError(f"{args.model} is not a LORS checkpoint (its config.json has no lors_config)")
     output = Path(args.output).expanduser()
     with _guard("merge"):
         merge_and_unload(model)
-        with staged_save(output) as staging:  # a failed save leaves `output` as it was
-            model.save_pretrained(staging)
-        copied = _copy_auxiliary_files(args.model, output)
+        copied = _save_with_auxiliary_files(model, source, output)
+        card = output / MODEL_CARD
+        if card.is_file() and _is_lors_model_card(card):  # an earlier LORS checkpoint's card: wrong for this one
+            card.unlink()
     print(f"dense checkpoint ({type(model).__name__}, {model.num_parameters():,} parameters) written to {output}; "
           "stock transformers loads it without lors_hf" + (f" (copied {', '.join(copied)})" if copied else ""))
 

@@ -36,6 +36,7 @@ State-dict layout of a LORS model (stable, versioned by ``LorsConfig.format_vers
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import functools
 import inspect
 import os
@@ -43,7 +44,7 @@ import re
 import shutil
 import tempfile
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -223,12 +224,14 @@ def _weight_files(variant: str | None) -> re.Pattern:
 
 
 @contextlib.contextmanager
-def staged_save(save_directory: str | os.PathLike, variant: str | None = None) -> Iterator[Path]:
+def staged_save(save_directory: str | os.PathLike, variant: str | None = None,
+                replaced_together: Sequence[str] = ()) -> Iterator[Path]:
     """A temporary folder to write a checkpoint into, whose files replace those of `save_directory` only once
     the block has succeeded; on failure `save_directory` is left exactly as it was.
 
     Files of `save_directory` that the new checkpoint does not write (a tokenizer's) are kept, except weight
-    files of the same `variant` that it no longer has (old shards).
+    files of the same `variant` that it no longer has (old shards) and, when the block writes any file that
+    matches a glob of `replaced_together` (a tokenizer's files), the other files that match them.
 
     Example:
         >>> # with staged_save("out/model") as folder: model.save_pretrained(folder)
@@ -248,7 +251,13 @@ def staged_save(save_directory: str | os.PathLike, variant: str | None = None) -
                 target.rmdir()  # leave no trace of a folder that did not exist
             raise
         weight_files = _weight_files(variant)
-        stale = [p for p in target.iterdir() if weight_files.fullmatch(p.name) and not (staging / p.name).exists()]
+
+        def together(name: str) -> bool:
+            return any(fnmatch.fnmatch(name, glob) for glob in replaced_together)
+
+        writes_together = any(together(p.name) for p in staging.iterdir())
+        stale = [p for p in target.iterdir() if p.is_file() and not (staging / p.name).exists()
+                 and (weight_files.fullmatch(p.name) or (writes_together and together(p.name)))]
         # New weights first, then old shards out, config.json last: an interruption in between leaves
         # the old config with the new weights, which loading checks against each other.
         config = staging / "config.json"
