@@ -222,6 +222,24 @@ def test_linear_subclasses_that_compute_something_else_are_left_dense():
     assert [group.relative_name for group in stack.groups] == ["plain", "half_precision"]
 
 
+@pytest.mark.parametrize("widths, members", [([16, 32, 32, 32], [1, 2, 3]), ([32, 32, 32, 16], [0, 1, 2]),
+                                             ([16, 32, 16, 32], [0, 2])])
+def test_a_projection_is_grouped_over_the_blocks_of_its_most_common_shape(widths, members):
+    """The odd block out stays dense wherever it sits (a first block of another width hid the group of the
+    three others); on a tie, the first block's shape wins."""
+
+    class Block(nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.fc, self.proj = nn.Linear(8, width), nn.Linear(width, 8)
+
+    holder = nn.Module()
+    holder.layers = nn.ModuleList(Block(width) for width in widths)
+    (stack,) = find_groups(holder, LorsConfig(rank=1))
+    assert [(group.relative_name, group.layer_indices) for group in stack.groups] == [("fc", members),
+                                                                                       ("proj", members)]
+
+
 def test_the_outer_stack_wins_over_stacks_nested_inside_it():
     class Inner(nn.Module):
         def __init__(self):

@@ -15,6 +15,7 @@ stages of different widths), gives way to the lists inside it.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -187,15 +188,19 @@ def find_groups(model: nn.Module, config: LorsConfig) -> list[Stack]:
 
 
 def _add_groups(stack: Stack, config: LorsConfig, candidates: list[str]) -> None:
-    """Fill ``stack.groups``: each relative path holding a projection in two or more blocks (same class and
-    shape as in the first block that has it, distinct weights, targeted by `config`)."""
-    references: dict[str, nn.Module] = {}
+    """Fill ``stack.groups``: each relative path holding a projection in two or more blocks (of the class and
+    shape most of its blocks have, the first block's on a tie; distinct weights; targeted by `config`)."""
+    kinds: dict[str, Counter] = {}  # relative path -> how many blocks hold which (class, shape) there
+    examples: dict[tuple, nn.Module] = {}
     for block in stack.blocks:
         for relative_name, module in block.named_modules():
             if relative_name and is_projection(module):
-                references.setdefault(relative_name, module)
-    for relative_name, module in references.items():
-        shape = projection_shape(module)
+                kind = (relative_name, type(module), projection_shape(module))
+                kinds.setdefault(relative_name, Counter())[kind] += 1
+                examples.setdefault(kind, module)
+    for relative_name, counts in kinds.items():
+        kind = counts.most_common(1)[0][0]  # Counter keeps first-seen order among equal counts
+        module, shape = examples[kind], kind[2]
         members, weights = [], set()
         for index, block in enumerate(stack.blocks):
             other = submodule_or_none(block, relative_name)
