@@ -46,6 +46,21 @@ def test_materialised_and_factored_paths_agree(shape, bias):
     torch.testing.assert_close(factored, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("materialize_above", [0, math.inf])
+def test_an_input_of_another_dtype_fails_on_both_paths_as_for_nn_linear(materialize_above):
+    """Outside autocast a bf16 input to a float32 layer is the caller's error, whatever the number of tokens (the
+    materialised path cast it silently, the factored one failed)."""
+    layer = _layer()
+    layer.materialize_above = materialize_above
+    x = torch.randn(4, 7, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="dtype"):
+        nn.Linear(7, 12)(x)
+    with pytest.raises(RuntimeError, match="dtype"):
+        layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast both run, in bf16
+        assert layer(x).dtype == torch.bfloat16
+
+
 def test_both_paths_give_the_same_gradients():
     x = torch.randn(3, 5, 7)
     grads = []
@@ -75,6 +90,7 @@ def test_materialised_training_path_is_twice_differentiable():
     inputs = [torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in shapes]
     assert torch.autograd.gradgradcheck(_MaterializedLorsLinear.apply, inputs)
     layer = _layer().double()
+    layer.shared.double()  # not a submodule of the layer: a model's .double() converts it, the layer's does not
     x = torch.randn(64, 7, dtype=torch.float64, requires_grad=True)  # above materialize_above: that path
     assert x.shape[0] > layer.materialize_above
     (grad_x,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)

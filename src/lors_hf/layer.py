@@ -56,9 +56,11 @@ class _MaterializedLorsLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shared, lors_A, lors_B, bias):
         dtype = _compute_dtype(x, shared)
+        autocast = torch.is_autocast_enabled(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
             weight = torch.addmm(shared.to(dtype), lors_B.to(dtype), lors_A.to(dtype))
-            output = F.linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))
+            # only autocast casts the input: without it an input of another dtype fails as for nn.Linear
+            output = F.linear(x.to(dtype) if autocast else x, weight, None if bias is None else bias.to(dtype))
         ctx.save_for_backward(x, shared, lors_A, lors_B)
         ctx.dtype, ctx.bias_dtype = dtype, None if bias is None else bias.dtype
         return output
