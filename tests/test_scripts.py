@@ -435,10 +435,14 @@ def test_push_to_hub(data, tiny_bert, tmp_path, guarded_hub):
         ("run_detection", ["--train_file", "{data}/fashion_detection/train.json"], 2,
          "unrecognized arguments: --train_file"),
         ("run_clm", ["--train_file", "{data}/shakespeare/train.txt", "--distill", "--distill_temperature", "0"], 2,
-         "--distill_temperature must be > 0"),
+         "--distill_temperature must be a finite number > 0"),
         ("run_classification", ["--train_file", "{data}/rotten_tomatoes/train.csv", "--distill",
                                 "--distill_alpha_kl", "0", "--distill_alpha_hidden", "0", "--distill_alpha_task", "0"],
-         2, "must be >= 0 and not all 0"),
+         2, "must be finite, >= 0 and not all 0"),
+        ("run_classification", ["--train_file", "{data}/rotten_tomatoes/train.csv", "--distill",
+                                "--distill_alpha_hidden", "nan"], 2, "must be finite, >= 0 and not all 0"),
+        ("run_classification", ["--train_file", "{data}/rotten_tomatoes/train.csv", "--lors_calibration_batches",
+                                "-4", "--lors_calibration_damping", "0.2"], 2, "--lors_calibration_batches must be >= 0"),
     ],
 )
 def test_wrong_arguments_give_one_line(script, args, status, message, data, tiny_bert, tmp_path, capsys):

@@ -437,6 +437,8 @@ class _OneBlockModel(tf.PreTrainedModel):
         (lambda: build("bert")[0], {"rank": "dense"}, ValueError, r"rank`='dense' would leave every projection dense"),
         (lambda: build("bert")[0], {"init": "kaiming"}, ValueError, r"unknown init 'kaiming'"),
         (lambda: build("bert")[0], {"config": "rank=4"}, TypeError, r"must be a LorsConfig or a dict"),
+        (lambda: build("bert")[0], {"config": {"rnak": 4}}, ValueError,
+         r"`config` has keys \['rnak'\] that LorsConfig does not take; its fields are \[.*'rank'"),
         (lambda: build("bert")[0], {"target_reduction": 0.99}, ValueError, r"cannot be reached"),
         (lambda: build("bert")[0], {"calibration_data": [torch.zeros(1, 4, dtype=torch.long)]}, ValueError,
          r"calibration_data converts pretrained weights; use init='svd'"),

@@ -25,6 +25,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -134,6 +135,9 @@ class LorsArguments:
     )
 
     def __post_init__(self) -> None:  # checked at parse time, not after minutes of loading the model
+        if self.lors_calibration_batches is not None and self.lors_calibration_batches < 0:
+            raise ValueError(f"--lors_calibration_batches must be >= 0 (0: no data-aware conversion), got "
+                             f"{self.lors_calibration_batches}")
         if self.lors_calibration_damping is not None:
             if not self.lors_calibration_batches:
                 raise ValueError("--lors_calibration_damping applies to data-aware conversion: add "
@@ -176,10 +180,10 @@ class DistillArguments:
 
     def __post_init__(self) -> None:  # checked at parse time, not after minutes of loading and converting
         alphas = (self.distill_alpha_kl, self.distill_alpha_hidden, self.distill_alpha_task)
-        if self.distill_temperature <= 0:
-            raise ValueError(f"--distill_temperature must be > 0, got {self.distill_temperature:g}")
-        if min(alphas) < 0 or sum(alphas) == 0:
-            raise ValueError("--distill_alpha_kl/_hidden/_task must be >= 0 and not all 0, got "
+        if not (math.isfinite(self.distill_temperature) and self.distill_temperature > 0):
+            raise ValueError(f"--distill_temperature must be a finite number > 0, got {self.distill_temperature:g}")
+        if not all(math.isfinite(a) and a >= 0 for a in alphas) or sum(alphas) == 0:
+            raise ValueError("--distill_alpha_kl/_hidden/_task must be finite, >= 0 and not all 0, got "
                              + "/".join(f"{a:g}" for a in alphas))
 
 
