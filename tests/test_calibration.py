@@ -176,6 +176,28 @@ def test_decoder_tokens_are_not_masked_with_the_encoders_padding():
     assert statistics["decoder.block.layer.0.SelfAttention.q"].tokens == 2 * length - 3
 
 
+def test_an_encoder_decoder_calibrates_on_a_seq2seq_batch_of_labels():
+    """A seq2seq batch (input_ids, attention_mask, labels, -100 on the padding) has no decoder inputs: the model
+    builds them from the labels, so calibration keeps them (it dropped them: "You must specify exactly one of
+    input_ids or inputs_embeds") and leaves the -100 positions out, like the explicit decoder inputs and mask."""
+    model, inputs = build("t5")
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(2, 99, (2, 6), generator=generator)
+    labels[1, -2:] = -100
+    batch = {"input_ids": inputs["input_ids"], "attention_mask": torch.ones_like(inputs["input_ids"]),
+             "labels": labels}
+    explicit = {**{k: v for k, v in batch.items() if k != "labels"},
+                "decoder_input_ids": model._shift_right(labels), "decoder_attention_mask": (labels != -100).long()}
+    stacks = plan_ranks(model, LorsConfig(rank=2))
+    from_labels = collect_input_statistics(model, stacks, [batch])
+    reference = collect_input_statistics(model, stacks, [explicit])
+    name = "decoder.block.layer.0.SelfAttention.q"
+    assert from_labels[name].tokens == reference[name].tokens == 2 * 6 - 2
+    torch.testing.assert_close(from_labels[name].second_moment, reference[name].second_moment)
+    converted = lorsify(copy.deepcopy(model), LorsConfig(rank=2, init="svd"), calibration_data=[batch])
+    assert torch.isfinite(_outputs(converted, explicit)).all()
+
+
 def test_routed_experts_convert_with_calibration():
     """SwitchTransformers' experts are nn.Linear: the dense and the converted router send them other tokens,
     which the sequential round must not pair up (it crashed on a shape mismatch)."""

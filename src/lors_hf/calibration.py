@@ -417,7 +417,8 @@ def _sequential_round(model: nn.Module, reference: nn.Module, stack: Stack,
             dense_calls = _capture_block_calls(reference, reference_blocks, batches)
             lors_hidden = [hidden for hidden, _ in lors_calls]
             dense_hidden = [hidden for hidden, _ in dense_calls]
-            masks = [_padding_mask(model, stack.name, _model_inputs(batch, lors_hidden[0].device)) for batch in batches]
+            masks = [_padding_mask(model, stack.name, _model_inputs(batch, lors_hidden[0].device, model))
+                     for batch in batches]
             for index, (block, dense_block) in enumerate(zip(stack.blocks, reference_blocks, strict=True)):
                 # Refit stage by stage in execution order (q/k/v, then o_proj on the outputs of the refitted
                 # q/k/v, ...): each projection is fitted to the inputs it will really see.
@@ -550,6 +551,9 @@ def _padding_mask(model: nn.Module, stack_name: str, inputs: Mapping[str, Any]) 
     ``decoder_attention_mask`` (or none: the encoder's mask would drop real decoder tokens of the same length)."""
     encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
     if encoder_decoder and ".decoder." in f".{stack_name}.":
+        labels = inputs.get("labels")  # decoder inputs built from the labels: their -100 positions are padding
+        if inputs.get("decoder_attention_mask") is None and isinstance(labels, torch.Tensor) and labels.dim() == 2:
+            return labels != -100
         return inputs.get("decoder_attention_mask")
     return inputs.get("attention_mask")
 
@@ -570,7 +574,11 @@ def _model_inputs(batch: Any, device: torch.device, model: nn.Module | None = No
     if isinstance(batch, torch.Tensor):  # the model's main input: input_ids, or pixel_values for ViT
         inputs = {getattr(model, "main_input_name", None) or "input_ids": batch.to(device)}
     elif isinstance(batch, Mapping):
-        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "labels"}
+        # labels only serve an encoder-decoder given no decoder inputs, which it builds from them
+        keep_labels = (getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+                       and batch.get("decoder_input_ids") is None and batch.get("decoder_inputs_embeds") is None)
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+                  if k != "labels" or keep_labels}
     else:
         raise TypeError(
             "calibration_data must yield dicts of model inputs or tensors of the model's main input (input_ids, "
