@@ -119,7 +119,8 @@ def collect_input_statistics(
         stacks: the plan from `discovery.plan_ranks`, for `model`.
         calibration_data: batches: dicts of model inputs (``{"input_ids": ..., "attention_mask": ...}``)
             or tensors of the model's main input (``model.main_input_name``: ``input_ids``, ``pixel_values``
-            for a vision model); a single tensor or dict is one batch. ``labels`` are ignored.
+            for a vision model); a single tensor or dict is one batch. ``labels`` are ignored, except by
+            an encoder-decoder given no decoder inputs, which builds them from the labels.
 
     Returns:
         ``{group.name: InputStatistics}`` (no cross moments), layers in the order of ``group.layer_indices``.
