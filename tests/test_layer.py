@@ -288,6 +288,33 @@ def test_weight_cache_matches_and_follows_weight_updates():
     assert layer.lors_A.grad is not None and layer.lors_B.grad is not None
 
 
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_the_weight_property_serves_the_cache_and_a_write_into_it_rebuilds_it(fan_in_fan_out, monkeypatch):
+    """T5's feed-forward reads ``wo.weight`` twice per call: with the cache on, no read builds the weight again;
+    a write into what it returned (a model's _init_weights) neither reaches the shared weight nor stays cached."""
+    from lors_hf.layer import set_weight_cache
+
+    layer = _layer(fan_in_fan_out=fan_in_fan_out)
+    shared_before = layer.shared.weight.detach().clone()
+    x = torch.randn(3, 7)
+    builds = []
+    build = LorsLinear.effective_weight
+    monkeypatch.setattr(LorsLinear, "effective_weight", lambda self: builds.append(1) or build(self))
+    set_weight_cache(layer)
+    with torch.no_grad():
+        expected = F.linear(x, build(layer), layer.bias)
+        layer(x)
+        for _ in range(4):
+            assert layer.weight.dtype == torch.float32
+        assert len(builds) == 1
+        layer.weight.zero_()  # in place, into the cached tensor
+        torch.testing.assert_close(layer(x), expected)  # rebuilt, not the zeros
+        assert len(builds) == 2
+    torch.testing.assert_close(layer.shared.weight, shared_before)
+    layer.weight.sum().backward()  # with gradients: a fresh weight, in the graph of the parameters
+    assert layer.lors_B.grad is not None
+
+
 def test_weight_cache_built_under_autocast_serves_a_float32_pass_too():
     from lors_hf.layer import set_weight_cache
 

@@ -26,6 +26,11 @@ def _count_optimizer_step(*_: object) -> None:
     _optimizer_steps += 1
 
 
+def _written_into(tensor: torch.Tensor, version: int | None) -> bool:
+    """Whether `tensor` changed in place since its version counter read `version` (None: it has none)."""
+    return version is not None and tensor._version != version
+
+
 class SharedWeight(nn.Module):
     """The ``(out_features, in_features)`` weight shared by every layer of one projection group."""
 
@@ -134,7 +139,7 @@ class LorsLinear(nn.Module):
         )
         # Opt-in inference cache of W_shared + B A (see `set_weight_cache`): dense speed, dense memory.
         self.cache_weight = False
-        self._cached: tuple[tuple, torch.Tensor] | None = None
+        self._cached: tuple[tuple, torch.Tensor, int | None] | None = None
 
     def reset_private(self) -> None:
         """The paper's initialisation of the private part: A Kaiming-uniform, B zeros, bias zeros."""
@@ -160,10 +165,16 @@ class LorsLinear(nn.Module):
         """The effective weight, stored like the module it replaced (``(in, out)`` for ``Conv1D``).
 
         For code that inspects ``module.weight`` (dtype checks and the like); it is computed on access, and is
-        always a new tensor: an in-place write to it (a model's ``_init_weights``, e.g. GPT-2's re-initialisation
+        never a parameter: an in-place write to it (a model's ``_init_weights``, e.g. GPT-2's re-initialisation
         of ``c_proj.weight`` when ``from_pretrained`` finishes) must not reach the shared weight, which at rank 0
-        would otherwise be the very tensor returned.
+        would otherwise be the very tensor returned. With the weight cache on (`set_weight_cache`) and no
+        gradients, it is the cached weight (T5's feed-forward reads ``wo.weight`` twice per call: building it
+        each time made decoding several times slower); a write into it makes the cache rebuild.
         """
+        if self.rank > 0 and self.cache_weight and not torch.is_grad_enabled():
+            cached = self._cached_weight()
+            if cached is not None and not cached.is_inference():  # an inference tensor's writes go unseen
+                return cached.t() if self.fan_in_fan_out else cached
         weight = self.effective_weight()
         if self.rank == 0:
             weight = weight.clone()
@@ -179,13 +190,14 @@ class LorsLinear(nn.Module):
         # weights without bumping their version counters: any optimizer step invalidates the cache too.
         key = (shared.data_ptr(), shared._version, self.lors_A.data_ptr(), self.lors_A._version,
                self.lors_B.data_ptr(), self.lors_B._version, shared.dtype, _optimizer_steps)
-        if self._cached is None or self._cached[0] != key:
+        if self._cached is None or self._cached[0] != key or _written_into(*self._cached[1:]):
             device = shared.device.type
             # In the parameters' dtype even under autocast (which then casts it per call, as for a dense
             # weight): a bf16 copy built under autocast would break a later float32 forward pass.
             off = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext()
             with off:
-                self._cached = (key, self.effective_weight())
+                weight = self.effective_weight()
+            self._cached = (key, weight, None if weight.is_inference() else weight._version)
         return self._cached[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
