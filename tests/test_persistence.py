@@ -313,6 +313,34 @@ def test_positional_save_arguments_keep_the_lors_layout(tmp_path):
     assert set(header) == set(model.state_dict()) | {guard_key(model), GUARD_NOTICE_KEY}
 
 
+@pytest.mark.parametrize("box_refine", [False, True])
+def test_deformable_detr_keeps_its_tied_box_heads_dense_and_reloads(box_refine, tmp_path):
+    """Deformable DETR ties its per-layer box heads to one another (or, with box refinement, to the decoder's
+    copies): they stay tied and dense. lorsify converted the two copies apart (more parameters, a broken tie)
+    and the checkpoint did not load (the heads are tied only after loading, so they looked like a new group)."""
+    torch.manual_seed(0)
+    backbone = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1],
+                                         out_features=["stage2", "stage3", "stage4"])
+    config = transformers.DeformableDetrConfig(
+        use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=backbone, d_model=32,
+        encoder_layers=2, decoder_layers=3, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=10, with_box_refine=box_refine, num_labels=5)
+    model = transformers.DeformableDetrForObjectDetection(config).eval()
+    dense_parameters = model.num_parameters()
+    inputs = {"pixel_values": torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))}
+    lorsify(model, LorsConfig(rank=2, init="svd"))
+    assert parameter_report(model).total.dense == dense_parameters  # no head counted (or converted) twice
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.DeformableDetrForObjectDetection.from_pretrained(tmp_path).eval()
+    assert is_lorsified(reloaded) and reloaded.num_parameters() == model.num_parameters()
+    for checked in (model, reloaded):
+        tied_to = checked.model.decoder.bbox_embed[1] if box_refine else checked.bbox_embed[0]
+        assert [id(p) for p in checked.bbox_embed[1].parameters()] == [id(p) for p in tied_to.parameters()]
+    if isinstance(model.bbox_embed[1].layers[0], LorsLinear):  # transformers 5.17: one ModuleList, two names
+        assert model.model.decoder.bbox_embed is model.bbox_embed
+    torch.testing.assert_close(output(reloaded, inputs), output(model, inputs))
+
+
 # ---------------------------------------------------------------------- 2. reload in a fresh process
 
 

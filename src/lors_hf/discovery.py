@@ -7,7 +7,8 @@ it, the projections (``nn.Linear`` or transformers' ``Conv1D``) that sit at the 
 with the same shape in two or more blocks form one *projection group* and share one weight (a
 projection only some blocks have, like the shared experts of MoE layers after dense ones, is grouped
 over those). Whatever else differs between blocks (T5 block 0's ``relative_attention_bias``) is left
-alone, and so are projections whose blocks already share one weight (Deformable DETR's tied box heads).
+alone, and so are projections whose weight is tied to another module's (Deformable DETR's box heads,
+tied across the layers or, with box refinement, to the decoder's copies).
 A list of lists (stages of blocks), or an outer list none of whose projections can be shared (Swin's
 stages of different widths), gives way to the lists inside it.
 """
@@ -158,11 +159,12 @@ def sharing_stacks(model: nn.Module, config: LorsConfig | None = None,
     """
     config = config if config is not None else LorsConfig()
     candidates = candidates if candidates is not None else []
+    tied = _tied_projections(model)
     stacks: list[Stack] = []
     for stack in find_stacks(model):
         if any(stack.name.startswith(outer.name + ".") for outer in stacks):
             continue  # inside a stack that shares already: the outer stack wins
-        _add_groups(stack, config, candidates)
+        _add_groups(stack, config, candidates, tied)
         if stack.groups:
             stacks.append(stack)
     return stacks
@@ -187,9 +189,26 @@ def find_groups(model: nn.Module, config: LorsConfig) -> list[Stack]:
     return stacks
 
 
-def _add_groups(stack: Stack, config: LorsConfig, candidates: list[str]) -> None:
+def _tied_projections(model: nn.Module) -> set[int]:
+    """The ids of the dense projections whose weight is tied to another module's: held by two modules or more
+    (Deformable DETR's box heads, tied across the layers or, with box refinement, to the decoder's copies), or
+    named in transformers' ``all_tied_weights_keys`` (which ties them after loading and needs them dense)."""
+    dense = [m for m in model.modules() if is_projection(m) and not isinstance(m, LorsLinear)]
+    holders = Counter(id(m.weight) for m in dense)
+    tied = {id(m) for m in dense if holders[id(m.weight)] > 1}
+    tied_keys = getattr(model, "all_tied_weights_keys", None) or {}
+    for name in (*tied_keys, *tied_keys.values()):
+        module_name, _, leaf = name.rpartition(".")
+        module = submodule_or_none(model, module_name) if leaf == "weight" else None
+        if module is not None and is_projection(module):
+            tied.add(id(module))
+    return tied
+
+
+def _add_groups(stack: Stack, config: LorsConfig, candidates: list[str], tied_projections: set[int]) -> None:
     """Fill ``stack.groups``: each relative path holding a projection in two or more blocks (of the class and
-    shape most of its blocks have, the first block's on a tie; distinct weights; targeted by `config`)."""
+    shape most of its blocks have, the first block's on a tie; none of them tied to another module, see
+    `_tied_projections`; targeted by `config`)."""
     kinds: dict[str, Counter] = {}  # relative path -> how many blocks hold which (class, shape) there
     examples: dict[tuple, nn.Module] = {}
     for block in stack.blocks:
@@ -201,7 +220,7 @@ def _add_groups(stack: Stack, config: LorsConfig, candidates: list[str]) -> None
     for relative_name, counts in kinds.items():
         kind = counts.most_common(1)[0][0]  # Counter keeps first-seen order among equal counts
         module, shape = examples[kind], kind[2]
-        members, weights = [], set()
+        members, tied = [], False
         for index, block in enumerate(stack.blocks):
             other = submodule_or_none(block, relative_name)
             if type(other) is not type(module) or projection_shape(other) != shape:
@@ -213,9 +232,8 @@ def _add_groups(stack: Stack, config: LorsConfig, candidates: list[str]) -> None
             if config.exclude_modules is not None and _matches(full_name, config.exclude_modules):
                 continue
             members.append(index)
-            weights.add(id(other.shared) if isinstance(other, LorsLinear) else id(other.weight))
-        tied = not isinstance(module, LorsLinear) and len(weights) < len(members)
-        if len(members) >= 2 and not tied:  # tied: the blocks already share this weight
+            tied = tied or id(other) in tied_projections
+        if len(members) >= 2 and not tied:  # tied: the weight is another module's too (another block's...)
             stack.groups.append(ProjectionGroup(stack.name, relative_name, members, *shape))
 
 

@@ -111,6 +111,9 @@ def _prepare_lors_structure(model: PreTrainedModel) -> None:
     if getattr(model.config, "lors_config", None) is None or is_lorsified(model):
         return
     config = get_lors_config(model)
+    # transformers ties weights only once they are loaded; lorsify saw them tied (and left tied projections
+    # dense, like Deformable DETR's box heads): tie them now, so discovery finds what lorsify found
+    model.tie_weights()
     errors = []
     for root in _naming_roots(model):
         try:
