@@ -153,6 +153,10 @@ def build_model(model_args: ModelArguments, block_size: int):
                 if value is not None and hasattr(config, name):
                     setattr(config, name, value)
             model = AutoModelForCausalLM.from_config(config)
+    if getattr(model, "loss_type", None) is None:
+        # GPT-2 and a few others name no loss type, and the Trainer then counts every label token in the
+        # denominator of the loss, not the shifted ones: eval_loss came out (block_size - 1) / block_size too low
+        model.loss_type = "ForCausalLM"
     limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     if limit is not None and block_size > limit:
         raise ScriptError(f"--block_size {block_size} exceeds the model's {limit} positions")

@@ -454,6 +454,25 @@ def test_wrong_arguments_give_one_line(script, args, status, message, data, tiny
     assert len(lines) == 1 and message in lines[0], lines
 
 
+def test_run_clm_eval_loss_is_the_mean_next_token_loss_for_gpt2(tmp_path):
+    """GPT-2 names no loss type: the Trainer divided the summed loss by every label token, not by the shifted
+    ones, so eval_loss (and the perplexity from it) came out (block_size - 1) / block_size too low."""
+    import datasets
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    module = load_script("run_clm")
+    overrides = TINY_GPT2[TINY_GPT2.index("--config_overrides") + 1]
+    model, _, _ = module.build_model(module.ModelArguments(model_type="gpt2", config_overrides=overrides), 32)
+    ids = torch.randint(0, model.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
+    blocks = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    args = TrainingArguments(str(tmp_path), report_to=[], per_device_eval_batch_size=4, use_cpu=True)
+    evaluated = Trainer(model=model.eval(), args=args, eval_dataset=blocks,
+                        data_collator=default_data_collator).evaluate()["eval_loss"]
+    with torch.no_grad():
+        manual = sum(float(model(input_ids=ids[i:i + 4], labels=ids[i:i + 4]).loss) for i in (0, 4)) / 2
+    assert evaluated == pytest.approx(manual, rel=1e-5)
+
+
 def readme_script_commands() -> list[tuple[str, list[str]]]:
     """``(script, arguments)`` of each ``python scripts/run_*.py`` command in the README (continuations joined)."""
     text = (ROOT / "README.md").read_text(encoding="utf-8").replace("\\\n", " ")
