@@ -144,12 +144,19 @@ def main(argv: list[str] | None = None) -> int:
     model_path = resolve_model_path(model_args.model_name_or_path)
     with user_errors():
         saved = dict(getattr(AutoConfig.from_pretrained(model_path), "label2id", None) or {})
-    if {str(name) for name in names} <= set(saved):  # a head trained on these labels: keep it and its order
+    new_head = not {str(name) for name in names} <= set(saved)
+    if not new_head:  # a head trained on these labels: keep it and its order
         label_to_id = {name: int(saved[str(name)]) for name in names}
         id2label = {int(i): label for label, i in saved.items()}
     else:  # a new head (its weights are initialised, whatever the checkpoint had)
         label_to_id = {name: i for i, name in enumerate(names)}
         id2label = {i: str(name) for i, name in enumerate(names)}
+    if distill_args.distill and distill_args.distill_alpha_kl > 0 and new_head \
+            and distill_args.teacher_model_name_or_path is None:
+        raise ScriptError("--distill's default teacher is this model before conversion, whose classifier head is "
+                          "new (not trained on these labels): its logits would teach noise. Give "
+                          "--teacher_model_name_or_path (a dense model fine-tuned on these labels), or "
+                          "--distill_alpha_kl 0 to distil the hidden states only")
     with user_errors():
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_args.tokenizer_name or model_args.model_name_or_path))
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -173,6 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     collator = DataCollatorWithPadding(tokenizer)
 
     teacher = load_teacher(model, distill_args, AutoModelForSequenceClassification)
+    if teacher is not None and distill_args.distill_alpha_kl > 0:
+        teacher_ids = {str(label): int(i) for label, i in (teacher.config.label2id or {}).items()}
+        if teacher.config.num_labels != len(id2label) or any(teacher_ids.get(str(name)) != i
+                                                             for name, i in label_to_id.items()):
+            raise ScriptError(f"the teacher's labels {teacher_ids} do not match the data's {label_to_id} "
+                              "(label -> id): the KL term compares logits class by class. Give a teacher "
+                              "fine-tuned on these labels, or --distill_alpha_kl 0")
     batches = calibration_batches(encoded["train"] if "train" in encoded else encoded["validation"], collator,
                                   training_args.per_device_train_batch_size, lors_args.lors_calibration_batches)
     model = convert_model(model, lors_args, pretrained=True, calibration_batches=batches)

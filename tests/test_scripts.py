@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -145,12 +146,22 @@ def test_classification_dense_baseline(data, tiny_bert, tmp_path):
     assert trained != initial
 
 
+def _teacher_with_labels(tiny_bert: Path, folder: Path, label2id: dict[str, int]) -> Path:
+    """A copy of `tiny_bert` whose classifier head says it was trained on `label2id`."""
+    shutil.copytree(tiny_bert, folder)
+    config = read_json(folder / "config.json")
+    config.update(label2id=label2id, id2label={str(i): label for label, i in label2id.items()})
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
 def test_classification_distill(data, tiny_bert, tmp_path):
     pytest.importorskip("lors_hf.distill")
     out = tmp_path / "distill"
+    teacher = _teacher_with_labels(tiny_bert, tmp_path / "teacher", {"0": 0, "1": 1})
     code = run_script("run_classification", *classification_args(
         data, tiny_bert, out, "--lors_target_reduction", "0.3", "--distill", "--distill_alpha_task", "0.5",
-        "--do_train", "--logging_steps", "1"))
+        "--teacher_model_name_or_path", str(teacher), "--do_train", "--logging_steps", "1"))
     assert code == 0
     history = read_json(out / "trainer_state.json")["log_history"]
     logged = [entry for entry in history if "distill_kl" in entry]
@@ -452,6 +463,21 @@ def test_wrong_arguments_give_one_line(script, args, status, message, data, tiny
     assert run_script(script, *args, "--output_dir", str(tmp_path / "out"), "--report_to", "none") == status
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_classification_distill_refuses_a_teacher_whose_logits_mean_other_labels(data, tiny_bert, tmp_path, capsys):
+    """The KL term compares logits class by class: a default teacher whose head is new (random) or a teacher of
+    other labels (or of these labels in another order) would teach noise; both are refused before training."""
+    swapped = _teacher_with_labels(tiny_bert, tmp_path / "swapped", {"1": 0, "0": 1})
+    for extra, message in (((), "whose classifier head is new"),
+                           (("--teacher_model_name_or_path", str(swapped)), "do not match the data's")):
+        assert run_script("run_classification", *classification_args(
+            data, tiny_bert, tmp_path / "out", "--lors_rank", "2", "--distill", "--do_train", *extra)) == 1
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and message in lines[0], lines
+    assert run_script("run_classification", *classification_args(  # hidden states only: no logits compared
+        data, tiny_bert, tmp_path / "hidden", "--lors_rank", "2", "--distill", "--distill_alpha_kl", "0",
+        "--do_train", "--max_steps", "1")) == 0
 
 
 def test_run_clm_eval_loss_is_the_mean_next_token_loss_for_gpt2(tmp_path):
