@@ -40,6 +40,7 @@ from lors_hf.training_args import (
     ScriptError,
     build_trainer,
     calibration_batches,
+    check_counts,
     check_file,
     check_no_empty_cells,
     convert_model,
@@ -81,6 +82,10 @@ class DataArguments:
     max_train_samples: int | None = field(default=None)
     max_eval_samples: int | None = field(default=None)
 
+    def __post_init__(self) -> None:  # at parse time
+        check_counts(max_seq_length=self.max_seq_length, max_train_samples=self.max_train_samples,
+                     max_eval_samples=self.max_eval_samples)
+
 
 def load_raw_datasets(data_args: DataArguments):
     """The ``train`` / ``validation`` splits from local files or a Hub dataset."""
@@ -93,7 +98,8 @@ def load_raw_datasets(data_args: DataArguments):
             raw = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name)
             if data_args.validation_split_name in raw and data_args.validation_split_name != "validation":
                 raw["validation"] = raw.pop(data_args.validation_split_name)
-            return raw
+            # only these two: a test split (often unlabelled, -1) would add its labels to the head
+            return datasets.DatasetDict({name: raw[name] for name in ("train", "validation") if name in raw})
         files = {}
         for split, option, path in (("train", "--train_file", data_args.train_file),
                                     ("validation", "--validation_file", data_args.validation_file)):
@@ -163,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
             model_path, num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()},
             ignore_mismatched_sizes=True,
         )
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and data_args.max_seq_length > positions:
+        raise ScriptError(f"--max_seq_length {data_args.max_seq_length} exceeds the model's {positions} positions")
 
     def preprocess(batch):
         texts = (batch[data_args.text_column],)

@@ -44,6 +44,7 @@ from lors_hf.training_args import (
     apply_overrides,
     build_trainer,
     calibration_batches,
+    check_counts,
     check_file,
     check_no_empty_cells,
     convert_model,
@@ -93,6 +94,9 @@ class DataArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training blocks."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on evaluation blocks."})
+
+    def __post_init__(self) -> None:  # at parse time
+        check_counts(max_train_samples=self.max_train_samples, max_eval_samples=self.max_eval_samples)
 
 
 def load_raw_datasets(data_args: DataArguments, seed: int):

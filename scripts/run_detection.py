@@ -43,6 +43,7 @@ from lors_hf.metrics import load_metric
 from lors_hf.training_args import (
     LorsArguments,
     ScriptError,
+    check_counts,
     check_file,
     convert_model,
     defer_push_to_hub,
@@ -97,6 +98,9 @@ class DataArguments:
     image_size: int = field(default=128, metadata={"help": "Images are resized to this square size."})
     max_train_samples: int | None = field(default=None)
     max_eval_samples: int | None = field(default=None)
+
+    def __post_init__(self) -> None:  # at parse time
+        check_counts(max_train_samples=self.max_train_samples, max_eval_samples=self.max_eval_samples)
 
 
 # ------------------------------------------------------------------------------------------------- data

@@ -454,6 +454,16 @@ def test_push_to_hub(data, tiny_bert, tmp_path, guarded_hub):
                                 "--distill_alpha_hidden", "nan"], 2, "must be finite, >= 0 and not all 0"),
         ("run_classification", ["--train_file", "{data}/rotten_tomatoes/train.csv", "--lors_calibration_batches",
                                 "-4", "--lors_calibration_damping", "0.2"], 2, "--lors_calibration_batches must be >= 0"),
+        ("run_classification", ["--train_file", "{data}/rotten_tomatoes/train.csv", "--max_train_samples", "0"], 2,
+         "--max_train_samples must be >= 1, got 0"),
+        ("run_classification", ["--train_file", "{data}/rotten_tomatoes/train.csv", "--max_seq_length", "512",
+                                "--do_train"], 1, "--max_seq_length 512 exceeds the model's 128 positions"),
+        ("run_clm", [*TINY_GPT2, "--train_file", "{data}/shakespeare/train.txt", "--max_eval_samples", "0"], 2,
+         "--max_eval_samples must be >= 1, got 0"),
+        ("run_clm", ["--model_type", "gpt2", "--config_overrides", "n_layer=two", "--train_file",
+                     "{data}/shakespeare/train.txt"], 1, "n_layer"),
+        ("run_detection", ["--train_annotation_file", "{data}/fashion_detection/train.json", "--max_eval_samples",
+                           "-1"], 2, "--max_eval_samples must be >= 1, got -1"),
     ],
 )
 def test_wrong_arguments_give_one_line(script, args, status, message, data, tiny_bert, tmp_path, capsys):
@@ -478,6 +488,24 @@ def test_classification_distill_refuses_a_teacher_whose_logits_mean_other_labels
     assert run_script("run_classification", *classification_args(  # hidden states only: no logits compared
         data, tiny_bert, tmp_path / "hidden", "--lors_rank", "2", "--distill", "--distill_alpha_kl", "0",
         "--do_train", "--max_steps", "1")) == 0
+
+
+def test_classification_keeps_the_labels_of_train_and_validation_only(data, tiny_bert, tmp_path):
+    """A dataset folder's unlabelled test split (labels -1, as on the Hub) added a third class to the head."""
+    import csv
+
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    rows = list(csv.DictReader((data / "rotten_tomatoes/train.csv").open()))[:40]
+    for split, labels in (("train", None), ("validation", None), ("test", "-1")):
+        with (folder / f"{split}.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["text", "label"])
+            writer.writeheader()
+            writer.writerows({"text": row["text"], "label": labels or row["label"]} for row in rows)
+    out = tmp_path / "out"
+    assert run_script("run_classification", "--model_name_or_path", str(tiny_bert), "--dataset_name", str(folder),
+                      "--lors_rank", "2", "--do_train", "--max_steps", "1", "--output_dir", str(out), *COMMON) == 0
+    assert read_json(out / "config.json")["id2label"] == {"0": "0", "1": "1"}
 
 
 def test_run_clm_eval_loss_is_the_mean_next_token_loss_for_gpt2(tmp_path):

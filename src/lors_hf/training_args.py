@@ -252,6 +252,17 @@ def implied_arguments(args: list[str]) -> list[str]:
     return list(args)
 
 
+def check_counts(**counts: int | None) -> None:
+    """Refuse a count option below 1 (None: not given), at parse time (``__post_init__``).
+
+    Example:
+        >>> check_counts(max_train_samples=None, max_eval_samples=8)
+    """
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}")
+
+
 @contextlib.contextmanager
 def user_errors(*kinds: type[BaseException]) -> Iterator[None]:
     """Turn the errors a bad argument or file causes (ValueError, OSError, KeyError...) into `ScriptError`.
@@ -264,6 +275,10 @@ def user_errors(*kinds: type[BaseException]) -> Iterator[None]:
         ...     dataset = load_dataset("csv", data_files=path)
     """
     kinds = kinds or (ValueError, OSError, KeyError, ImportError, *_file_error_kinds())
+    if ValueError in kinds:  # a config field of the wrong type (--config_overrides n_layer=two) is a bad value too
+        from huggingface_hub.errors import StrictDataclassError
+
+        kinds = (*kinds, StrictDataclassError)
     try:
         yield
     except ScriptError:
