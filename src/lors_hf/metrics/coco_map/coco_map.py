@@ -45,6 +45,28 @@ _CITATION = """
 """
 
 _STAT_NAMES = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100")
+_SIZE_RANGES = {"map_small": (0, 32**2), "map_medium": (32**2, 96**2), "map_large": (96**2, 1e10)}  # COCOeval's areas
+
+
+def _check_inputs(predictions: list[dict], references: list[dict]) -> None:
+    """A ValueError naming the image and the field for input COCOeval would fail on, or silently merge."""
+    seen = set()
+    for reference in references:
+        image = int(reference["image_id"])
+        if image in seen:
+            raise ValueError(f"coco_map: two references have image_id {image}; give each image once")
+        seen.add(image)
+    for kind, items, fields in (("reference", references, ("boxes", "labels")),
+                                ("prediction", predictions, ("boxes", "scores", "labels"))):
+        for item in items:
+            image = int(item["image_id"])
+            if kind == "prediction" and image not in seen:
+                raise ValueError(f"coco_map: a prediction has image_id {image}, which no reference has")
+            lengths = {name: len(item[name]) for name in fields}
+            if len(set(lengths.values())) > 1:
+                raise ValueError(f"coco_map: the {kind} of image {image} has {lengths}: one entry per box in each")
+            if any(len(box) != 4 for box in item["boxes"]):
+                raise ValueError(f"coco_map: the {kind} of image {image} has a box that is not [x, y, w, h]")
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
@@ -81,6 +103,7 @@ class CocoMap(evaluate.Metric):
 
         if len(predictions) != len(references):
             raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+        _check_inputs(predictions, references)
         images, annotations, detections, categories = [], [], [], set()
         for reference in references:
             images.append({"id": int(reference["image_id"])})
@@ -94,8 +117,16 @@ class CocoMap(evaluate.Metric):
                 categories.add(int(label))
                 detections.append({"image_id": int(prediction["image_id"]), "category_id": int(label),
                                    "bbox": [float(v) for v in box], "score": float(score)})
-        if not annotations or not detections:
-            return {name: 0.0 if annotations else -1.0 for name in _STAT_NAMES}
+        if not annotations:
+            return dict.fromkeys(_STAT_NAMES, -1.0)
+        if not detections:  # 0 where a ground truth box qualifies, -1 in the size buckets none falls into
+            areas = [annotation["area"] for annotation in annotations]
+
+            def has_boxes(name: str) -> bool:
+                low, high = _SIZE_RANGES.get(name, (0.0, float("inf")))
+                return any(low <= area <= high for area in areas)
+
+            return {name: 0.0 if has_boxes(name) else -1.0 for name in _STAT_NAMES}
         with contextlib.redirect_stdout(io.StringIO()):
             ground_truth = COCO()
             ground_truth.dataset = {"images": images, "annotations": annotations,
