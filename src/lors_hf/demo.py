@@ -63,6 +63,14 @@ class DemoSettings:
     log_every: int = 8
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for name in ("train_samples", "eval_samples", "fidelity_samples", "max_length", "batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DemoSettings: {name} must be >= 1, got {getattr(self, name)}")
+        if self.calibration_batches < 0 or not (self.epochs > 0 and self.learning_rate > 0):
+            raise ValueError("DemoSettings: calibration_batches must be >= 0, epochs and learning_rate > 0; got "
+                             f"{self.calibration_batches}, {self.epochs}, {self.learning_rate}")
+
     @classmethod
     def quick(cls) -> DemoSettings:
         """A smoke-test version: a few dozen examples and steps (seconds instead of minutes)."""
@@ -248,7 +256,11 @@ def run_demo(output_dir: str | os.PathLike = "lors-demo", quick: bool = False, s
     train_split = data["train"].select(range(min(settings.train_samples, len(data["train"]))))
     test_split = data["test"]
     eval_split = test_split.select(range(min(settings.eval_samples, len(test_split))))
-    fidelity_texts = test_split["text"][-settings.fidelity_samples:]  # held out: not used for calibration
+    if len(eval_split) + settings.fidelity_samples > len(test_split):
+        raise ValueError(f"DemoSettings: eval_samples + fidelity_samples must not exceed the {len(test_split)} test "
+                         "snippets: the fidelity snippets are the other held-out ones")
+    # the last ones, held out: neither calibration nor evaluation sees them
+    fidelity_texts = test_split["text"][len(test_split) - settings.fidelity_samples:]
 
     def tokenize(batch):
         return tokenizer(batch["text"], truncation=True, max_length=settings.max_length)
