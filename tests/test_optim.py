@@ -64,6 +64,7 @@ def test_groups_hold_every_trainable_parameter_once_with_lors_b_faster(stack_lr_
         (_lors_gpt2, {"lr": 0.0}, "positive"),
         (_lors_gpt2, {"b_lr_ratio": -1.0}, "positive"),
         (_lors_gpt2, {"stack_lr_ratio": 0.0}, "positive"),
+        (_lors_gpt2, {"lr": "1e-3"}, "positive"),  # a string from a config file: was a TypeError in a comparison
     ],
 )
 def test_bad_input_is_named(model_factory, kwargs, message):

@@ -55,7 +55,8 @@ def lors_parameter_groups(
     learning rate, ``stack_lr_ratio=0.5`` did better than 1 (``scripts/bench_scratch.py --preset long``).
 
     Matrices (``ndim >= 2``) get `weight_decay`; biases and norms get none. Every trainable parameter
-    appears in exactly one group; a shared weight appears once. Empty groups are left out.
+    appears in exactly one group (a shared weight once), except the empty ``lors_A`` / ``lors_B`` of rank-0
+    layers; empty groups are left out.
 
     Raises:
         ValueError: `model` has no LORS layer with a private rank (call `lorsify` first, or use plain
@@ -66,9 +67,10 @@ def lors_parameter_groups(
         >>> sorted(g["lr"] for g in groups)  # doctest: +SKIP
         [0.001, 0.001, 0.001, 0.008]
     """
-    if not lr > 0 or not b_lr_ratio > 0 or not stack_lr_ratio > 0:
-        raise ValueError(f"lors_parameter_groups: lr, b_lr_ratio and stack_lr_ratio must be positive (got lr={lr}, "
-                         f"b_lr_ratio={b_lr_ratio}, stack_lr_ratio={stack_lr_ratio}).")
+    rates = (lr, b_lr_ratio, stack_lr_ratio)
+    if not all(isinstance(rate, int | float) and not isinstance(rate, bool) and rate > 0 for rate in rates):
+        raise ValueError(f"lors_parameter_groups: lr, b_lr_ratio and stack_lr_ratio must be positive numbers "
+                         f"(got lr={lr!r}, b_lr_ratio={b_lr_ratio!r}, stack_lr_ratio={stack_lr_ratio!r}).")
     shared_ids = {id(module.weight) for module in model.modules() if isinstance(module, SharedWeight)}
     decay, no_decay, stack, private_b = [], [], [], []
     for name, param in model.named_parameters():  # named_parameters yields a shared weight once
