@@ -144,7 +144,8 @@ def prepare_data(data_dir: Path, num_train: int, num_val: int, num_test: int, se
     Train and val do not depend on `num_test` (`make_detection_set` draws each split from its own stream).
     """
     start = time.perf_counter()
-    key = hashlib.sha1(f"{num_train}-{num_val}-{seed}-128-4-10".encode()).hexdigest()[:10]
+    # "disjoint": the test split draws items no val image uses (a set made before that must not be reused)
+    key = hashlib.sha1(f"{num_train}-{num_val}-{seed}-128-4-10-disjoint".encode()).hexdigest()[:10]
     out = data_dir / f"fashion_det_{num_train}_{num_val}_{num_test}_{key}"
     done = out / "COMPLETE"
     if not done.is_file():

@@ -460,7 +460,9 @@ def _build_split(
     max_objects: int,
     rng: np.random.Generator,
     categories: list[dict[str, Any]],
+    picked: list[int] | None = None,
 ) -> dict[str, Any]:
+    """One split's COCO dict; the pool indices of the items it used are appended to `picked` when given."""
     from PIL import Image
 
     images, annotations = [], []
@@ -469,6 +471,8 @@ def _build_split(
         taken: list[tuple[int, int, int, int]] = []
         for _ in range(int(rng.integers(1, max_objects + 1))):
             k = int(rng.integers(len(pool_images)))
+            if picked is not None:
+                picked.append(k)
             side = max(1, round(28 * float(rng.uniform(0.8, 2.0))))
             item = np.asarray(Image.fromarray(pool_images[k]).resize((side, side), Image.BILINEAR))
             rows, cols = np.nonzero(item)
@@ -521,8 +525,9 @@ def make_detection_set(
     ``num_classes`` Fashion-MNIST classes, each rescaled by a random factor in [0.8, 2.0] and pasted at a
     random position without overlapping the others (an item that finds no free spot is skipped). Train
     images use items of the official train split, val images items of the official test split. With
-    ``num_test`` > 0 a third, held-out split ``test`` is drawn like val (official test items, its own random
-    stream): train and val are the same with or without it, so settings chosen on val can be checked on test.
+    ``num_test`` > 0 a third, held-out split ``test`` is drawn like val from the official test items that no
+    val image uses (its own random stream): train and val are the same with or without it, and no item of a
+    test image was seen in training or validation, so settings chosen on val can be checked on test.
 
     Layout: ``out_dir/train.json``, ``out_dir/val.json`` (``out_dir/test.json``) and
     ``out_dir/images/{train,val,test}_NNNNNN.png``;
@@ -552,13 +557,19 @@ def make_detection_set(
     paths = {"images": str(image_dir)}
     official = {"train": slice(0, 60_000), "val": slice(60_000, None), "test": slice(60_000, None)}
     splits = (("train", num_train), ("val", num_val)) + ((("test", num_test),) if num_test else ())
+    val_items: np.ndarray = np.zeros(0, dtype=np.int64)  # official-test indices of the items val images use
     for offset, (split, n) in enumerate(splits):  # offset keys each split's own random stream
         pool_x, pool_y = images[official[split]], labels[official[split]]
         keep = pool_y < num_classes
+        if split == "test":  # only items no val image holds (bench_detr's test images shared ~11% of theirs)
+            keep[val_items] = False
         rng = np.random.default_rng([seed, offset])
+        picked: list[int] = []
         coco = _build_split(
-            split, n, pool_x[keep], pool_y[keep], image_dir, canvas, max_objects, rng, categories
+            split, n, pool_x[keep], pool_y[keep], image_dir, canvas, max_objects, rng, categories, picked=picked
         )
+        if split == "val":
+            val_items = np.flatnonzero(keep)[picked] if picked else val_items
         path = out / f"{split}.json"
         path.write_text(json.dumps(coco), encoding="utf-8")
         paths[split] = str(path)
