@@ -677,6 +677,24 @@ def test_resume_from_a_missing_or_different_checkpoint_is_one_line(data, tiny_be
     assert "no checkpoint folder there" in capsys.readouterr().err
 
 
+def test_resume_with_other_learning_rate_ratios_is_one_line(data, tiny_bert, tmp_path, capsys):
+    """The optimizer state of a run with --lors_b_lr_ratio has other parameter groups: resuming without the ratio
+    failed deep in torch ("different number of parameter groups"); with another ratio it would bring the old
+    ratio back. Resuming with the same one works."""
+    out = tmp_path / "run"
+    first = ["--lors_rank", "2", "--do_train", "--max_steps", "2", "--save_steps", "2", "--save_strategy", "steps"]
+    assert run_script("run_classification", *classification_args(data, tiny_bert, out, *first,
+                                                                     "--lors_b_lr_ratio", "8")) == 0
+    resume = ["--lors_rank", "2", "--do_train", "--max_steps", "3", "--resume_from_checkpoint", "true"]
+    for ratios in ([], ["--lors_b_lr_ratio", "4"]):
+        capsys.readouterr()
+        assert run_script("run_classification", *classification_args(data, tiny_bert, out, *resume, *ratios)) == 1
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and "resume with the --lors_b_lr_ratio and --lors_stack_lr_ratio" in lines[0], lines
+    assert run_script("run_classification", *classification_args(data, tiny_bert, out, *resume,
+                                                                     "--lors_b_lr_ratio", "8")) == 0
+
+
 def test_resume_from_checkpoint_true_resumes_the_last_checkpoint(data, tiny_bert, tmp_path, capsys, monkeypatch):
     """``--resume_from_checkpoint True`` is the output folder's last checkpoint (was: "Can't find a valid
     checkpoint at True", a traceback); with no checkpoint there it is a one-line error."""

@@ -675,6 +675,8 @@ def train_and_evaluate(trainer: Trainer, lors_args: LorsArguments,
     extra = parameter_metrics(trainer.model)
     if args.do_train:
         resume = resolve_resume(trainer.model, args.resume_from_checkpoint, args.output_dir)
+        if resume is not None:
+            _check_resumed_learning_rates(trainer, resume)
         result = trainer.train(resume_from_checkpoint=resume)
         metrics = {**result.metrics, "train_samples": len(trainer.train_dataset), **extra}
         trainer.log_metrics("train", metrics)
@@ -689,6 +691,31 @@ def train_and_evaluate(trainer: Trainer, lors_args: LorsArguments,
         trainer.save_metrics("eval", metrics)
     if lors_args.check_ddp_sync:
         write_ddp_sync(trainer.model, args.output_dir, wrapped=trainer.model_wrapped)
+
+
+def _learning_rate_ratios(rates: list[float]) -> list[float]:
+    """The distinct peak learning rates of an optimizer's groups, relative to the largest."""
+    return sorted({round(rate / max(rates), 6) for rate in rates}) if rates else []
+
+
+def _check_resumed_learning_rates(trainer: Trainer, checkpoint: str) -> None:
+    """Refuse to resume a checkpoint whose optimizer had other learning-rate ratios between its groups
+    (``--lors_b_lr_ratio`` / ``--lors_stack_lr_ratio``): loading its state fails deep in torch when the group
+    count differs, and brings the old ratios back when it does not."""
+    path = Path(checkpoint) / "optimizer.pt"
+    if not path.is_file():  # a checkpoint without an optimizer (save_only_model) or of a sharded backend
+        return
+    try:
+        saved_groups = torch.load(path, map_location="cpu", weights_only=True)["param_groups"]
+    except Exception:  # noqa: BLE001 - unreadable here: the Trainer's own loading decides
+        return
+    saved = _learning_rate_ratios([group.get("initial_lr", group["lr"]) for group in saved_groups])
+    ours = _learning_rate_ratios([group["lr"] for group in trainer.optimizer.param_groups]
+                                 if trainer.optimizer is not None else [trainer.args.learning_rate])
+    if saved != ours:
+        raise ScriptError(f"--resume_from_checkpoint {checkpoint} was trained with learning rates at {saved} of the "
+                          f"largest, these arguments give {ours}: resume with the --lors_b_lr_ratio and "
+                          "--lors_stack_lr_ratio it was trained with")
 
 
 def push_trained_model(trainer: Trainer, trainer_model_card: bool = False) -> str:
