@@ -229,6 +229,17 @@ def test_detection_test_images_hold_no_item_of_a_val_image(tmp_path: Path, monke
     assert not items["val"] & items["test"]
 
 
+def test_split_makers_refuse_a_seed_or_count_that_is_not_an_int(tmp_path: Path) -> None:
+    """seed=None drew another split on every call (the docstrings promise determinism); a float count was a
+    TypeError deep in numpy."""
+    with pytest.raises(TypeError, match="seed must be an int"):
+        assets.rotten_tomatoes(seed=None)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        assets.make_detection_set(tmp_path, num_train=1, num_val=1, seed=None)
+    with pytest.raises(TypeError, match="num_train must be an int, got 2.5"):
+        assets.make_detection_set(tmp_path, num_train=2.5, num_val=1)
+
+
 def test_detection_set_loads_in_pycocotools(tmp_path: Path) -> None:
     coco_mod = pytest.importorskip("pycocotools.coco")
     paths = assets.make_detection_set(tmp_path, num_train=3, num_val=2, seed=0)

@@ -208,6 +208,12 @@ def _rotten_tomatoes_rows() -> list[tuple[str, int]]:
     return rows
 
 
+def _check_seed(seed: int) -> None:
+    """The splits are deterministic given an int seed; None would draw a new split on every call."""
+    if not isinstance(seed, int | np.integer) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int (the splits are deterministic given it), got {seed!r}")
+
+
 def rotten_tomatoes(seed: int = 0, test_fraction: float = 0.2) -> datasets.DatasetDict:
     """Rotten Tomatoes review snippets as a binary sentiment ``DatasetDict`` (splits ``train``/``test``).
 
@@ -223,6 +229,7 @@ def rotten_tomatoes(seed: int = 0, test_fraction: float = 0.2) -> datasets.Datas
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    _check_seed(seed)
     import datasets
 
     rows = _rotten_tomatoes_rows()
@@ -545,6 +552,12 @@ def make_detection_set(
     """
     if not 1 <= num_classes <= len(FASHION_MNIST_CLASSES):
         raise ValueError(f"num_classes must be in 1..{len(FASHION_MNIST_CLASSES)}, got {num_classes}")
+    counts = {"num_train": num_train, "num_val": num_val, "num_test": num_test, "canvas": canvas,
+              "max_objects": max_objects}
+    for name, value in counts.items():
+        if not isinstance(value, int | np.integer) or isinstance(value, bool):
+            raise TypeError(f"make_detection_set: {name} must be an int, got {value!r}")
+    _check_seed(seed)
     if max_objects < 1 or canvas < 28 or min(num_train, num_val, num_test) < 0:
         raise ValueError("need max_objects >= 1, canvas >= 28 and non-negative image counts")
     images, labels = fashion_mnist()
