@@ -97,6 +97,8 @@ class DataArguments:
 
     def __post_init__(self) -> None:  # at parse time
         check_counts(max_train_samples=self.max_train_samples, max_eval_samples=self.max_eval_samples)
+        if not 0 < self.validation_split_percentage < 100:  # it held out one line whatever, then blamed the data
+            raise ValueError(f"--validation_split_percentage must be in 1..99, got {self.validation_split_percentage}")
 
 
 def load_raw_datasets(data_args: DataArguments, seed: int):

@@ -460,6 +460,8 @@ def test_push_to_hub(data, tiny_bert, tmp_path, guarded_hub):
                                 "--do_train"], 1, "--max_seq_length 512 exceeds the model's 128 positions"),
         ("run_clm", [*TINY_GPT2, "--train_file", "{data}/shakespeare/train.txt", "--max_eval_samples", "0"], 2,
          "--max_eval_samples must be >= 1, got 0"),
+        ("run_clm", [*TINY_GPT2, "--train_file", "{data}/shakespeare/train.txt", "--validation_split_percentage",
+                     "0"], 2, "--validation_split_percentage must be in 1..99, got 0"),
         ("run_clm", ["--model_type", "gpt2", "--config_overrides", "n_layer=two", "--train_file",
                      "{data}/shakespeare/train.txt"], 1, "n_layer"),
         ("run_detection", ["--train_annotation_file", "{data}/fashion_detection/train.json", "--max_eval_samples",
