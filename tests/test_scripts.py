@@ -210,6 +210,11 @@ def test_clm_pretrained_distill_from_dense_checkpoint(data, tmp_path):
     assert lors_hf.get_lors_config(model).init == "svd"  # "auto" init for pretrained weights
     assert read_json(out / "parameter_report.json")["stacks_total"]["reduction"] >= 0.4
     assert any("distill_kl" in entry for entry in read_json(out / "trainer_state.json")["log_history"])
+    # a student of another width (from scratch) cannot match this teacher's hidden states: refused before training
+    assert run_script("run_clm", "--model_type", "gpt2", "--config_overrides", "n_layer=2,n_embd=48,n_head=2",
+                      "--distill", "--teacher_model_name_or_path", str(dense_dir), "--train_file",
+                      str(data / "shakespeare/train.txt"), "--block_size", "32", "--do_train", "--max_steps", "1",
+                      "--output_dir", str(tmp_path / "wider"), *COMMON) == 1
 
 
 @pytest.mark.slow

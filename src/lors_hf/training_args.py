@@ -622,6 +622,15 @@ def build_trainer(teacher: torch.nn.Module | None, distill_args: DistillArgument
         return Trainer(**trainer_kwargs)
     from .distill import DistillationTrainer
 
+    student = trainer_kwargs["model"]
+    for field_name, alpha, term in (("hidden_size", distill_args.distill_alpha_hidden, "--distill_alpha_hidden"),
+                                    ("vocab_size", distill_args.distill_alpha_kl, "--distill_alpha_kl")):
+        ours = getattr(getattr(student, "config", None), field_name, None)
+        theirs = getattr(getattr(teacher, "config", None), field_name, None)
+        if alpha > 0 and ours is not None and theirs is not None and ours != theirs:
+            raise ScriptError(f"the teacher's {field_name} is {theirs} but the model's {ours}: their "
+                              f"{'hidden states' if field_name == 'hidden_size' else 'logits'} cannot be compared; "
+                              f"give a teacher of the same {field_name}, or {term} 0")
     return DistillationTrainer(
         teacher_model=teacher, temperature=distill_args.distill_temperature, alpha_kl=distill_args.distill_alpha_kl,
         alpha_hidden=distill_args.distill_alpha_hidden, alpha_task=distill_args.distill_alpha_task, **trainer_kwargs)
