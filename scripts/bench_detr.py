@@ -494,7 +494,8 @@ def render_markdown(results: list[VariantResult], args: argparse.Namespace, data
         + (f" / {len(test.counts):,} test" if test else "")
         + f" images (128x128, 1-4 Fashion-MNIST items of 10 classes, {sum(train.counts):,} / {sum(val.counts):,}"
         + (f" / {sum(test.counts):,}" if test else "")
-        + (" boxes; val and test items come from Fashion-MNIST's test split, each split from its own random stream), "
+        + (" boxes; val and test items come from Fashion-MNIST's test split, each split from its own random stream, "
+           "test images from items no val image uses), "
            if test else " boxes; val items come from Fashion-MNIST's test split), ")
         + f"random horizontal flips. Same batches, AdamW at each variant's peak lr (in the table; weight decay "
         f"{args.weight_decay}), 5% warmup then cosine to 10%, gradient "
