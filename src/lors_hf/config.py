@@ -130,8 +130,11 @@ class LorsConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LorsConfig:
+    def from_dict(cls, data: dict[str, Any], user_given: bool = False) -> LorsConfig:
         """Rebuild a config from `to_dict` output; unknown fields (from a newer lors_hf) are an error.
+
+        `user_given`: the dict is a user's own (``lorsify(model, {...})``), so an unknown field is a typo, and
+        the error says so instead of blaming a newer lors_hf.
 
         Example:
             >>> LorsConfig.from_dict(LorsConfig(rank=4).to_dict()) == LorsConfig(rank=4)
@@ -143,6 +146,9 @@ class LorsConfig:
             raise TypeError(f"lors_config must be a dict, got {type(data).__name__}.")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
+        if unknown and user_given:
+            raise ValueError(f"lorsify: `config` has keys {unknown} that LorsConfig does not take; its fields "
+                             f"are {sorted(known)}.")
         if unknown:
             raise ValueError(
                 f"lors_config has fields {unknown} that this lors_hf does not know; the checkpoint was "

@@ -9,7 +9,6 @@ The flow: `LorsConfig` -> `discovery.plan_ranks` (stacks, groups, ranks) -> `bui
 from __future__ import annotations
 
 import copy
-import dataclasses
 import re
 import warnings
 from collections.abc import Iterable, Mapping
@@ -93,11 +92,7 @@ def lorsify(
         config = LorsConfig(**overrides)
     else:
         if isinstance(config, Mapping):
-            unknown = sorted(set(config) - {f.name for f in dataclasses.fields(LorsConfig)})
-            if unknown:  # a user's dict: a typo, not a newer lors_hf's checkpoint
-                raise ValueError(f"lorsify: `config` has keys {unknown} that LorsConfig does not take; its fields "
-                                 f"are {sorted(f.name for f in dataclasses.fields(LorsConfig))}.")
-            config = LorsConfig.from_dict(dict(config))
+            config = LorsConfig.from_dict(dict(config), user_given=True)
         elif not isinstance(config, LorsConfig):
             raise TypeError(f"lorsify: `config` must be a LorsConfig or a dict, got {type(config).__name__}.")
         if overrides:
