@@ -42,6 +42,7 @@ from lors_hf.training_args import (
     calibration_batches,
     check_counts,
     check_file,
+    check_fits_positions,
     check_no_empty_cells,
     convert_model,
     defer_push_to_hub,
@@ -169,9 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             model_path, num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()},
             ignore_mismatched_sizes=True,
         )
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if positions is not None and data_args.max_seq_length > positions:
-        raise ScriptError(f"--max_seq_length {data_args.max_seq_length} exceeds the model's {positions} positions")
+    check_fits_positions(model, data_args.max_seq_length, "--max_seq_length")
 
     def preprocess(batch):
         texts = (batch[data_args.text_column],)

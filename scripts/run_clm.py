@@ -46,6 +46,7 @@ from lors_hf.training_args import (
     calibration_batches,
     check_counts,
     check_file,
+    check_fits_positions,
     check_no_empty_cells,
     convert_model,
     defer_push_to_hub,
@@ -163,9 +164,7 @@ def build_model(model_args: ModelArguments, block_size: int):
         # GPT-2 and a few others name no loss type, and the Trainer then counts every label token in the
         # denominator of the loss, not the shifted ones: eval_loss came out (block_size - 1) / block_size too low
         model.loss_type = "ForCausalLM"
-    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and block_size > limit:
-        raise ScriptError(f"--block_size {block_size} exceeds the model's {limit} positions")
+    check_fits_positions(model, block_size, "--block_size")
     return model, tokenizer, pretrained
 
 

@@ -252,6 +252,18 @@ def implied_arguments(args: list[str]) -> list[str]:
     return list(args)
 
 
+def check_fits_positions(model: torch.nn.Module, length: int, option: str) -> None:
+    """A `ScriptError` when `length` tokens (``--block_size``, ``--max_seq_length``) exceed `model`'s positions.
+
+    Example:
+        >>> # check_fits_positions(model, data_args.block_size, "--block_size")
+    """
+    config = getattr(model, "config", None)
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if limit is not None and length > limit:
+        raise ScriptError(f"{option} {length} exceeds the model's {limit} positions")
+
+
 def check_counts(**counts: int | None) -> None:
     """Refuse a count option below 1 (None: not given), at parse time (``__post_init__``).
 
@@ -715,7 +727,8 @@ def _check_resumed_learning_rates(trainer: Trainer, checkpoint: str) -> None:
     if not path.is_file():  # a checkpoint without an optimizer (save_only_model) or of a sharded backend
         return
     try:
-        saved_groups = torch.load(path, map_location="cpu", weights_only=True)["param_groups"]
+        # memory-mapped: only the groups are read here; the Trainer loads the state itself afterwards
+        saved_groups = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["param_groups"]
     except Exception:  # noqa: BLE001 - unreadable here: the Trainer's own loading decides
         return
     saved = _learning_rate_ratios([group.get("initial_lr", group["lr"]) for group in saved_groups])
