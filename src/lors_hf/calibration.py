@@ -547,6 +547,14 @@ class _LastInput:
         return self.value
 
 
+def decoder_inputs_come_from_labels(model: nn.Module | None, inputs: Mapping[str, Any]) -> bool:
+    """Whether `model` is an encoder-decoder that will build its decoder inputs from ``inputs["labels"]``
+    (given no ``decoder_input_ids`` / ``decoder_inputs_embeds``): then the labels must reach it."""
+    config = getattr(model, "config", None)
+    return (bool(getattr(config, "is_encoder_decoder", False)) and inputs.get("labels") is not None
+            and inputs.get("decoder_input_ids") is None and inputs.get("decoder_inputs_embeds") is None)
+
+
 def _padding_mask(model: nn.Module, stack_name: str, inputs: Mapping[str, Any]) -> torch.Tensor | None:
     """The padding mask of a stack's tokens: ``attention_mask``, but for the decoder of an encoder-decoder its
     ``decoder_attention_mask`` (or none: the encoder's mask would drop real decoder tokens of the same length)."""
@@ -576,8 +584,7 @@ def _model_inputs(batch: Any, device: torch.device, model: nn.Module | None = No
         inputs = {getattr(model, "main_input_name", None) or "input_ids": batch.to(device)}
     elif isinstance(batch, Mapping):
         # labels only serve an encoder-decoder given no decoder inputs, which it builds from them
-        keep_labels = (getattr(getattr(model, "config", None), "is_encoder_decoder", False)
-                       and batch.get("decoder_input_ids") is None and batch.get("decoder_inputs_embeds") is None)
+        keep_labels = decoder_inputs_come_from_labels(model, batch)
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
                   if k != "labels" or keep_labels}
     else:

@@ -32,6 +32,8 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from .calibration import decoder_inputs_come_from_labels
+
 __all__ = ["DistillationTrainer", "distill", "distillation_losses"]
 
 
@@ -112,7 +114,7 @@ class DistillationTrainer(Trainer):
         labels = inputs.get("labels") if own_task_loss else None
         # An encoder-decoder given no decoder inputs builds them from the labels: both models keep them then
         # (each also computes a loss that goes unused unless it is the student's task loss).
-        if not _decoder_inputs_come_from_labels(self.accelerator.unwrap_model(model), inputs):
+        if not decoder_inputs_come_from_labels(self.accelerator.unwrap_model(model), inputs):
             teacher_inputs.pop("labels", None)
             if self.alpha_task == 0 or own_task_loss:
                 student_inputs.pop("labels", None)
@@ -261,13 +263,6 @@ def _hidden_states(outputs: Any) -> list[torch.Tensor]:
         return states[1:] if len(states) > 1 else states  # index 0 is the embeddings' output
     last = _get(outputs, "last_hidden_state")
     return [last] if isinstance(last, torch.Tensor) else []
-
-
-def _decoder_inputs_come_from_labels(model: nn.Module, inputs: dict[str, Any]) -> bool:
-    """Whether `model` is an encoder-decoder that will build its decoder inputs from ``inputs["labels"]``."""
-    config = getattr(model, "config", None)
-    return (bool(getattr(config, "is_encoder_decoder", False)) and inputs.get("labels") is not None
-            and inputs.get("decoder_input_ids") is None and inputs.get("decoder_inputs_embeds") is None)
 
 
 def _decoder_mask(inputs: dict[str, Any]) -> torch.Tensor | None:
