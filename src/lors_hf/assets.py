@@ -574,7 +574,7 @@ def make_detection_set(
     for offset, (split, n) in enumerate(splits):  # offset keys each split's own random stream
         pool_x, pool_y = images[official[split]], labels[official[split]]
         keep = pool_y < num_classes
-        if split == "test":  # only items no val image holds (bench_detr's test images shared ~11% of theirs)
+        if split == "test":  # only items no val image holds (they shared some with val images before)
             keep[val_items] = False
         rng = np.random.default_rng([seed, offset])
         picked: list[int] = []
