@@ -25,7 +25,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 from transformers import (
-    AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
@@ -44,6 +43,7 @@ from lors_hf.training_args import (
     check_file,
     check_fits_positions,
     check_no_empty_cells,
+    checkpoint_label_ids,
     convert_model,
     defer_push_to_hub,
     load_teacher,
@@ -149,13 +149,12 @@ def main(argv: list[str] | None = None) -> int:
         raise ScriptError("--do_eval needs --validation_file (or a dataset with a validation split)")
     names = label_names(raw, data_args.label_column)
     model_path = resolve_model_path(model_args.model_name_or_path)
-    with user_errors():
-        saved = dict(getattr(AutoConfig.from_pretrained(model_path), "label2id", None) or {})
-    new_head = not {str(name) for name in names} <= set(saved)
+    saved = checkpoint_label_ids(model_path, names)
+    new_head = saved is None
     if not new_head:  # a head trained on these labels: keep it and its order
-        label_to_id = {name: int(saved[str(name)]) for name in names}
-        id2label = {int(i): label for label, i in saved.items()}
-    else:  # a new head (its weights are initialised, whatever the checkpoint had)
+        label_to_id = {name: saved[str(name)] for name in names}
+        id2label = {i: label for label, i in saved.items()}
+    else:  # a head new to these labels (initialised, or kept as a starting point if the class count matches)
         label_to_id = {name: i for i, name in enumerate(names)}
         id2label = {i: str(name) for i, name in enumerate(names)}
     if distill_args.distill and distill_args.distill_alpha_kl > 0 and new_head \

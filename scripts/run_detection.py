@@ -45,6 +45,7 @@ from lors_hf.training_args import (
     ScriptError,
     check_counts,
     check_file,
+    checkpoint_label_ids,
     convert_model,
     defer_push_to_hub,
     lors_optimizers,
@@ -223,6 +224,27 @@ def build_model(model_args: ModelArguments, id2label: dict[int, str]) -> tuple[D
     return model, False
 
 
+def label_mapping(categories: dict[int, str], model_name_or_path: str | None
+                  ) -> tuple[dict[int, str], dict[int, int], dict[int, int]]:
+    """``(id2label, label_of_category, category_of_label)`` for the data's ``{category_id: name}``.
+
+    A checkpoint whose head was trained on every category name keeps its label order (and any labels the
+    data lacks, scored as categories no image has); otherwise the labels follow the sorted category ids.
+    """
+    category_ids = sorted(categories)
+    saved = None
+    if model_name_or_path is not None:
+        saved = checkpoint_label_ids(resolve_model_path(model_name_or_path), [categories[c] for c in category_ids])
+    if saved is None:
+        return ({i: categories[c] for i, c in enumerate(category_ids)}, {c: i for i, c in enumerate(category_ids)},
+                dict(enumerate(category_ids)))
+    label_of_category = {c: saved[categories[c]] for c in category_ids}
+    category_of_label = {i: c for c, i in label_of_category.items()}
+    spare_ids = iter(range(max(category_ids) + 1, max(category_ids) + 1 + len(saved)))
+    category_of_label.update({i: next(spare_ids) for i in sorted(saved.values()) if i not in category_of_label})
+    return {i: name for name, i in saved.items()}, label_of_category, category_of_label
+
+
 def train_backbone_from_scratch(model: DetrForObjectDetection, trainable_norm: bool = True) -> int:
     """Make the backbone of a DETR built from a config trainable; returns how many BatchNorms were swapped.
 
@@ -357,14 +379,14 @@ def main(argv: list[str] | None = None) -> int:
         if name in splits and limit is not None:
             splits[name] = splits[name][:limit]
     category_ids = sorted(categories)
-    label_of_category = {c: i for i, c in enumerate(category_ids)}
     unknown = {c for records in splits.values() for r in records for c in r["category_ids"]} - set(category_ids)
     if unknown:
         raise ScriptError(f"annotations use category ids {sorted(unknown)} missing from 'categories'")
+    id2label, label_of_category, category_of_label = label_mapping(categories, model_args.model_name_or_path)
     datasets_ = {name: DetectionDataset(records, label_of_category, data_args.image_size)
                  for name, records in splits.items()}
 
-    model, pretrained = build_model(model_args, {i: categories[c] for i, c in enumerate(category_ids)})
+    model, pretrained = build_model(model_args, id2label)
     model = convert_model(model, lors_args, pretrained=pretrained)
     if training_args.should_save:
         logger.info("parameters:\n%s", write_parameter_report(model, training_args.output_dir))
@@ -375,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = DetectionTrainer(model=model, args=training_args, train_dataset=datasets_.get("train"),
                                eval_dataset=datasets_.get("validation"), data_collator=collate,
                                optimizers=lors_optimizers(model, training_args, lors_args),
-                               category_of_label=dict(enumerate(category_ids)))
+                               category_of_label=category_of_label)
     train_and_evaluate(trainer, lors_args)
     if push_to_hub and trainer.is_world_process_zero():
         logger.info("pushed: %s", push_trained_model(trainer, trainer_model_card=lors_args.no_lors))

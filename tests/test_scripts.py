@@ -295,6 +295,35 @@ def test_detection_map_in_every_evaluation_picks_the_best_checkpoint(data, tmp_p
     assert_best_map_checkpoint(tmp_path / "detr")
 
 
+def test_detection_keeps_a_checkpoint_head_in_its_own_label_order(data, tmp_path):
+    """A checkpoint trained on the data's categories, in another order than their sorted ids, keeps each name's
+    classifier row; its head was mapped by position (classes silently swapped). A head that lacks a name is new."""
+    detection = load_script("run_detection")
+    train = str(data / "fashion_detection/train.json")
+    _, categories = detection.read_coco(train, None, "--train_annotation_file")
+    names = [categories[c] for c in sorted(categories)]
+    model_args = detection.parse_script_args((detection.ModelArguments,), TINY_DETR[:4])[0]
+    checkpoint, _ = detection.build_model(model_args, {i: name for i, name in enumerate(reversed(names))})
+    checkpoint.save_pretrained(tmp_path / "checkpoint")
+    out = tmp_path / "out"
+    assert run_script("run_detection", "--model_name_or_path", str(tmp_path / "checkpoint"), "--no_lors",
+                      "--image_size", "64", "--train_annotation_file", train, "--max_train_samples", "2",
+                      "--per_device_train_batch_size", "2", "--max_steps", "1", "--learning_rate", "0",
+                      "--do_train", "--output_dir", str(out), *COMMON) == 0
+    trained = tf.DetrForObjectDetection.from_pretrained(out)
+    assert trained.config.id2label == checkpoint.config.id2label
+    torch.testing.assert_close(trained.class_labels_classifier.weight, checkpoint.class_labels_classifier.weight)
+    # labels used by no category are scored as categories that no image has
+    id2label, label_of_category, category_of_label = detection.label_mapping(
+        {3: "a", 7: "b"}, str(tmp_path / "checkpoint"))
+    assert (id2label, label_of_category, category_of_label) == ({0: "a", 1: "b"}, {3: 0, 7: 1}, {0: 3, 1: 7})
+    checkpoint.config.id2label = {0: "b", 1: "z", 2: "a"}
+    checkpoint.config.label2id = {"b": 0, "z": 1, "a": 2}
+    checkpoint.config.save_pretrained(tmp_path / "checkpoint")
+    assert detection.label_mapping({3: "a", 7: "b"}, str(tmp_path / "checkpoint")) == (
+        {0: "b", 1: "z", 2: "a"}, {3: 2, 7: 0}, {2: 3, 0: 7, 1: 8})
+
+
 def test_detection_from_scratch_trains_the_whole_backbone():
     """A DETR built from a config trains its backbone, BatchNorm included; DETR alone freezes all of it."""
     detection = load_script("run_detection")

@@ -412,6 +412,27 @@ def resolve_model_path(name: str) -> str:
         return getattr(assets, BUNDLED_MODELS[key])()
 
 
+def checkpoint_label_ids(model_path: str, names: list[str]) -> dict[str, int] | None:
+    """The checkpoint's ``label2id`` if its head was trained on every one of ``names``, else None.
+
+    A head kept from a checkpoint must keep its own label order: mapping the data's labels to its outputs
+    by position would swap classes silently. None means the head is new to these labels (the script then
+    numbers them itself); names that repeat cannot be matched and also give None.
+
+    Example:
+        >>> checkpoint_label_ids("out/sst2-lors", ["negative", "positive"])  # doctest: +SKIP
+        {'negative': 0, 'positive': 1}
+    """
+    from transformers import AutoConfig
+
+    with user_errors():
+        saved = {str(label): int(i) for label, i in (AutoConfig.from_pretrained(model_path).label2id or {}).items()}
+    names = [str(name) for name in names]
+    if len(set(names)) != len(names) or not set(names) <= set(saved):
+        return None
+    return saved
+
+
 def check_file(path: str | None, option: str, suffixes: tuple[str, ...]) -> str | None:
     """Return ``path`` after checking that it exists and has one of ``suffixes`` (None passes)."""
     if path is None:
