@@ -500,6 +500,10 @@ def test_push_to_hub(data, tiny_bert, tmp_path, guarded_hub):
                      "{data}/shakespeare/train.txt"], 1, "n_layer"),
         ("run_detection", ["--train_annotation_file", "{data}/fashion_detection/train.json", "--max_eval_samples",
                            "-1"], 2, "--max_eval_samples must be >= 1, got -1"),
+        ("run_detection", ["--train_annotation_file", "{data}/fashion_detection/train.json", "--no_lors",
+                           "--lors_rank", "8"], 2, "--no_lors trains the dense model, so --lors_rank would be ignored"),
+        ("run_clm", [*TINY_GPT2, "--train_file", "{data}/shakespeare/train.txt", "--no_lors", "--lors_init",
+                     "svd", "--lors_b_lr_ratio", "8"], 2, "so --lors_init / --lors_b_lr_ratio would be ignored"),
     ],
 )
 def test_wrong_arguments_give_one_line(script, args, status, message, data, tiny_bert, tmp_path, capsys):
@@ -634,7 +638,9 @@ def test_lors_optimizers_only_with_a_ratio(tmp_path):
     args = tf.TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, weight_decay=0.01, adam_beta2=0.98,
                                 report_to="none", use_cpu=True)
     assert lors_optimizers(model, args, LorsArguments()) == (None, None)  # the Trainer's own optimizer
-    assert lors_optimizers(model, args, LorsArguments(no_lors=True, lors_b_lr_ratio=8)) == (None, None)
+    assert lors_optimizers(model, args, LorsArguments(no_lors=True)) == (None, None)
+    with pytest.raises(ValueError, match="--lors_b_lr_ratio would be ignored"):
+        LorsArguments(no_lors=True, lors_b_lr_ratio=8)
     optimizer, scheduler = lors_optimizers(model, args, LorsArguments(lors_b_lr_ratio=8))
     assert scheduler is None and isinstance(optimizer, torch.optim.AdamW)
     assert sorted({group["lr"] for group in optimizer.param_groups}) == [pytest.approx(1e-3), pytest.approx(8e-3)]

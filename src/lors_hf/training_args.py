@@ -112,7 +112,7 @@ class LorsArguments:
             "help": "Learning rate of the private factors lors_B over --learning_rate (AdamW over "
             "lors_hf.lors_parameter_groups, in place of --optim). 1: one learning rate for all. Training from "
             "scratch, 8 did much better (scripts/bench_scratch.py --preset long); on a converted pretrained model it did "
-            "worse (the MiniLM demo, README). Ignored with --no_lors."
+            "worse (the MiniLM demo, README)."
         },
     )
     lors_stack_lr_ratio: float = field(
@@ -121,8 +121,7 @@ class LorsArguments:
             "help": "Learning rate of the shared weights and lors_A over --learning_rate (lors_B: this times "
             "--lors_b_lr_ratio; embeddings, norms, biases and heads keep --learning_rate). A shared weight moves "
             "every layer of its stack: from scratch at the dense model's best learning rate, 0.5 did better than 1 "
-            "(scripts/bench_scratch.py --preset long --lr 4e-3); on a converted pretrained model it did worse (README). "
-            "Ignored with --no_lors."
+            "(scripts/bench_scratch.py --preset long --lr 4e-3); on a converted pretrained model it did worse (README)."
         },
     )
     no_lors: bool = field(default=False, metadata={"help": "Train the dense model instead (the baseline)."})
@@ -135,6 +134,16 @@ class LorsArguments:
     )
 
     def __post_init__(self) -> None:  # checked at parse time, not after minutes of loading the model
+        if self.no_lors:
+            given = [option for option, value, default in (
+                ("--lors_rank", self.lors_rank, None), ("--lors_target_reduction", self.lors_target_reduction, None),
+                ("--lors_init", self.lors_init, "auto"), ("--lors_calibration_batches", self.lors_calibration_batches, 0),
+                ("--lors_calibration_damping", self.lors_calibration_damping, None),
+                ("--lors_b_lr_ratio", self.lors_b_lr_ratio, 1.0), ("--lors_stack_lr_ratio", self.lors_stack_lr_ratio, 1.0),
+            ) if value != default]
+            if given:
+                raise ValueError(f"--no_lors trains the dense model, so {' / '.join(given)} would be ignored: drop "
+                                 f"{'it' if len(given) == 1 else 'them'} or --no_lors")
         if self.lors_calibration_batches is not None and self.lors_calibration_batches < 0:
             raise ValueError(f"--lors_calibration_batches must be >= 0 (0: no data-aware conversion), got "
                              f"{self.lors_calibration_batches}")
