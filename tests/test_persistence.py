@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -605,6 +606,44 @@ def test_save_into_a_folder_on_another_file_system_than_its_parent(tmp_path):
         assert torch.equal(output(load(folder), inputs), output(model, inputs))
     finally:
         shutil.rmtree(elsewhere)
+
+
+KILLED_MID_SAVE = """
+import os, signal, sys
+import transformers
+from tiny_models import build
+from lors_hf import lorsify
+
+def write_half_and_die(tensors, path, *args, **kwargs):
+    with open(path, "wb") as handle:
+        handle.write(b"half a checkpoint")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+model, _ = build("bert", seed=0, layers=3)
+lorsify(model, rank=2)
+transformers.modeling_utils.safe_save_file = write_half_and_die
+model.save_pretrained(sys.argv[1])
+"""
+
+
+def test_a_save_removes_the_staging_folder_of_a_save_killed_mid_way(tmp_path):
+    """A save killed mid-way (out of memory, a preempted job) left its half-written staging folder, a whole
+    checkpoint's size, inside the target for good, and `push_output_dir` uploaded it. The next save removes it;
+    staging folders of live processes and of other machines stay."""
+    folder = tmp_path / "ckpt"
+    killed = subprocess.run([sys.executable, "-c", KILLED_MID_SAVE, str(folder)], cwd=Path(__file__).parent,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)}, capture_output=True)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    abandoned = staging_leftovers(folder)
+    assert len(abandoned) == 1 and (folder / abandoned[0] / "model.safetensors").is_file()
+    live = folder / f".lors-saving-{socket.gethostname()}-{os.getppid()}-live"
+    elsewhere = folder / f".lors-saving-{socket.gethostname()}x-1-other"
+    for kept in (live, elsewhere):
+        kept.mkdir()
+    model, inputs = perturbed_lors_model("bert")
+    model.save_pretrained(folder)
+    assert sorted(staging_leftovers(folder)) == sorted([live.name, elsewhere.name])
+    assert torch.equal(output(load(folder), inputs), output(model, inputs))
 
 
 def test_save_into_an_existing_folder(tmp_path):

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -425,8 +426,12 @@ def test_torchrun_detection_scores_map_for_every_process(data, tmp_path):
 
 @pytest.mark.slow
 def test_push_to_hub(data, tiny_bert, tmp_path, guarded_hub):
-    """--hub_token reaches every request (the Hub answers 401 to any other), and the weights go through LFS."""
+    """--hub_token reaches every request (the Hub answers 401 to any other), and the weights go through LFS.
+    An unfinished save's staging folder (this process's, so no save removes it) is not uploaded."""
     out = tmp_path / "pushed"
+    unfinished = out / f".lors-saving-{socket.gethostname()}-{os.getpid()}-unfinished"
+    unfinished.mkdir(parents=True)
+    (unfinished / "model.safetensors").write_bytes(b"half a checkpoint")
     command = [sys.executable, str(SCRIPTS / "run_classification.py"),
                *classification_args(data, tiny_bert, out, "--lors_rank", "2", "--do_train", "--max_steps", "1",
                                     "--push_to_hub", "--hub_model_id", "me/tiny-lors", "--hub_token", HUB_TOKEN,
@@ -438,7 +443,7 @@ def test_push_to_hub(data, tiny_bert, tmp_path, guarded_hub):
     files = guarded_hub.files("me/tiny-lors", revision="trained")  # --hub_revision: a new branch
     assert {"config.json", "model.safetensors", "README.md", "tokenizer.json", "parameter_report.json",
             "parameter_report.txt", "all_results.json"} <= set(files)
-    assert not any(name.startswith(("checkpoint-", DDP_SYNC_DIR)) for name in files)
+    assert not any(name.startswith(("checkpoint-", DDP_SYNC_DIR, ".lors-saving-")) for name in files)
     assert "model.safetensors" not in guarded_hub.files("me/tiny-lors")  # main keeps only the initial commit
     card = files["README.md"].decode()
     assert "LORS" in card and 'from_pretrained("me/tiny-lors")' in card and str(out) not in card

@@ -42,6 +42,7 @@ import inspect
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
@@ -242,9 +243,10 @@ def staged_save(save_directory: str | os.PathLike, variant: str | None = None,
     target = Path(save_directory)
     created = not target.exists()
     target.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_staging(target)
     # inside the target, on the file system its files live on (a mounted output folder is on another one than
     # its parent): the files can then move in by rename; transformers' loading ignores the hidden folder
-    staging = Path(tempfile.mkdtemp(prefix=".lors-saving-", dir=target))
+    staging = Path(tempfile.mkdtemp(prefix=_own_staging_prefix() + f"{os.getpid()}-", dir=target))
     try:
         try:
             yield staging
@@ -273,6 +275,39 @@ def staged_save(save_directory: str | os.PathLike, variant: str | None = None,
             os.replace(config, target / config.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+STAGING_PREFIX = ".lors-saving-"
+"""Name start of the hidden folder a save writes into before its files move into the checkpoint folder."""
+
+
+def _own_staging_prefix() -> str:
+    return f"{STAGING_PREFIX}{socket.gethostname()}-"
+
+
+def _remove_abandoned_staging(target: Path) -> None:
+    """Delete staging folders that a save on this machine left when its process was killed mid-way.
+
+    Each is named after its host and process id; one whose process is gone holds a half-written checkpoint
+    that nothing will finish. Folders of live processes and of other machines (a shared file system) stay.
+    """
+    if os.name != "posix":  # os.kill(pid, 0) only probes on POSIX
+        return
+    prefix = _own_staging_prefix()
+    for path in target.glob(prefix + "*"):
+        pid = path.name[len(prefix):].split("-", 1)[0]
+        if path.is_dir() and pid.isdigit() and not _process_is_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
 
 
 def _is_lors_model_card(path: Path) -> bool:

@@ -632,7 +632,8 @@ def push_output_dir(output_dir: str | os.PathLike, repo_id: str, token: str | No
                     private: bool | None = None, revision: str | None = None) -> str:
     """Upload the saved model, tokenizer, model card, metrics and reports of ``output_dir`` to the Hub.
 
-    Training checkpoints, logs and DDP digests are left out; `revision` is a branch (created if needed).
+    Training checkpoints, logs, DDP digests and unfinished saves are left out; `revision` is a branch
+    (created if needed).
     Returns the commit URL.
 
     Example:
@@ -640,14 +641,14 @@ def push_output_dir(output_dir: str | os.PathLike, repo_id: str, token: str | No
     """
     from huggingface_hub import HfApi
 
-    from .persistence import ensure_branch
+    from .persistence import STAGING_PREFIX, ensure_branch
 
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     ensure_branch(api, repo_id, revision, token)
     commit = api.upload_folder(repo_id=repo_id, folder_path=str(output_dir), revision=revision,
                                ignore_patterns=["checkpoint-*", "checkpoint-*/**", "runs/**", f"{DDP_SYNC_DIR}/**",
-                                                "training_args.bin"],
+                                                "training_args.bin", f"{STAGING_PREFIX}*/**"],
                                commit_message="Upload model trained with lors-hf")
     return str(commit)
 
