@@ -222,6 +222,32 @@ def test_linear_subclasses_that_compute_something_else_are_left_dense():
     assert [group.relative_name for group in stack.groups] == ["plain", "half_precision"]
 
 
+def test_projections_that_rwkv_rescales_in_place_stay_dense():
+    """RWKV divides its blocks' attention.output and feed_forward.value weights in place when it switches to
+    eval mode (and multiplies them back for training); on a LORS layer the write was lost: converted at full
+    rank in train mode, the model's eval logits were 0.72 off the dense model's."""
+    import copy
+
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.RwkvConfig(vocab_size=50, hidden_size=32, num_hidden_layers=8, attention_hidden_size=32,
+                           intermediate_size=64, context_length=32)
+    dense = tf.RwkvForCausalLM(config).train()
+    ids = torch.randint(0, 50, (2, 10), generator=torch.Generator().manual_seed(0))
+    lors = lorsify(copy.deepcopy(dense), LorsConfig(rank="full", init="svd"))
+    block = lors.rwkv.blocks[0]
+    assert isinstance(block.attention.key, LorsLinear) and isinstance(block.feed_forward.key, LorsLinear)
+    assert type(block.attention.output) is nn.Linear and type(block.feed_forward.value) is nn.Linear
+    with torch.no_grad():
+        for mode in ("eval", "train", "eval"):  # each switch rescales
+            getattr(dense, mode)(), getattr(lors, mode)()
+            torch.testing.assert_close(lors(ids).logits, dense(ids).logits, atol=1e-4, rtol=1e-4)
+    unscaled = tf.RwkvForCausalLM(tf.RwkvConfig(**{**config.to_dict(), "rescale_every": 0}))
+    lorsify(unscaled, LorsConfig(rank=4))
+    assert isinstance(unscaled.rwkv.blocks[0].attention.output, LorsLinear)  # no rescaling: shared as usual
+
+
 @pytest.mark.parametrize("widths, members", [([16, 32, 32, 32], [1, 2, 3]), ([32, 32, 32, 16], [0, 1, 2]),
                                              ([16, 32, 16, 32], [0, 2])])
 def test_a_projection_is_grouped_over_the_blocks_of_its_most_common_shape(widths, members):

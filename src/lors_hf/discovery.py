@@ -8,7 +8,8 @@ with the same shape in two or more blocks form one *projection group* and share 
 projection only some blocks have, like the shared experts of MoE layers after dense ones, is grouped
 over those). Whatever else differs between blocks (T5 block 0's ``relative_attention_bias``) is left
 alone, and so are projections whose weight is tied to another module's (Deformable DETR's box heads,
-tied across the layers or, with box refinement, to the decoder's copies).
+tied across the layers or, with box refinement, to the decoder's copies) and the few that their model
+rewrites in place (RWKV's rescaled output projections; `_REWRITTEN_IN_PLACE`).
 A list of lists (stages of blocks), or an outer list none of whose projections can be shared (Swin's
 stages of different widths), gives way to the lists inside it.
 """
@@ -159,12 +160,12 @@ def sharing_stacks(model: nn.Module, config: LorsConfig | None = None,
     """
     config = config if config is not None else LorsConfig()
     candidates = candidates if candidates is not None else []
-    tied = _tied_projections(model)
+    kept_dense = _tied_projections(model) | _projections_rewritten_in_place(model)
     stacks: list[Stack] = []
     for stack in find_stacks(model):
         if any(stack.name.startswith(outer.name + ".") for outer in stacks):
             continue  # inside a stack that shares already: the outer stack wins
-        _add_groups(stack, config, candidates, tied)
+        _add_groups(stack, config, candidates, kept_dense)
         if stack.groups:
             stacks.append(stack)
     return stacks
@@ -205,10 +206,33 @@ def _tied_projections(model: nn.Module) -> set[int]:
     return tied
 
 
-def _add_groups(stack: Stack, config: LorsConfig, candidates: list[str], tied_projections: set[int]) -> None:
+# The one place for models that write into some projections' weights themselves, in place: a LORS layer
+# builds its weight from shared parts, so such a write would be lost and the outputs silently wrong. Those
+# projections stay dense. {model class name: (whether it writes, the block list, the projections it writes)}
+_REWRITTEN_IN_PLACE = {
+    # RWKV divides these by 2 ** (i // rescale_every) when it switches to eval mode (and multiplies back for
+    # training), while halving its hidden states every `rescale_every` blocks
+    "RwkvModel": (lambda model: model.config.rescale_every > 0, "blocks", ("attention.output", "feed_forward.value")),
+}
+
+
+def _projections_rewritten_in_place(model: nn.Module) -> set[int]:
+    """The ids of the projections that their model rewrites in place (`_REWRITTEN_IN_PLACE`)."""
+    rewritten = set()
+    for module in model.modules():
+        writes, blocks, names = _REWRITTEN_IN_PLACE.get(type(module).__name__, (None, None, ()))
+        if writes is None or not writes(module):
+            continue
+        for block in getattr(module, blocks):
+            rewritten.update(id(submodule_or_none(block, name)) for name in names)
+    return rewritten
+
+
+def _add_groups(stack: Stack, config: LorsConfig, candidates: list[str], kept_dense: set[int]) -> None:
     """Fill ``stack.groups``: each relative path holding a projection in two or more blocks (of the class and
-    shape most of its blocks have, the first block's on a tie; none of them tied to another module, see
-    `_tied_projections`; targeted by `config`)."""
+    shape most of its blocks have, the first block's on a tie; none of them kept dense, that is tied to
+    another module (`_tied_projections`) or rewritten in place by the model (`_projections_rewritten_in_place`);
+    targeted by `config`)."""
     kinds: dict[str, Counter] = {}  # relative path -> how many blocks hold which (class, shape) there
     examples: dict[tuple, nn.Module] = {}
     for block in stack.blocks:
@@ -232,8 +256,8 @@ def _add_groups(stack: Stack, config: LorsConfig, candidates: list[str], tied_pr
             if config.exclude_modules is not None and _matches(full_name, config.exclude_modules):
                 continue
             members.append(index)
-            tied = tied or id(other) in tied_projections
-        if len(members) >= 2 and not tied:  # tied: the weight is another module's too (another block's...)
+            tied = tied or id(other) in kept_dense
+        if len(members) >= 2 and not tied:  # e.g. the weight is another module's too (another block's...)
             stack.groups.append(ProjectionGroup(stack.name, relative_name, members, *shape))
 
 
