@@ -222,6 +222,36 @@ def test_linear_subclasses_that_compute_something_else_are_left_dense():
     assert [group.relative_name for group in stack.groups] == ["plain", "half_precision"]
 
 
+def test_falcon_linear_computes_the_plain_map_and_is_shared(tmp_path):
+    """Falcon's projections are FalconLinear, an nn.Linear subclass whose own forward is x @ W.T + b: left alone
+    as a subclass, Falcon had no stack and lorsify failed saying so. Other subclasses are still named."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.FalconConfig(vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                             bos_token_id=0, eos_token_id=0)
+    model = tf.FalconForCausalLM(config).eval()
+    ids = torch.randint(0, 99, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+    lorsify(model, LorsConfig(rank="full", init="svd"))
+    assert isinstance(model.transformer.h[0].self_attention.dense, LorsLinear)
+    model.save_pretrained(tmp_path)
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, reference, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
+
+    class ScaledLinear(nn.Linear):  # its own forward
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    holder = nn.Module()
+    holder.layers = nn.ModuleList([nn.Sequential(ScaledLinear(4, 4)) for _ in range(3)])
+    with pytest.raises(ValueError, match="found no stack.*class ScaledLinear do not count: an nn.Linear subclass"):
+        find_groups(holder, LorsConfig(rank=1))
+
+
 def test_projections_that_rwkv_rescales_in_place_stay_dense():
     """RWKV divides its blocks' attention.output and feed_forward.value weights in place when it switches to
     eval mode (and multiplies them back for training); on a LORS layer the write was lost: converted at full

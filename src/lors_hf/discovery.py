@@ -28,6 +28,10 @@ from .config import LorsConfig, RankSpec
 from .layer import LorsLinear
 
 _PLAIN_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_PLAIN_LINEAR_SUBCLASSES = frozenset({
+    "transformers.models.falcon.modeling_falcon.FalconLinear",  # its forward is x @ W.T + b, written out
+})
+"""`nn.Linear` subclasses whose own ``forward`` is the plain linear map, so LORS may replace them."""
 
 
 def is_projection(module: nn.Module) -> bool:
@@ -35,13 +39,17 @@ def is_projection(module: nn.Module) -> bool:
 
     A subclass that computes something else (its own ``forward``: MoE routers such as Phimoe's, quantized
     layers such as FP8 or bitsandbytes ones) or keeps a weight that is not a plain float tensor is left alone:
-    LORS would replace it by a plain linear map of the wrong weight.
+    LORS would replace it by a plain linear map of the wrong weight. Subclasses known to compute the plain
+    map in their own ``forward`` (Falcon's ``FalconLinear``) are projections.
     """
     if isinstance(module, LorsLinear):
         return True
     base = Conv1D if isinstance(module, Conv1D) else nn.Linear if isinstance(module, nn.Linear) else None
     weight = getattr(module, "weight", None)
-    return (base is not None and type(module).forward is base.forward
+    cls = type(module)
+    plain_forward = cls.forward is getattr(base, "forward", None) or f"{cls.__module__}.{cls.__qualname__}" in \
+        _PLAIN_LINEAR_SUBCLASSES
+    return (base is not None and plain_forward
             and type(weight) in (torch.Tensor, nn.Parameter) and weight.dtype in _PLAIN_FLOATS)
 
 
@@ -177,9 +185,15 @@ def find_groups(model: nn.Module, config: LorsConfig) -> list[Stack]:
     candidates: list[str] = []
     stacks = sharing_stacks(model, config, candidates)
     if not stacks and not candidates:  # no stack holds a projection at all
+        left_alone = sorted({type(m).__name__ for m in model.modules()
+                             if isinstance(m, nn.Linear | Conv1D) and not is_projection(m)})
         raise ValueError(
             f"lorsify: found no stack of layers in {type(model).__name__}: LORS needs an nn.ModuleList of two "
-            "or more blocks of the same class (like BERT's encoder.layer or GPT-2's transformer.h)."
+            "or more blocks of the same class (like BERT's encoder.layer or GPT-2's transformer.h) holding "
+            "projections." + (f" Its linear layers of class {', '.join(left_alone)} do not count: an nn.Linear "
+                              "subclass with its own forward, or with a weight that is not a plain float tensor "
+                              "(quantized), is left alone, as it may compute something other than x @ W.T + b."
+                              if left_alone else "")
         )
     if not stacks:
         examples = ", ".join(sorted({re.sub(r"\.\d+\.", ".*.", c) for c in candidates})[:8])
