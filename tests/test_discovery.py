@@ -382,6 +382,26 @@ def test_tied_projections_are_left_alone_and_late_projections_are_grouped():
     assert groups == {"proj": [0, 1, 2], "extra": [1, 2]}
 
 
+def test_a_gate_that_no_rank_would_shrink_stays_dense_under_a_uniform_rank(tmp_path):
+    """Qwen2-MoE's shared_expert_gate is 1 x d: rank 1 is its largest and already holds more than dense, so every
+    uniform rank above 1 failed on it. It stays dense (as under target_reduction); the rest gets the rank."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.Qwen2MoeConfig(vocab_size=99, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                               shared_expert_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+                               num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)
+    model = lorsify(tf.Qwen2MoeForCausalLM(config).eval(), LorsConfig(rank=4))
+    layer = model.model.layers[0]
+    assert type(layer.mlp.shared_expert_gate) is nn.Linear and isinstance(layer.self_attn.q_proj, LorsLinear)
+    assert model.config.lors_config["rank"][r"^model\.layers\.mlp\.shared_expert_gate$"] == "dense"
+    model.save_pretrained(tmp_path)
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 99, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
+
+
 def test_a_rank_too_large_for_a_small_projection_names_the_ways_out():
     model, _ = build("bert")
     with pytest.raises(ValueError, match=r"exclude_modules=\['query'\]\) or give it its own rank"):

@@ -295,7 +295,8 @@ def plan_ranks(model: nn.Module, config: LorsConfig) -> list[Stack]:
     """Discover the groups `config` targets and give every member layer its private rank.
 
     Groups the plan leaves dense (a rank dict's ``"dense"``; under `target_reduction`, those whose LORS form
-    would be no smaller than their dense layers) are dropped from ``stack.groups``, and stacks left with
+    would be no smaller than their dense layers; under an integer rank past a group's largest rank, those
+    that even that rank would not make smaller) are dropped from ``stack.groups``, and stacks left with
     no group from the result.
 
     Raises ValueError when a rank does not fit the shapes, a per-layer list has the wrong length,
@@ -309,13 +310,20 @@ def plan_ranks(model: nn.Module, config: LorsConfig) -> list[Stack]:
             uniform = _uniform_ranks(group, rank)
             group.ranks = [] if group.no_smaller_as_lors(uniform) else uniform
     else:
+        too_small = []  # (group, spec, stack length): the rank does not fit, and no rank that fits would pay
         for stack in stacks:
             for group in stack.groups:
                 spec = _rank_spec_for(group, config.rank)
-                group.ranks = [] if spec == "dense" else _expand(spec, group, len(stack.blocks))
+                if not isinstance(config.rank, dict) and _too_small_for_any_rank(group, spec):
+                    group.ranks = []
+                    too_small.append((spec, group, len(stack.blocks)))
+                else:
+                    group.ranks = [] if spec == "dense" else _expand(spec, group, len(stack.blocks))
     for stack in stacks:
         stack.groups = [group for group in stack.groups if group.ranks]
     stacks = [stack for stack in stacks if stack.groups]
+    if not stacks and config.target_reduction is None and too_small:
+        _expand(*too_small[0])  # nothing fits: the rank is wrong for this model, say so
     if not stacks:
         raise ValueError(
             f"lorsify: the rank dict {config.rank!r} maps every projection group to 'dense', so nothing would be "
@@ -323,6 +331,15 @@ def plan_ranks(model: nn.Module, config: LorsConfig) -> list[Stack]:
             f"{', '.join(group.name for group in groups)}."
         )
     return stacks
+
+
+def _too_small_for_any_rank(group: ProjectionGroup, spec: RankSpec) -> bool:
+    """Whether an integer rank is past `group`'s largest one and even that would not make the group smaller
+    as LORS (a ``1 x d`` gate, Qwen2-MoE's ``shared_expert_gate``). Under one rank for every group it then
+    stays dense, as under `target_reduction`, instead of failing every rank above 1; a rank dict's entry
+    still fails, as it names the group."""
+    return (isinstance(spec, int) and not isinstance(spec, bool) and spec > group.max_rank
+            and group.no_smaller_as_lors(_uniform_ranks(group, spec)))
 
 
 def _uniform_ranks(group: ProjectionGroup, rank: int) -> list[int]:
