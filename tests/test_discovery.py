@@ -252,6 +252,17 @@ def test_falcon_linear_computes_the_plain_map_and_is_shared(tmp_path):
         find_groups(holder, LorsConfig(rank=1))
 
 
+def test_a_model_that_shares_its_one_block_already_is_told_so():
+    """ALBERT runs one block at every depth: lorsify said only that it found no stack."""
+    import transformers as tf
+
+    albert = tf.AlbertModel(tf.AlbertConfig(vocab_size=99, embedding_size=16, hidden_size=32, num_hidden_layers=3,
+                                            num_attention_heads=2, intermediate_size=64))
+    with pytest.raises(ValueError, match=r"found no stack.*albert_layer_groups.* each hold one block.*\(ALBERT\) "
+                                         r"already shares"):
+        lorsify(albert, LorsConfig(rank=2))
+
+
 def test_projections_that_rwkv_rescales_in_place_stay_dense():
     """RWKV divides its blocks' attention.output and feed_forward.value weights in place when it switches to
     eval mode (and multiplies them back for training); on a LORS layer the write was lost: converted at full

@@ -187,6 +187,8 @@ def find_groups(model: nn.Module, config: LorsConfig) -> list[Stack]:
     if not stacks and not candidates:  # no stack holds a projection at all
         left_alone = sorted({type(m).__name__ for m in model.modules()
                              if isinstance(m, nn.Linear | Conv1D) and not is_projection(m)})
+        shared_already = [name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)
+                          and len({id(block) for block in m}) == 1 and any(map(is_projection, m[0].modules()))]
         raise ValueError(
             f"lorsify: found no stack of layers in {type(model).__name__}: LORS needs an nn.ModuleList of two "
             "or more blocks of the same class (like BERT's encoder.layer or GPT-2's transformer.h) holding "
@@ -194,6 +196,9 @@ def find_groups(model: nn.Module, config: LorsConfig) -> list[Stack]:
                               "subclass with its own forward, or with a weight that is not a plain float tensor "
                               "(quantized), is left alone, as it may compute something other than x @ W.T + b."
                               if left_alone else "")
+            + (f" Its module lists {', '.join(shared_already)} each hold one block: with one layer there is "
+               "nothing to share, and a model that runs one block at every depth (ALBERT) already shares all of "
+               "its weights." if shared_already else "")
         )
     if not stacks:
         examples = ", ".join(sorted({re.sub(r"\.\d+\.", ".*.", c) for c in candidates})[:8])
