@@ -64,6 +64,9 @@ conversion, `scripts/bench_convert.py` (docs/RESULTS.md, 2026-11-29/30):
 the sequential round refitted a whole block from inputs gathered once, which wanted more ridge (SmolLM2 at
 50% then gave 452 at 0.1 and 287 at 0.3, on 4096 calibration tokens and an earlier evaluation). Fewer
 calibration tokens per input dimension may want more."""
+CENTRED_SCALE_FLOOR = 0.05
+"""The ridge of a centred fit is sized from at least this fraction of the uncentred second moment's mean
+diagonal (`calibrated_targets`)."""
 
 
 def checked_damping(damping: Any, what: str = "calibration_damping") -> float:
@@ -223,17 +226,24 @@ def calibrated_targets(
         weights: (N, out, in) dense weights.
         statistics: from `collect_input_statistics`.
         centred: use centred moments (for layers whose bias absorbs the mean error, see `corrected_bias`).
-        damping: added to the covariances' diagonal, as a fraction of their mean diagonal.
+        damping: added to the covariances' diagonal, as a fraction of their mean diagonal (centred: of at least
+            `CENTRED_SCALE_FLOOR` times the uncentred one's).
 
     Returns:
         targets (N, out, in) and damped covariances (N, in, in), both float32.
     """
     weights = weights.detach().float()
     covariance = statistics.second_moment.double()
+    scale = covariance.diagonal(dim1=-2, dim2=-1).mean(-1)
     if centred:
         covariance = covariance - statistics.mean.double()[:, :, None] * statistics.mean.double()[:, None, :]
+        # The centred covariance of one or two tokens is rounding noise (one image's 10 DETR queries nearly so):
+        # a ridge sized from it let that noise through, and even rank "full" came out wrong (GPT-2 logits 0.78
+        # off on one token). On real calibration data the floor does not bind (MiniLM: the centred scale is
+        # at least 0.47 of the uncentred one).
+        scale = torch.maximum(covariance.diagonal(dim1=-2, dim2=-1).mean(-1), CENTRED_SCALE_FLOOR * scale)
     eye = torch.eye(covariance.shape[-1], dtype=covariance.dtype, device=covariance.device)
-    scale = covariance.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
+    scale = scale.clamp_min(1e-12)
     covariance = positive_definite(covariance + damping * scale[:, None, None] * eye)
     if statistics.cross_moment is None:
         return weights, covariance.float()
