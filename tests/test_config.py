@@ -23,7 +23,7 @@ from lors_hf.config import FORMAT_VERSION
         ({"rank": {1: 4}}, TypeError, r"dict keys must be regex strings"),
         ({"rank": {"(attention": 4}}, ValueError, r"not a valid regex"),
         ({"rank": {"attention": -3}}, ValueError, r"must be >= 0"),
-        ({"init": "random"}, ValueError, r"unknown init 'random'; choose one of scratch, svd, alternating"),
+        ({"init": "random"}, ValueError, r"unknown init 'random'; choose one of auto, scratch, svd, alternating"),
         ({"rank": 8, "target_reduction": 0.5}, ValueError, r"either `rank` or `target_reduction`, not both"),
         ({"target_modules": "(query"}, ValueError, r"`target_modules` pattern .* is not a valid regex"),
         ({"exclude_modules": "[a-"}, ValueError, r"`exclude_modules` pattern .* is not a valid regex"),

@@ -98,6 +98,26 @@ def test_full_rank_conversion_of_pretrained_minilm_is_exact(minilm):
     assert reference.abs().max().item() > 1  # real activations, not a near-zero output
 
 
+@pytest.mark.slow
+def test_the_default_init_converts_a_pretrained_model_and_starts_a_new_one_as_the_paper(minilm):
+    """`lorsify(model, LorsConfig(rank=32))` on a model from `from_pretrained` (the README's first example) used
+    init="scratch": every layer of a stack started as its first layer, the pretrained weights of the others
+    thrown away. The default, "auto", converts them ("svd") and keeps "scratch" for a model built from a config."""
+    dense, batch = minilm
+    with torch.no_grad():
+        reference = dense(**batch).last_hidden_state
+    model = lorsify(copy.deepcopy(dense), LorsConfig(rank="full"))
+    assert model.config.lors_config["init"] == "svd"
+    with torch.no_grad():
+        assert (model(**batch).last_hidden_state - reference).abs().max().item() <= 1e-4
+    built, _ = build("bert")
+    assert not built.name_or_path
+    lorsify(built, LorsConfig(rank=4))
+    assert built.config.lors_config["init"] == "scratch"
+    layers = [built.bert.encoder.layer[i].attention.self.query for i in range(3)]
+    assert all(layer.lors_B.abs().max() == 0 for layer in layers)  # the paper's start: B = 0
+
+
 def _give_layers_structured_differences(model: nn.Module, seed: int = 0, decay: float = 0.7) -> None:
     """Make the layers of every group differ by residuals with decaying singular values, like trained ones."""
     generator = torch.Generator().manual_seed(seed)
@@ -440,7 +460,8 @@ class _OneBlockModel(tf.PreTrainedModel):
         (lambda: build("bert")[0], {"config": {"rnak": 4}}, ValueError,
          r"`config` has keys \['rnak'\] that LorsConfig does not take; its fields are \[.*'rank'"),
         (lambda: build("bert")[0], {"target_reduction": 0.99}, ValueError, r"cannot be reached"),
-        (lambda: build("bert")[0], {"calibration_data": [torch.zeros(1, 4, dtype=torch.long)]}, ValueError,
+        (lambda: build("bert")[0], {"calibration_data": [torch.zeros(1, 4, dtype=torch.long)], "init": "scratch"},
+         ValueError,
          r"calibration_data converts pretrained weights; use init='svd'"),
     ],
 )

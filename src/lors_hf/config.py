@@ -47,7 +47,10 @@ class LorsConfig:
             initialisation, ``A`` Kaiming-uniform, ``B`` zeros), ``"svd"`` (from pretrained
             weights: shared = mean of the layers, ``B_i A_i`` = truncated SVD of the residual) or
             ``"alternating"`` (``"svd"``, then alternating refinement of shared and private parts,
-            `alternating_steps` rounds, minimising the weight reconstruction error).
+            `alternating_steps` rounds, minimising the weight reconstruction error). The default,
+            ``"auto"``, is ``"svd"`` for a model loaded with ``from_pretrained`` (its ``name_or_path`` is
+            set) or converted with calibration data, and ``"scratch"`` for a model built from a config;
+            `lorsify` records the one it used.
         alternating_steps: rounds of refinement for ``init="alternating"`` and for data-aware
             conversion with calibration data.
 
@@ -62,7 +65,7 @@ class LorsConfig:
     target_reduction: float | None = None
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
-    init: str = "scratch"
+    init: str = "auto"
     alternating_steps: int = 8
     format_version: int = field(default=FORMAT_VERSION)
 
@@ -111,8 +114,8 @@ class LorsConfig:
                 setattr(self, name, list(value))
             else:
                 raise TypeError(f"LorsConfig: `{name}` must be a list of names or one regex string, got {value!r}.")
-        if self.init not in INIT_METHODS:
-            raise ValueError(f"LorsConfig: unknown init {self.init!r}; choose one of {', '.join(INIT_METHODS)}.")
+        if self.init not in ("auto", *INIT_METHODS):
+            raise ValueError(f"LorsConfig: unknown init {self.init!r}; choose one of auto, {', '.join(INIT_METHODS)}.")
         if isinstance(self.alternating_steps, bool) or not isinstance(self.alternating_steps, int) or self.alternating_steps < 1:
             raise ValueError(f"LorsConfig: `alternating_steps` must be a positive int, got {self.alternating_steps!r}.")
         if not isinstance(self.format_version, int) or self.format_version > FORMAT_VERSION:

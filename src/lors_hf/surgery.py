@@ -97,6 +97,9 @@ def lorsify(
             raise TypeError(f"lorsify: `config` must be a LorsConfig or a dict, got {type(config).__name__}.")
         if overrides:
             config = config.replace(**overrides)
+    if config.init == "auto":  # pretrained weights are converted; a model built from a config starts as the paper's
+        pretrained = bool(getattr(model, "name_or_path", "")) or calibration_data is not None
+        config = config.replace(init="svd" if pretrained else "scratch")
     if calibration_data is not None and config.init == "scratch":
         raise ValueError(
             "lorsify: calibration_data converts pretrained weights; use init='svd' or init='alternating' "
