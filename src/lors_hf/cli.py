@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     demo = commands.add_parser("demo", help="convert the real MiniLM, fine-tune against the dense model, plot",
-                               description="Convert the pretrained all-MiniLM-L6-v2 to LORS (about 50%% fewer stack "
+                               description="Convert the pretrained all-MiniLM-L6-v2 to LORS (about 50% fewer stack "
                                "parameters), check its output fidelity, fine-tune it and the dense model on Rotten "
                                "Tomatoes sentiment, compare accuracy, save and reload it, plot the training curves.")
     demo.add_argument("--output-dir", default="lors-demo", help="where results go (default: ./lors-demo)")

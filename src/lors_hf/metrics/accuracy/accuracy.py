@@ -26,7 +26,8 @@ Returns:
     accuracy (`float`): In [0, 1] when `normalize` is True, else the number of correct predictions.
 
 Examples:
-    >>> metric = evaluate.load("accuracy")
+    >>> import lors_hf.metrics
+    >>> metric = lors_hf.metrics.load_metric("accuracy")
     >>> metric.compute(references=[0, 1, 2, 0, 1, 2], predictions=[0, 1, 1, 2, 1, 0])
     {'accuracy': 0.5}
 """

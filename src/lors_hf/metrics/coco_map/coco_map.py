@@ -27,6 +27,7 @@ Returns:
     numbers COCOeval prints, minus the size-split recalls; -1.0 where no ground truth box qualifies.
 
 Examples:
+    >>> import lors_hf.metrics
     >>> metric = lors_hf.metrics.load_metric("coco_map")
     >>> box = [[10.0, 10.0, 20.0, 20.0]]
     >>> result = metric.compute(predictions=[{"image_id": 1, "boxes": box, "scores": [0.9], "labels": [3]}],
