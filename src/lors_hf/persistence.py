@@ -388,16 +388,39 @@ def _push_lors_to_hub(original, self: PreTrainedModel, repo_id: str, *args: Any,
         )
 
 
+def _holds_lors_weights(files: Sequence[str | os.PathLike] | None) -> bool:
+    """Whether any of these checkpoint files is a LORS one (its safetensors header lists the guard notice)."""
+    from safetensors import safe_open
+
+    for file in files or ():
+        if str(file).endswith(".safetensors") and os.path.isfile(file):
+            with safe_open(file, framework="pt") as handle:
+                if GUARD_NOTICE_KEY in handle.keys():
+                    return True
+    return False
+
+
 def _load_with_lors(original, model: PreTrainedModel, *args: Any, **kwargs: Any):
-    """Wraps ``PreTrainedModel._load_pretrained_model``: clear errors for unreadable LORS checkpoints."""
+    """Wraps ``PreTrainedModel._load_pretrained_model``: clear errors for unreadable LORS checkpoints, and for
+    LORS weights loaded into a model whose config has no plan for them."""
+    files = args[1] if len(args) > 1 else kwargs.get("checkpoint_files")
     if getattr(model.config, "lors_config", None) is None:
+        if _holds_lors_weights(files):
+            # e.g. CLIPVisionModel from a LORS CLIPModel checkpoint: the plan is on the composite config, the
+            # sub-model's config has none, and the vision projections were left randomly initialised
+            raise ValueError(
+                f"{type(model).__name__}.from_pretrained: the checkpoint holds LORS weights, but the config it "
+                "was given has no lors_config to rebuild the LORS layers from (a sub-model of a composite LORS "
+                "model, such as CLIPModel's text or vision model, or a config.json without its lors_config). "
+                "Load the class that saved it and take the part you need (e.g. "
+                "CLIPModel.from_pretrained(path).vision_model), or make it dense first with `lors-hf merge`."
+            )
         return original(model, *args, **kwargs)
     try:
         return original(model, *args, **kwargs)
     except Exception as err:
         if type(err).__name__ != "SafetensorError" and not isinstance(err, EOFError | OSError):
             raise
-        files = args[1] if len(args) > 1 else kwargs.get("checkpoint_files")
         raise ValueError(
             f"Could not read the LORS checkpoint {files}: {err}. The file is truncated or corrupted; "
             "save or download it again."
