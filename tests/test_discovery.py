@@ -413,6 +413,25 @@ def test_a_gate_that_no_rank_would_shrink_stays_dense_under_a_uniform_rank(tmp_p
         torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
 
 
+def test_a_module_reused_in_two_stacks_stays_one_dense_module():
+    """A T5 whose decoder reuses the encoder's attention and feed-forward modules: each stack gave the module
+    its own LORS layer, untying encoder and decoder (one decoder step then moved them 0.43 apart)."""
+    model, inputs = build("t5")
+    for encoder_block, decoder_block in zip(model.encoder.block, model.decoder.block, strict=True):
+        decoder_block.layer[0].SelfAttention.q = encoder_block.layer[0].SelfAttention.q
+        decoder_block.layer[2].DenseReluDense = encoder_block.layer[1].DenseReluDense
+    with torch.no_grad():
+        reference = model(**inputs).logits
+    lorsify(model, LorsConfig(rank="full", init="svd"))
+    encoder_q, decoder_q = model.encoder.block[0].layer[0].SelfAttention.q, model.decoder.block[0].layer[0].SelfAttention.q
+    assert encoder_q is decoder_q and type(encoder_q) is nn.Linear
+    assert model.decoder.block[0].layer[2].DenseReluDense is model.encoder.block[0].layer[1].DenseReluDense
+    assert isinstance(model.decoder.block[0].layer[1].EncDecAttention.q, LorsLinear)  # not reused: shared
+    assert isinstance(model.encoder.block[0].layer[0].SelfAttention.k, LorsLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, reference, atol=1e-4, rtol=1e-4)
+
+
 def test_a_rank_too_large_for_a_small_projection_names_the_ways_out():
     model, _ = build("bert")
     with pytest.raises(ValueError, match=r"exclude_modules=\['query'\]\) or give it its own rank"):

@@ -211,11 +211,16 @@ def find_groups(model: nn.Module, config: LorsConfig) -> list[Stack]:
 
 def _tied_projections(model: nn.Module) -> set[int]:
     """The ids of the dense projections whose weight is tied to another module's: held by two modules or more
-    (Deformable DETR's box heads, tied across the layers or, with box refinement, to the decoder's copies), or
-    named in transformers' ``all_tied_weights_keys`` (which ties them after loading and needs them dense)."""
+    (Deformable DETR's box heads, tied across the layers or, with box refinement, to the decoder's copies),
+    reached at two places in the model (one module reused), or named in transformers' ``all_tied_weights_keys``
+    (which ties them after loading and needs them dense)."""
     dense = [m for m in model.modules() if is_projection(m) and not isinstance(m, LorsLinear)]
     holders = Counter(id(m.weight) for m in dense)
     tied = {id(m) for m in dense if holders[id(m.weight)] > 1}
+    # one module at two places (an encoder's projection reused by hand in the decoder): each place would get
+    # its own LORS layer, untying them
+    places = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    tied.update(id(m) for m in dense if places[id(m)] > 1)
     tied_keys = getattr(model, "all_tied_weights_keys", None) or {}
     for name in (*tied_keys, *tied_keys.values()):
         module_name, _, leaf = name.rpartition(".")
