@@ -142,6 +142,15 @@ def test_exact_conversion_stays_exact_on_very_few_calibration_tokens(family, cal
     torch.testing.assert_close(_outputs(model, inputs), _outputs(dense, inputs), rtol=1e-3, atol=1e-3)
 
 
+def test_calibrating_a_model_on_the_meta_device_names_the_meta_device():
+    """The error blamed the calibration data ("could not run calibration batch 0: Tensor.item() ...")."""
+    model, _ = build("bert")
+    model.to("meta")
+    with pytest.raises(ValueError, match="its weights are on the meta device"):
+        lorsify(model, LorsConfig(rank=2, init="svd"), calibration_data=[torch.tensor([[2, 1, 3]])])
+    assert not any(type(m).__name__ == "LorsLinear" for m in model.modules())
+
+
 @pytest.mark.parametrize("batch", [torch.rand(2, 7), torch.randint(500, 600, (2, 7)),
                                    {"attention_mask": torch.ones(2, 7, dtype=torch.long)}])
 def test_calibration_data_the_model_cannot_run_is_a_value_error(batch):

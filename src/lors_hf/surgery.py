@@ -100,6 +100,12 @@ def lorsify(
     if config.init == "auto":  # pretrained weights are converted; a model built from a config starts as the paper's
         pretrained = bool(getattr(model, "name_or_path", "")) or calibration_data is not None
         config = config.replace(init="svd" if pretrained else "scratch")
+    if calibration_data is not None and any(p.is_meta for p in model.parameters()):
+        raise ValueError(
+            "lorsify: calibration_data runs the model, but its weights are on the meta device (not loaded, e.g. "
+            "built under init_empty_weights or torch.device('meta')): load the real weights first, or convert "
+            "without calibration_data."
+        )
     if calibration_data is not None and config.init == "scratch":
         raise ValueError(
             "lorsify: calibration_data converts pretrained weights; use init='svd' or init='alternating' "
@@ -305,7 +311,9 @@ def merge_and_unload(model: PreTrainedModel) -> PreTrainedModel:
                 dense.bias.requires_grad_(module.bias.requires_grad)
             elif dense.bias is not None:
                 dense.bias.zero_()
-            # trainable if any part of the LORS layer was (a frozen layer stays frozen)
+            # trainable if any part of the LORS layer was: one whose parts are all frozen stays frozen, but a
+            # shared weight trains if any layer of its group did, so a frozen layer in such a group comes back
+            # trainable
             dense.weight.requires_grad_(any(p.requires_grad for p in (module.shared.weight, module.lors_A, module.lors_B)))
             _set_module(model, name, dense)
     for module in list(model.modules()):
