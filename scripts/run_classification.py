@@ -43,7 +43,7 @@ from lors_hf.training_args import (
     check_file,
     check_fits_positions,
     check_no_empty_cells,
-    checkpoint_label_ids,
+    checkpoint_labels,
     convert_model,
     defer_push_to_hub,
     load_teacher,
@@ -149,11 +149,12 @@ def main(argv: list[str] | None = None) -> int:
         raise ScriptError("--do_eval needs --validation_file (or a dataset with a validation split)")
     names = label_names(raw, data_args.label_column)
     model_path = resolve_model_path(model_args.model_name_or_path)
-    saved = checkpoint_label_ids(model_path, names)
+    saved = checkpoint_labels(model_path, names)
     new_head = saved is None
     if not new_head:  # a head trained on these labels: keep it and its order
-        label_to_id = {name: saved[str(name)] for name in names}
-        id2label = {i: label for label, i in saved.items()}
+        id_of = {label: i for i, label in saved.items()}
+        label_to_id = {name: id_of[str(name)] for name in names}
+        id2label = saved
     else:  # a head new to these labels (initialised, or kept as a starting point if the class count matches)
         label_to_id = {name: i for i, name in enumerate(names)}
         id2label = {i: str(name) for i, name in enumerate(names)}

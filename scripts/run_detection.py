@@ -45,7 +45,7 @@ from lors_hf.training_args import (
     ScriptError,
     check_counts,
     check_file,
-    checkpoint_label_ids,
+    checkpoint_labels,
     convert_model,
     defer_push_to_hub,
     lors_optimizers,
@@ -234,15 +234,16 @@ def label_mapping(categories: dict[int, str], model_name_or_path: str | None
     category_ids = sorted(categories)
     saved = None
     if model_name_or_path is not None:
-        saved = checkpoint_label_ids(resolve_model_path(model_name_or_path), [categories[c] for c in category_ids])
+        saved = checkpoint_labels(resolve_model_path(model_name_or_path), [categories[c] for c in category_ids])
     if saved is None:
         return ({i: categories[c] for i, c in enumerate(category_ids)}, {c: i for i, c in enumerate(category_ids)},
                 dict(enumerate(category_ids)))
-    label_of_category = {c: saved[categories[c]] for c in category_ids}
+    id_of = {name: i for i, name in saved.items()}  # the data's names are unique in the checkpoint
+    label_of_category = {c: id_of[categories[c]] for c in category_ids}
     category_of_label = {i: c for c, i in label_of_category.items()}
     spare_ids = iter(range(max(category_ids) + 1, max(category_ids) + 1 + len(saved)))
-    category_of_label.update({i: next(spare_ids) for i in sorted(saved.values()) if i not in category_of_label})
-    return {i: name for name, i in saved.items()}, label_of_category, category_of_label
+    category_of_label.update({i: next(spare_ids) for i in sorted(saved) if i not in category_of_label})
+    return saved, label_of_category, category_of_label
 
 
 def train_backbone_from_scratch(model: DetrForObjectDetection, trainable_norm: bool = True) -> int:

@@ -323,6 +323,12 @@ def test_detection_keeps_a_checkpoint_head_in_its_own_label_order(data, tmp_path
     checkpoint.config.save_pretrained(tmp_path / "checkpoint")
     assert detection.label_mapping({3: "a", 7: "b"}, str(tmp_path / "checkpoint")) == (
         {0: "b", 1: "z", 2: "a"}, {3: 2, 7: 0}, {2: 3, 0: 7, 1: 8})
+    # COCO-style heads name unused ids "N/A": every id is kept (the head's size), not one per distinct name
+    checkpoint.config.id2label = {0: "N/A", 1: "b", 2: "N/A", 3: "a"}
+    checkpoint.config.label2id = {"N/A": 2, "b": 1, "a": 3}
+    checkpoint.config.save_pretrained(tmp_path / "checkpoint")
+    assert detection.label_mapping({3: "a", 7: "b"}, str(tmp_path / "checkpoint")) == (
+        {0: "N/A", 1: "b", 2: "N/A", 3: "a"}, {3: 3, 7: 1}, {3: 3, 1: 7, 0: 8, 2: 9})
 
 
 def test_detection_from_scratch_trains_the_whole_backbone():

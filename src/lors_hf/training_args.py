@@ -421,25 +421,29 @@ def resolve_model_path(name: str) -> str:
         return getattr(assets, BUNDLED_MODELS[key])()
 
 
-def checkpoint_label_ids(model_path: str, names: list[str]) -> dict[str, int] | None:
-    """The checkpoint's ``label2id`` if its head was trained on every one of ``names``, else None.
+def checkpoint_labels(model_path: str, names: list[str]) -> dict[int, str] | None:
+    """The checkpoint's ``id2label`` (every id) if its head was trained on each of ``names``, else None.
 
     A head kept from a checkpoint must keep its own label order: mapping the data's labels to its outputs
-    by position would swap classes silently. None means the head is new to these labels (the script then
-    numbers them itself); names that repeat cannot be matched and also give None.
+    by position would swap classes silently. Each name must appear exactly once among the checkpoint's labels
+    (COCO-style heads repeat ``"N/A"`` for unused ids; those may repeat). None means the head is new to these
+    labels (the script then numbers them itself); names that repeat in the data also give None.
 
     Example:
-        >>> checkpoint_label_ids("out/sst2-lors", ["negative", "positive"])  # doctest: +SKIP
-        {'negative': 0, 'positive': 1}
+        >>> checkpoint_labels("out/sst2-lors", ["negative", "positive"])  # doctest: +SKIP
+        {0: 'negative', 1: 'positive'}
     """
+    from collections import Counter
+
     from transformers import AutoConfig
 
     with user_errors():
-        saved = {str(label): int(i) for label, i in (AutoConfig.from_pretrained(model_path).label2id or {}).items()}
+        id2label = {int(i): str(label) for i, label in (AutoConfig.from_pretrained(model_path).id2label or {}).items()}
     names = [str(name) for name in names]
-    if len(set(names)) != len(names) or not set(names) <= set(saved):
+    counts = Counter(id2label.values())
+    if len(set(names)) != len(names) or any(counts[name] != 1 for name in names):
         return None
-    return saved
+    return id2label
 
 
 def check_file(path: str | None, option: str, suffixes: tuple[str, ...]) -> str | None:
