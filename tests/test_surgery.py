@@ -118,6 +118,22 @@ def test_the_default_init_converts_a_pretrained_model_and_starts_a_new_one_as_th
     assert all(layer.lors_B.abs().max() == 0 for layer in layers)  # the paper's start: B = 0
 
 
+def test_the_default_init_follows_whether_weights_were_loaded_not_the_config_path(tmp_path):
+    """`name_or_path` told them apart before: `from_config` of a Hub config (random weights) got "svd", and
+    pretrained weights put in with `load_state_dict` got "scratch" (3% off at full rank)."""
+    dense, inputs = build("bert")
+    dense.save_pretrained(tmp_path)
+    fresh = tf.AutoModelForSequenceClassification.from_config(tf.AutoConfig.from_pretrained(tmp_path))
+    assert fresh.name_or_path  # what the old rule looked at
+    assert lorsify(fresh, LorsConfig(rank=4)).config.lors_config["init"] == "scratch"
+    built = tf.BertForSequenceClassification(dense.config).eval()
+    built.config._name_or_path = ""
+    built.load_state_dict(dense.state_dict())
+    lorsify(built, LorsConfig(rank="full"))
+    assert built.config.lors_config["init"] == "svd"
+    torch.testing.assert_close(_outputs(built, inputs), _outputs(dense, inputs), atol=1e-5, rtol=1e-5)
+
+
 def _give_layers_structured_differences(model: nn.Module, seed: int = 0, decay: float = 0.7) -> None:
     """Make the layers of every group differ by residuals with decaying singular values, like trained ones."""
     generator = torch.Generator().manual_seed(seed)

@@ -55,7 +55,7 @@ from transformers import PreTrainedModel
 from .config import LorsConfig
 from .discovery import plan_ranks, submodule_or_none
 from .layer import LorsLinear, SharedWeight
-from .surgery import build_lors_layers, get_lors_config, is_lorsified
+from .surgery import WEIGHTS_LOADED, build_lors_layers, get_lors_config, is_lorsified
 
 GUARD_MESSAGE = b"This is a LORS checkpoint: pip install lors-hf and `import lors_hf` before from_pretrained."
 GUARD_NOTICE_KEY = "LORS_CHECKPOINT.needs_lors_hf.pip_install_lors-hf.then_import_lors_hf_before_from_pretrained"
@@ -463,6 +463,7 @@ def install() -> None:
     @functools.wraps(finalize)
     def _finalize_model_loading(model, load_config, loading_info, *args, **kwargs):
         _verify_lors_weights(model, loading_info, getattr(load_config, "pretrained_model_name_or_path", "?"))
+        setattr(model, WEIGHTS_LOADED, True)
         return finalize(model, load_config, loading_info, *args, **kwargs)
 
     @functools.wraps(save)
@@ -475,7 +476,9 @@ def install() -> None:
 
     @functools.wraps(load_state_dict)
     def _load_state_dict(self, state_dict, *args, **kwargs):
-        return load_state_dict(self, _without_guard_tensors(self, state_dict), *args, **kwargs)
+        result = load_state_dict(self, _without_guard_tensors(self, state_dict), *args, **kwargs)
+        setattr(self, WEIGHTS_LOADED, True)
+        return result
 
     PreTrainedModel._get_dtype_plan = _get_dtype_plan
     PreTrainedModel.load_state_dict = _load_state_dict

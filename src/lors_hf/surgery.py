@@ -28,6 +28,11 @@ SHARED_CONTAINER = "lors_shared"
 """Attribute, on the module holding a stack, of the ``nn.ModuleDict`` that owns the shared weights."""
 
 
+WEIGHTS_LOADED = "_lors_weights_loaded"
+"""Attribute the load hooks set on a model that received weights (``from_pretrained``, ``load_state_dict``):
+``init="auto"`` converts those (``"svd"``) and starts any other model as the paper does (``"scratch"``)."""
+
+
 def is_lorsified(model: nn.Module) -> bool:
     """True when `model` holds LORS layers.
 
@@ -97,8 +102,8 @@ def lorsify(
             raise TypeError(f"lorsify: `config` must be a LorsConfig or a dict, got {type(config).__name__}.")
         if overrides:
             config = config.replace(**overrides)
-    if config.init == "auto":  # pretrained weights are converted; a model built from a config starts as the paper's
-        pretrained = bool(getattr(model, "name_or_path", "")) or calibration_data is not None
+    if config.init == "auto":  # loaded weights are converted; a model built from a config starts as the paper's
+        pretrained = getattr(model, WEIGHTS_LOADED, False) or calibration_data is not None
         config = config.replace(init="svd" if pretrained else "scratch")
     if calibration_data is not None and any(p.is_meta for p in model.parameters()):
         raise ValueError(
