@@ -320,7 +320,7 @@ def plan_ranks(model: nn.Module, config: LorsConfig) -> list[Stack]:
             uniform = _uniform_ranks(group, rank)
             group.ranks = [] if group.no_smaller_as_lors(uniform) else uniform
     else:
-        too_small = []  # (group, spec, stack length): the rank does not fit, and no rank that fits would pay
+        too_small = []  # (spec, group, stack length): the rank does not fit, and no rank that fits would pay
         for stack in stacks:
             for group in stack.groups:
                 spec = _rank_spec_for(group, config.rank)
@@ -344,12 +344,12 @@ def plan_ranks(model: nn.Module, config: LorsConfig) -> list[Stack]:
 
 
 def _too_small_for_any_rank(group: ProjectionGroup, spec: RankSpec) -> bool:
-    """Whether an integer rank is past `group`'s largest one and even that would not make the group smaller
+    """Whether an integer rank is past `group`'s largest one and not even rank 1 would make the group smaller
     as LORS (a ``1 x d`` gate, Qwen2-MoE's ``shared_expert_gate``). Under one rank for every group it then
-    stays dense, as under `target_reduction`, instead of failing every rank above 1; a rank dict's entry
-    still fails, as it names the group."""
+    stays dense, as under `target_reduction`, instead of failing every rank above 1; a group that a smaller
+    rank would shrink (Llama's 16 x 32 ``k_proj`` at rank 20), or a rank dict's entry, still fails."""
     return (isinstance(spec, int) and not isinstance(spec, bool) and spec > group.max_rank
-            and group.no_smaller_as_lors(_uniform_ranks(group, spec)))
+            and group.no_smaller_as_lors(_uniform_ranks(group, 1)))
 
 
 def _uniform_ranks(group: ProjectionGroup, rank: int) -> list[int]:
