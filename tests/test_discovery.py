@@ -411,6 +411,9 @@ def test_a_gate_that_no_rank_would_shrink_stays_dense_under_a_uniform_rank(tmp_p
     ids = torch.randint(0, 99, (2, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
+    # a group that a smaller rank would shrink is not left dense unasked: the rank is wrong for it
+    with pytest.raises(ValueError, match=r"rank 20 does not fit 'model.layers.self_attn.k_proj' \(16x32\)"):
+        lorsify(build("llama")[0], LorsConfig(rank=20))
 
 
 def test_a_module_reused_in_two_stacks_stays_one_dense_module():
