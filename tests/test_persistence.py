@@ -629,6 +629,12 @@ def test_a_sub_model_of_a_composite_lors_checkpoint_is_refused_by_name(tmp_path)
     with torch.no_grad():
         assert torch.equal(whole.vision_model(pixel_values=pixels).pooler_output,
                            clip.vision_model(pixel_values=pixels).pooler_output)
+    # the same checkpoint as a .bin (no safetensors header to read first): refused once loaded
+    weights = load_file(tmp_path / "model.safetensors")
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(weights, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="holds LORS weights, but the config it was given has no lors_config"):
+        transformers.CLIPVisionModel.from_pretrained(tmp_path)
 
 
 KILLED_MID_SAVE = """

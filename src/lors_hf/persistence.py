@@ -144,7 +144,10 @@ def _lands_on_dense_module(model: torch.nn.Module, key: str) -> bool:
 
 
 def _verify_lors_weights(model: PreTrainedModel, loading_info: Any, source: Any) -> None:
-    """Refuse a checkpoint whose LORS weights are missing or shaped differently from its lors_config."""
+    """Refuse a checkpoint whose LORS weights are missing or shaped differently from its lors_config, or that
+    is LORS while the config it came with has no lors_config (the guard notice is then an unexpected key)."""
+    if getattr(model.config, "lors_config", None) is None and GUARD_NOTICE_KEY in loading_info.unexpected_keys:
+        raise _lors_weights_without_plan(model)  # .bin files and state_dict loads, which the header check misses
     if not any(isinstance(m, LorsLinear) for m in model.modules()):
         return
     names = lors_parameter_names(model)
@@ -400,6 +403,16 @@ def _holds_lors_weights(files: Sequence[str | os.PathLike] | None) -> bool:
     return False
 
 
+def _lors_weights_without_plan(model: PreTrainedModel) -> ValueError:
+    return ValueError(
+        f"{type(model).__name__}.from_pretrained: the checkpoint holds LORS weights, but the config it was given "
+        "has no lors_config to rebuild the LORS layers from (a sub-model of a composite LORS model, such as "
+        "CLIPModel's text or vision model, or a config.json without its lors_config). Load the class that saved "
+        "it and take the part you need (e.g. CLIPModel.from_pretrained(path).vision_model), or make it dense "
+        "first with `lors-hf merge`."
+    )
+
+
 def _load_with_lors(original, model: PreTrainedModel, *args: Any, **kwargs: Any):
     """Wraps ``PreTrainedModel._load_pretrained_model``: clear errors for unreadable LORS checkpoints, and for
     LORS weights loaded into a model whose config has no plan for them."""
@@ -408,13 +421,7 @@ def _load_with_lors(original, model: PreTrainedModel, *args: Any, **kwargs: Any)
         if _holds_lors_weights(files):
             # e.g. CLIPVisionModel from a LORS CLIPModel checkpoint: the plan is on the composite config, the
             # sub-model's config has none, and the vision projections were left randomly initialised
-            raise ValueError(
-                f"{type(model).__name__}.from_pretrained: the checkpoint holds LORS weights, but the config it "
-                "was given has no lors_config to rebuild the LORS layers from (a sub-model of a composite LORS "
-                "model, such as CLIPModel's text or vision model, or a config.json without its lors_config). "
-                "Load the class that saved it and take the part you need (e.g. "
-                "CLIPModel.from_pretrained(path).vision_model), or make it dense first with `lors-hf merge`."
-            )
+            raise _lors_weights_without_plan(model)
         return original(model, *args, **kwargs)
     try:
         return original(model, *args, **kwargs)
