@@ -7,7 +7,7 @@ The default model is the bundled, pretrained all-MiniLM-L6-v2 (``bundled:minilm`
     python scripts/run_classification.py --train_file data/rotten_tomatoes/train.csv \\
         --validation_file data/rotten_tomatoes/test.csv --lors_target_reduction 0.5 \\
         --do_train --do_eval --num_train_epochs 1 --output_dir out/minilm-lors
-    # the dense baseline: add --no_lors; recovery by distillation: add --distill
+    # the dense baseline: --no_lors in place of the --lors_* options; recovery by distillation: add --distill
     # two processes (DDP, gloo): torchrun --nproc_per_node 2 scripts/run_classification.py ...
 
 Writes to ``--output_dir``: the model and tokenizer, ``{train,eval,all}_results.json``,

@@ -9,7 +9,8 @@
     # from scratch, a small GPT-2 (tokenizer: SmolLM2's unless --tokenizer_name):
     python scripts/run_clm.py --model_type gpt2 --config_overrides n_layer=6,n_embd=256,n_head=4 \\
         --lors_rank 16 --train_file data/shakespeare/train.txt --do_train --output_dir out/gpt2-lors
-    # the dense baseline: add --no_lors; recovery by distillation (pretrained models): add --distill
+    # the dense baseline: --no_lors in place of the --lors_* options; recovery by distillation (pretrained
+    # models): add --distill
 
 Writes to ``--output_dir``: the model and tokenizer, ``{train,eval,all}_results.json`` (loss, perplexity,
 next-token accuracy), ``parameter_report.{txt,json}``; ``--push_to_hub`` uploads them.

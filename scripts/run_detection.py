@@ -8,7 +8,8 @@ pycocotools (through the shipped ``coco_map`` metric)::
     python scripts/run_detection.py --train_annotation_file data/fashion_detection/train.json \\
         --validation_annotation_file data/fashion_detection/val.json --lors_rank 16 \\
         --do_train --do_eval --num_train_epochs 20 --output_dir out/detr-lors
-    # the dense baseline: add --no_lors; a bigger model: --config_overrides d_model=256,encoder_layers=6
+    # the dense baseline: --no_lors in place of --lors_rank; a bigger model: --config_overrides
+    # d_model=256,encoder_layers=6
 
 Images are resized to ``--image_size`` squares (boxes are kept in relative coordinates, so they follow).
 A DETR built from a config trains its whole backbone, BatchNorm included (`train_backbone_from_scratch`);

@@ -665,13 +665,16 @@ def test_a_save_removes_the_staging_folder_of_a_save_killed_mid_way(tmp_path):
     assert killed.returncode == -9, killed.stderr.decode()[-2000:]
     abandoned = staging_leftovers(folder)
     assert len(abandoned) == 1 and (folder / abandoned[0] / "model.safetensors").is_file()
-    live = folder / f".lors-saving-{socket.gethostname()}-{os.getppid()}-live"
-    elsewhere = folder / f".lors-saving-{socket.gethostname()}x-1-other"
-    for kept in (live, elsewhere):
+    own = lors_hf.persistence._own_staging_prefix()
+    assert abandoned[0].startswith(own)
+    live = folder / f"{own}{os.getppid()}-live"
+    elsewhere = folder / f".lors-saving-{socket.gethostname()}x-0-1-other"  # another host
+    other_namespace = folder / f"{own[:-1]}9-1-other"  # another container of the same host name
+    for kept in (live, elsewhere, other_namespace):
         kept.mkdir()
     model, inputs = perturbed_lors_model("bert")
     model.save_pretrained(folder)
-    assert sorted(staging_leftovers(folder)) == sorted([live.name, elsewhere.name])
+    assert sorted(staging_leftovers(folder)) == sorted([live.name, elsewhere.name, other_namespace.name])
     assert torch.equal(output(load(folder), inputs), output(model, inputs))
 
 

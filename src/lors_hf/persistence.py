@@ -285,14 +285,21 @@ STAGING_PREFIX = ".lors-saving-"
 
 
 def _own_staging_prefix() -> str:
-    return f"{STAGING_PREFIX}{socket.gethostname()}-"
+    """``.lors-saving-<host>-<pid namespace>-``: process ids are compared only within one host and namespace
+    (containers can share a hostname and a volume while their process ids are separate)."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return f"{STAGING_PREFIX}{socket.gethostname()}-{namespace}-"
 
 
 def _remove_abandoned_staging(target: Path) -> None:
     """Delete staging folders that a save on this machine left when its process was killed mid-way.
 
-    Each is named after its host and process id; one whose process is gone holds a half-written checkpoint
-    that nothing will finish. Folders of live processes and of other machines (a shared file system) stay.
+    Each is named after its host, process-id namespace and process id; one whose process is gone holds a
+    half-written checkpoint that nothing will finish. Folders of live processes and of other machines or
+    containers (a shared file system) stay.
     """
     if os.name != "posix":  # os.kill(pid, 0) only probes on POSIX
         return
