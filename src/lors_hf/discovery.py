@@ -248,7 +248,8 @@ def _projections_rewritten_in_place(model: nn.Module) -> set[int]:
         if writes is None or not writes(module):
             continue
         for block in getattr(module, blocks):
-            rewritten.update(id(submodule_or_none(block, name)) for name in names)
+            rewritten.update(id(projection) for name in names
+                             if (projection := submodule_or_none(block, name)) is not None)
     return rewritten
 
 
@@ -306,7 +307,7 @@ def plan_ranks(model: nn.Module, config: LorsConfig) -> list[Stack]:
 
     Groups the plan leaves dense (a rank dict's ``"dense"``; under `target_reduction`, those whose LORS form
     would be no smaller than their dense layers; under an integer rank past a group's largest rank, those
-    that even that rank would not make smaller) are dropped from ``stack.groups``, and stacks left with
+    that not even rank 1 would make smaller) are dropped from ``stack.groups``, and stacks left with
     no group from the result.
 
     Raises ValueError when a rank does not fit the shapes, a per-layer list has the wrong length,
@@ -320,7 +321,7 @@ def plan_ranks(model: nn.Module, config: LorsConfig) -> list[Stack]:
             uniform = _uniform_ranks(group, rank)
             group.ranks = [] if group.no_smaller_as_lors(uniform) else uniform
     else:
-        too_small = []  # (spec, group, stack length): the rank does not fit, and no rank that fits would pay
+        too_small = []  # (spec, group, stack length): the rank does not fit, and no rank >= 1 would pay
         for stack in stacks:
             for group in stack.groups:
                 spec = _rank_spec_for(group, config.rank)
