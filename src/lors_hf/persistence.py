@@ -61,6 +61,8 @@ GUARD_MESSAGE = b"This is a LORS checkpoint: pip install lors-hf and `import lor
 GUARD_NOTICE_KEY = "LORS_CHECKPOINT.needs_lors_hf.pip_install_lors-hf.then_import_lors_hf_before_from_pretrained"
 """Name of an empty tensor saved with the guard: stock transformers prints it in its load report."""
 MODEL_CARD = "README.md"
+STAGING_PREFIX = ".lors-saving-"
+"""Name start of the hidden folder a save writes into before its files move into the checkpoint folder."""
 _HUB_OPTIONS = ("commit_message", "commit_description", "private", "create_pr", "revision", "tags")
 _ORIGINALS: dict[str, Any] = {}
 
@@ -280,10 +282,6 @@ def staged_save(save_directory: str | os.PathLike, variant: str | None = None,
         shutil.rmtree(staging, ignore_errors=True)
 
 
-STAGING_PREFIX = ".lors-saving-"
-"""Name start of the hidden folder a save writes into before its files move into the checkpoint folder."""
-
-
 def _own_staging_prefix() -> str:
     """``.lors-saving-<host>-<pid namespace>-``: process ids are compared only within one host and namespace
     (containers can share a hostname and a volume while their process ids are separate)."""
@@ -404,9 +402,12 @@ def _holds_lors_weights(files: Sequence[str | os.PathLike] | None) -> bool:
 
     for file in files or ():
         if str(file).endswith(".safetensors") and os.path.isfile(file):
-            with safe_open(file, framework="pt") as handle:
-                if GUARD_NOTICE_KEY in handle.keys():
-                    return True
+            try:
+                with safe_open(file, framework="pt") as handle:
+                    if GUARD_NOTICE_KEY in handle.keys():
+                        return True
+            except Exception:  # an unreadable file: transformers' own loading reports it
+                continue
     return False
 
 
