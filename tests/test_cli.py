@@ -110,6 +110,14 @@ def test_convert_to_a_budget_with_calibration_data(dense_dir, tmp_path, capsys, 
     assert lors_hf.get_lors_config(tf.AutoModelForSequenceClassification.from_pretrained(out)).init == "alternating"
 
 
+def test_bundled_model_names_work_as_in_the_scripts(capsys):
+    """`lors-hf report bundled:minilm` looked the name up as a Hub id (offline: an error)."""
+    assert run_cli("report", "bundled:minilm", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["stacks_total"]["dense"] == 10_646_784  # MiniLM's 6 layers
+    assert run_cli("report", "bundled:nothing") == 1
+    assert "unknown bundled model 'bundled:nothing'" in capsys.readouterr().err
+
+
 def test_report_of_a_dense_checkpoint(dense_dir, capsys):
     assert run_cli("report", dense_dir, "--json") == 0
     report = json.loads(capsys.readouterr().out)

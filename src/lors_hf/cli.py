@@ -242,7 +242,15 @@ def _save_with_auxiliary_files(model: Any, source: str, output: Path) -> list[st
 
 
 def _local_or_hub(path: str) -> str:
-    """`path` with ``~`` expanded when it names a local folder, else as given (a Hub id)."""
+    """`path` with ``~`` expanded when it names a local folder, ``bundled:minilm`` / ``bundled:smollm2`` as the
+    offline assets' folders (as in the scripts), else as given (a Hub id)."""
+    if path.startswith("bundled:"):
+        from .training_args import ScriptError, resolve_model_path
+
+        try:
+            return resolve_model_path(path)
+        except ScriptError as err:
+            raise CommandError(str(err)) from None
     local = Path(path).expanduser()
     return str(local) if local.exists() else path
 
