@@ -315,17 +315,17 @@ def plan_ranks(model: nn.Module, config: LorsConfig) -> list[Stack]:
     """
     stacks = find_groups(model, config)
     groups = [group for stack in stacks for group in stack.groups]
+    too_small = []  # (spec, group, stack length): the rank does not fit, and no rank >= 1 would pay
     if config.target_reduction is not None:
         rank = _solve_uniform_rank(stacks, groups, float(config.target_reduction))
         for group in groups:
             uniform = _uniform_ranks(group, rank)
             group.ranks = [] if group.no_smaller_as_lors(uniform) else uniform
     else:
-        too_small = []  # (spec, group, stack length): the rank does not fit, and no rank >= 1 would pay
         for stack in stacks:
             for group in stack.groups:
                 spec = _rank_spec_for(group, config.rank)
-                if not isinstance(config.rank, dict) and _too_small_for_any_rank(group, spec):
+                if _too_small_for_any_rank(group, spec, uniform=not isinstance(config.rank, dict)):
                     group.ranks = []
                     too_small.append((spec, group, len(stack.blocks)))
                 else:
@@ -333,7 +333,7 @@ def plan_ranks(model: nn.Module, config: LorsConfig) -> list[Stack]:
     for stack in stacks:
         stack.groups = [group for group in stack.groups if group.ranks]
     stacks = [stack for stack in stacks if stack.groups]
-    if not stacks and config.target_reduction is None and too_small:
+    if not stacks and too_small:
         _expand(*too_small[0])  # nothing fits: the rank is wrong for this model, say so
     if not stacks:
         raise ValueError(
@@ -344,12 +344,12 @@ def plan_ranks(model: nn.Module, config: LorsConfig) -> list[Stack]:
     return stacks
 
 
-def _too_small_for_any_rank(group: ProjectionGroup, spec: RankSpec) -> bool:
+def _too_small_for_any_rank(group: ProjectionGroup, spec: RankSpec, uniform: bool) -> bool:
     """Whether an integer rank is past `group`'s largest one and not even rank 1 would make the group smaller
     as LORS (a ``1 x d`` gate, Qwen2-MoE's ``shared_expert_gate``). Under one rank for every group it then
     stays dense, as under `target_reduction`, instead of failing every rank above 1; a group that a smaller
     rank would shrink (Llama's 16 x 32 ``k_proj`` at rank 20), or a rank dict's entry, still fails."""
-    return (isinstance(spec, int) and not isinstance(spec, bool) and spec > group.max_rank
+    return (uniform and isinstance(spec, int) and not isinstance(spec, bool) and spec > group.max_rank
             and group.no_smaller_as_lors(_uniform_ranks(group, 1)))
 
 
