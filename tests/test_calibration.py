@@ -199,6 +199,27 @@ def test_decoder_tokens_are_not_masked_with_the_encoders_padding():
     assert statistics["decoder.block.layer.0.SelfAttention.q"].tokens == 2 * length - 3
 
 
+def test_a_vision_towers_patches_are_not_masked_with_the_texts_padding():
+    """CLIP: the text's attention_mask leaves out the text's padding only, even when the text is exactly as long
+    as the vision tower's sequence of patches (+ class token)."""
+    import transformers
+
+    config = transformers.CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         vocab_size=100, max_position_embeddings=32, bos_token_id=1, eos_token_id=2),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    model = transformers.CLIPModel(config)
+    patches = (32 // 8) ** 2 + 1
+    batch = {"input_ids": torch.randint(3, 99, (2, patches)), "attention_mask": torch.ones(2, patches, dtype=torch.long),
+             "pixel_values": torch.randn(2, 3, 32, 32)}
+    batch["attention_mask"][0, 5:] = 0
+    statistics = collect_input_statistics(model, plan_ranks(model, LorsConfig(rank=2)), [batch])
+    assert statistics["text_model.encoder.layers.self_attn.q_proj"].tokens == 2 * patches - (patches - 5)
+    assert statistics["vision_model.encoder.layers.self_attn.q_proj"].tokens == 2 * patches
+
+
 def test_an_encoder_decoder_calibrates_on_a_seq2seq_batch_of_labels():
     """A seq2seq batch (input_ids, attention_mask, labels, -100 on the padding) has no decoder inputs: the model
     builds them from the labels, so calibration keeps them (it dropped them: "You must specify exactly one of

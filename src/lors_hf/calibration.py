@@ -566,9 +566,17 @@ def decoder_inputs_come_from_labels(model: nn.Module | None, inputs: Mapping[str
             and inputs.get("decoder_input_ids") is None and inputs.get("decoder_inputs_embeds") is None)
 
 
+_TOKEN_INPUTS = ("input_ids", "inputs_embeds")  # the main inputs an ``attention_mask`` is about
+
+
 def _padding_mask(model: nn.Module, stack_name: str, inputs: Mapping[str, Any]) -> torch.Tensor | None:
     """The padding mask of a stack's tokens: ``attention_mask``, but for the decoder of an encoder-decoder its
-    ``decoder_attention_mask`` (or none: the encoder's mask would drop real decoder tokens of the same length)."""
+    ``decoder_attention_mask`` (or none: the encoder's mask would drop real decoder tokens of the same length),
+    and none for a stack in a sub-model of another input (CLIP's or LLaVA's vision tower, whose patches the
+    text's mask would cut wherever the text is as long)."""
+    tower = _innermost_submodel(model, stack_name)
+    if tower is not None and getattr(tower, "main_input_name", "input_ids") not in _TOKEN_INPUTS:
+        return None
     encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
     if encoder_decoder and ".decoder." in f".{stack_name}.":
         labels = inputs.get("labels")  # decoder inputs built from the labels: their -100 positions are padding
@@ -576,6 +584,15 @@ def _padding_mask(model: nn.Module, stack_name: str, inputs: Mapping[str, Any]) 
             return labels != -100
         return inputs.get("decoder_attention_mask")
     return inputs.get("attention_mask")
+
+
+def _innermost_submodel(model: nn.Module, stack_name: str) -> nn.Module | None:
+    """The deepest model below `model` (a module with its own ``config`` and ``main_input_name``, such as
+    CLIP's ``vision_model``) that holds the stack at `stack_name`; None when the stack sits in `model` itself."""
+    parts = stack_name.split(".")
+    enclosing = [model.get_submodule(".".join(parts[:depth])) for depth in range(1, len(parts))]
+    submodels = [module for module in enclosing if hasattr(module, "main_input_name") and hasattr(module, "config")]
+    return submodels[-1] if submodels else None
 
 
 def _flatten(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
