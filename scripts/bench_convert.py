@@ -41,11 +41,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import atexit  # noqa: E402
 import copy  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import shlex  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -167,6 +169,13 @@ class TimeBudget(tf.TrainerCallback):
             control.should_training_stop = True
 
 
+def scratch_folder(prefix: str) -> str:
+    """A temporary folder for the Trainers' output_dir (they save nothing there), removed when the script ends."""
+    folder = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def training_arguments(output_dir: str, batch: int, learning_rate: float, max_steps: int,
                        schedule: str = "constant_with_warmup", **extra: Any) -> tf.TrainingArguments:
     return tf.TrainingArguments(
@@ -268,7 +277,7 @@ def bench_minilm(args, sizes, results: dict, save, run: dict) -> None:
     train_set = datasets.Dataset.from_dict({"input_ids": encoded["input_ids"],
                                             "attention_mask": encoded["attention_mask"], "labels": train_labels})
     collator = tf.DataCollatorWithPadding(tokenizer)
-    workdir = tempfile.mkdtemp(prefix="bench_convert_minilm_")
+    workdir = scratch_folder("bench_convert_minilm_")
 
     def fine_tune(model, name: str, max_steps: int, minutes: float, teacher=None) -> dict[str, Any]:
         targs = training_arguments(f"{workdir}/{name}", sizes["minilm_batch"], 1e-4, max_steps, schedule="linear")
@@ -403,7 +412,7 @@ def bench_smollm2(args, sizes, results: dict, save, run: dict) -> None:
     if args.recover_lm_weight > 0:  # the student's own next-token loss on the training text
         columns["labels"] = columns["input_ids"]
     train_set = datasets.Dataset.from_dict(columns)
-    workdir = tempfile.mkdtemp(prefix="bench_convert_smollm2_")
+    workdir = scratch_folder("bench_convert_smollm2_")
 
     def record(row: dict, targs: tf.TrainingArguments) -> None:
         row.update(dense_ppl=section["dense_ppl"], batch=batch, learning_rate=targs.learning_rate,

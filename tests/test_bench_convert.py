@@ -22,12 +22,15 @@ SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_convert.py"
 def test_smoke_run_writes_the_table_the_plot_and_the_command(tmp_path):
     results_file = tmp_path / "RESULTS.md"
     results_file.write_text("# results\n\n<!-- other:start -->\nkept\n<!-- other:end -->\n")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    scratch = tmp_path / "tmp"  # the script's temporary folders (the Trainers' output_dir) go here
+    scratch.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TMPDIR": str(scratch)}
     completed = subprocess.run(
         [sys.executable, str(SCRIPT), "--smoke", "--results-file", str(results_file), "--reductions", "0.3", "0.5"],
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("bench_convert_")] == []  # removed at the end
     text = results_file.read_text()
     assert "<!-- other:start -->\nkept\n<!-- other:end -->" in text  # other sections untouched
     section = text[text.index("<!-- bench_convert:start -->"):text.index("<!-- bench_convert:end -->")]
