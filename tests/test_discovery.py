@@ -146,6 +146,27 @@ def test_exclude_modules_keeps_matching_projections_dense():
     assert _groups(stacks) == {"bert.encoder.layer": ["attention.self.query"]}
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"target_modules": ["query", "valeu"]}, r"target_modules entry 'valeu' matches no projection in the stacks"),
+    ({"target_modules": ["query", "pooler.dense"]}, r"entry 'pooler.dense' matches no projection in the stacks"),
+    ({"exclude_modules": ["value", "intermediat.dense"]}, r"exclude_modules entry 'intermediat.dense' matches no"),
+    # a string is one regex matched in full: "value" alone is no module path
+    ({"exclude_modules": "value"}, r"'value' matches no projection .* give a list \(exclude_modules=\['value'\]\)"),
+    ({"rank": {"attn": 8, ".*": 2}}, r"rank dict key 'attn' matches no projection group; .*attention\.self\.query"),
+])
+def test_a_name_that_matches_nothing_is_a_value_error(options, message):
+    """A typo, or another family's name, would otherwise convert the model otherwise than asked, silently."""
+    model, _ = build("bert")
+    with pytest.raises(ValueError, match=message):
+        plan_ranks(model, LorsConfig(**{"rank": 2, **options}))
+
+
+def test_excluding_a_projection_outside_the_stacks_is_allowed():
+    model, _ = build("bert")
+    stacks = plan_ranks(model, LorsConfig(rank=2, exclude_modules=["pooler.dense", "value"]))
+    assert "attention.self.value" not in _groups(stacks)["bert.encoder.layer"]
+
+
 def test_excluding_one_layer_leaves_the_others_sharing():
     model, _ = build("bert")
     config = LorsConfig(rank=2, target_modules=["query"], exclude_modules=["bert.encoder.layer.1.attention.self.query"])

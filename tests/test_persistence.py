@@ -530,7 +530,7 @@ DAMAGE = {
                      "do not match its lors_config"),
     "rank_list_of_wrong_length": (_edit_lors_config(lambda c: c["rank"].update({_first_group(c): [1, 2]})),
                                   "does not fit"),
-    "target_modules_edited": (_edit_lors_config(lambda c: c.update(target_modules=["query"])), "leaves dense"),
+    "target_modules_edited": (_edit_lors_config(lambda c: c.update(target_modules=["query"])), "match no projection group"),
     "lors_weight_missing": (_drop_tensor, "lacks 1 LORS weights"),
     "unknown_field_from_newer_version": (_edit_lors_config(lambda c: c.update(sparsity_mask=True)), "upgrade"),
     "newer_format_version": (_edit_lors_config(lambda c: c.update(format_version=99)), "upgrade"),

@@ -31,7 +31,8 @@ class LorsConfig:
             conversion); a list with one rank per layer of the stack (the paper's schedules, e.g.
             more private rank in late attention layers); or a dict mapping a regex (searched in the
             projection group's name, e.g. ``"encoder.layer.attention.self.query"``) to one of those
-            or to ``"dense"`` (leave that group dense), first match wins. Defaults to 32 unless
+            or to ``"dense"`` (leave that group dense), first match wins; a key that matches no group
+            is a ValueError at `lorsify`. Defaults to 32 unless
             ``target_reduction`` is given.
         target_reduction: instead of a rank, the fraction of the stacks' parameters to remove
             (e.g. 0.6); the largest uniform rank that reaches it is chosen. A group whose shared weight
@@ -42,7 +43,8 @@ class LorsConfig:
             module path (``["query", "value"]``, ``["mlp.fc1"]``), or one regex matched in full
             against the module path (``r".*decoder.*(q|v)_proj"``). Default: every linear
             projection (``nn.Linear`` or GPT-2's ``Conv1D``) inside each stacked block.
-        exclude_modules: same forms as ``target_modules``; matching projections stay dense.
+        exclude_modules: same forms as ``target_modules``; matching projections stay dense. An entry of
+            either that matches no projection (a target: none in a stack) is a ValueError at `lorsify`.
         init: ``"scratch"`` (the paper's: the shared weight keeps the first layer's dense
             initialisation, ``A`` Kaiming-uniform, ``B`` zeros), ``"svd"`` (from pretrained
             weights: shared = mean of the layers, ``B_i A_i`` = truncated SVD of the residual) or

@@ -201,12 +201,48 @@ def find_groups(model: nn.Module, config: LorsConfig) -> list[Stack]:
                "its weights." if shared_already else "")
         )
     if not stacks:
-        examples = ", ".join(sorted({re.sub(r"\.\d+\.", ".*.", c) for c in candidates})[:8])
         raise ValueError(
             f"lorsify: target_modules={config.target_modules!r} exclude_modules={config.exclude_modules!r} "
-            f"leave no projection shared by two or more layers. Projections in the stacks look like: {examples}."
+            f"leave no projection shared by two or more layers. Projections in the stacks look like: "
+            f"{_examples(candidates)}."
         )
+    _check_every_name_matches(model, config, candidates)
     return stacks
+
+
+def _examples(names: list[str]) -> str:
+    """A few of `names` with the layer indices written ``*`` (``encoder.layer.*.attention.self.query``)."""
+    return ", ".join(sorted({re.sub(r"\.\d+\.", ".*.", name) for name in names})[:8])
+
+
+def _naming(unmatched: list[str], one: str, many: str) -> str:
+    """``"entry 'x' matches"`` or ``"entries ['x', 'y'] match"``."""
+    return f"{one} {unmatched[0]!r} matches" if len(unmatched) == 1 else f"{many} {unmatched} match"
+
+
+def _check_every_name_matches(model: nn.Module, config: LorsConfig, candidates: list[str]) -> None:
+    """A ValueError for a `target_modules` / `exclude_modules` entry that matches no projection (a typo, or
+    another model family's name), which would otherwise convert the model otherwise than asked, silently.
+    A target must name a projection in a stack; an exclusion may name any projection of the model."""
+    everywhere = [name for name, module in model.named_modules() if is_projection(module)]
+    for option, spec, names in (("target_modules", config.target_modules, candidates),
+                                ("exclude_modules", config.exclude_modules, everywhere)):
+        if spec is None:
+            continue
+        # each entry on its own: a string is one regex, a list entry one suffix
+        entries = [spec] if isinstance(spec, str) else [[entry] for entry in spec]
+        unmatched = [entry if isinstance(spec, str) else entry[0] for entry in entries
+                     if not any(_matches(name, entry) for name in names)]
+        if not unmatched:
+            continue
+        hint = (f" A string is one regex matched in full against the module path; to match names as suffixes "
+                f"give a list ({option}=[{spec!r}])." if isinstance(spec, str) else
+                " List entries are matched as suffixes of the module path (\"query\", \"attention.self.query\").")
+        raise ValueError(
+            f"lorsify: {option} {_naming(unmatched, 'entry', 'entries')} no projection"
+            f"{' in the stacks' if option == 'target_modules' else ''} of {type(model).__name__}.{hint} "
+            f"Projections in the stacks look like: {_examples(candidates)}."
+        )
 
 
 def _tied_projections(model: nn.Module) -> set[int]:
@@ -322,6 +358,7 @@ def plan_ranks(model: nn.Module, config: LorsConfig) -> list[Stack]:
             uniform = _uniform_ranks(group, rank)
             group.ranks = [] if group.no_smaller_as_lors(uniform) else uniform
     else:
+        _check_every_rank_key_matches(config.rank, groups)
         for stack in stacks:
             for group in stack.groups:
                 spec = _rank_spec_for(group, config.rank)
@@ -356,6 +393,19 @@ def _too_small_for_any_rank(group: ProjectionGroup, spec: RankSpec, uniform: boo
 def _uniform_ranks(group: ProjectionGroup, rank: int) -> list[int]:
     """`rank` for every layer of `group`; a rank past the group's largest one stays at that (exact) rank."""
     return [min(rank, group.max_rank)] * len(group.layer_indices)
+
+
+def _check_every_rank_key_matches(rank: RankSpec | dict[str, RankSpec], groups: list[ProjectionGroup]) -> None:
+    """A ValueError for a rank dict key that matches no projection group (``"attn"`` on BERT, whose groups
+    say ``attention``): its rank would silently apply nowhere."""
+    if not isinstance(rank, dict):
+        return
+    unmatched = [key for key in rank if not any(re.search(key, group.name) for group in groups)]
+    if unmatched:
+        raise ValueError(
+            f"lorsify: rank dict {_naming(unmatched, 'key', 'keys')} no projection group; "
+            f"a key is a regex searched in the group names, which are: {', '.join(group.name for group in groups)}."
+        )
 
 
 def _rank_spec_for(group: ProjectionGroup, rank: RankSpec | dict[str, RankSpec]) -> RankSpec:
