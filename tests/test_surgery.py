@@ -570,3 +570,13 @@ def test_an_explicit_rank_past_the_break_even_warns_and_names_the_groups():
         lorsify(_gqa_llama(), rank=5, init="svd")  # 1,952 as LORS: still smaller
         lorsify(_gqa_llama(), rank="full", init="svd")  # exact: asked for on purpose
         lorsify(_gqa_llama(), target_reduction=0.2, init="svd")  # the budget keeps k/v dense itself
+
+
+def test_get_lors_config_reads_a_model_or_its_config_and_refuses_a_path(tmp_path):
+    model, _ = build("bert")
+    assert get_lors_config(model) is None and get_lors_config(model.config) is None
+    lorsify(model, rank=2, init="svd")
+    assert get_lors_config(model) == get_lors_config(model.config) and get_lors_config(model).init == "svd"
+    model.save_pretrained(tmp_path)
+    with pytest.raises(TypeError, match=r"not PosixPath.*load_lors_config\(path\)"):
+        get_lors_config(tmp_path)  # a checkpoint folder: its config was silently "dense" (None)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from .config import LorsConfig
@@ -41,9 +41,27 @@ def is_lorsified(model: nn.Module) -> bool:
     return any(isinstance(m, LorsLinear) for m in model.modules())
 
 
-def get_lors_config(model: nn.Module) -> LorsConfig | None:
-    """The `LorsConfig` recorded on ``model.config`` (None for a dense model)."""
-    data = getattr(getattr(model, "config", None), "lors_config", None)
+def get_lors_config(model: nn.Module | PretrainedConfig) -> LorsConfig | None:
+    """The `LorsConfig` recorded on ``model.config`` (or on a model config itself); None for a dense model.
+
+    For a checkpoint on disk, use `load_lors_config(path)`.
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        ...                              intermediate_size=64))
+        >>> get_lors_config(model) is None, get_lors_config(lorsify(model, rank=4)).init
+        (True, 'scratch')
+    """
+    if isinstance(model, PretrainedConfig):
+        data = getattr(model, "lors_config", None)
+    elif isinstance(model, nn.Module):
+        data = getattr(getattr(model, "config", None), "lors_config", None)
+    else:
+        raise TypeError(
+            f"get_lors_config takes a model or its config, not {type(model).__name__} ({model!r:.80}); for a "
+            "checkpoint folder use lors_hf.load_lors_config(path)."
+        )
     return None if data is None else LorsConfig.from_dict(data)
 
 
