@@ -1,4 +1,4 @@
-"""The metric scripts shipped in lors_hf.metrics: coco_map's edge cases and its refusal of malformed input."""
+"""The metric scripts shipped in lors_hf.metrics: coco_map's edge cases, and malformed input refused by both."""
 
 import pytest
 
@@ -37,3 +37,31 @@ def test_no_detections_score_zero_only_where_a_ground_truth_box_qualifies():
 def test_malformed_input_is_a_value_error_naming_the_image(predictions, references, message):
     with pytest.raises(ValueError, match=message):
         _compute(predictions, references)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"predictions": [0.9, 0.2, 0.6], "references": [1, 0, 1]}, "predictions must be integer .* argmax"),  # was 0.333
+    ({"predictions": [1, 0, 1], "references": [1.0, 0.5, 1.0]}, "references must be integer"),
+    ({"predictions": [1, 0, 1], "references": [1, 0, 1], "sample_weight": [1.0, 2.0]}, "one weight per prediction"),
+    ({"predictions": [1, 0, 1], "references": [1, 0, 1], "sample_weight": [0, 0, 0]}, "sums to zero"),
+    ({"predictions": [1, 0, 1], "references": [1, 0, 1], "sample_weight": [1, -1, 1]}, "finite weights >= 0"),
+])
+def test_accuracy_refuses_scores_and_unusable_weights(kwargs, message):
+    """Float scores were truncated to label 0 by the int32 feature; a wrong-length weight list was numpy's "shapes
+    not aligned" and all-zero weights a ZeroDivisionError."""
+    with pytest.raises(ValueError, match=message):
+        load_metric("accuracy").compute(**kwargs)
+
+
+def test_accuracy_refuses_scores_added_one_by_one_and_in_multilabel_rows():
+    with pytest.raises(ValueError, match="predictions must be integer"):
+        load_metric("accuracy").add(prediction=0.7, reference=1)
+    with pytest.raises(ValueError, match="predictions must be integer"):
+        load_metric("accuracy", config_name="multilabel").compute(predictions=[[0, 1], [0.5]], references=[[0, 1], [1]])
+
+
+def test_accuracy_takes_whole_floats_and_a_zero_weighted_count():
+    metric = load_metric("accuracy")
+    assert metric.compute(predictions=[1.0, 0.0, 1.0], references=[1, 0, 0]) == {"accuracy": pytest.approx(2 / 3)}
+    assert metric.compute(predictions=[1, 0], references=[1, 0], sample_weight=[0, 0], normalize=False) == {
+        "accuracy": 0.0}
