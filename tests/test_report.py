@@ -98,3 +98,9 @@ def test_more_private_rank_means_less_reduction():
         lorsify(model, rank=rank)
         reductions.append(parameter_report(model).stacks_total.reduction)
     assert reductions[0] > reductions[1] > reductions[2] > 0
+
+
+def test_a_checkpoint_path_instead_of_a_model_is_a_type_error_naming_from_pretrained(tmp_path):
+    """Was an AttributeError: 'str' object has no attribute 'modules'."""
+    with pytest.raises(TypeError, match=r"parameter_report takes a model .* got str .*from_pretrained\(path\)"):
+        parameter_report(str(tmp_path))

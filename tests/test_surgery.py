@@ -244,6 +244,13 @@ def test_merge_and_unload_refuses_a_dense_model():
         merge_and_unload(model)
 
 
+@pytest.mark.parametrize("function", [is_lorsified, merge_and_unload])
+def test_a_checkpoint_path_instead_of_a_model_is_a_type_error_naming_from_pretrained(function, tmp_path):
+    """Was an AttributeError: 'str' object has no attribute 'modules'."""
+    with pytest.raises(TypeError, match=rf"{function.__name__} takes a model .* got str .*from_pretrained\(path\)"):
+        function(str(tmp_path))
+
+
 # --------------------------------------------------------------------------------------------- shared weight
 
 

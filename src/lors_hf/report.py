@@ -8,7 +8,7 @@ from torch import nn
 
 from .discovery import sharing_stacks, stack_parameters, submodule_or_none
 from .layer import LorsLinear
-from .surgery import SHARED_CONTAINER, shared_owner
+from .surgery import SHARED_CONTAINER, check_model, shared_owner
 
 
 @dataclass
@@ -68,6 +68,7 @@ def parameter_report(model: nn.Module) -> ParameterReport:
         True
         >>> print(report)  # doctest: +SKIP
     """
+    check_model(model, "parameter_report")
     report = ParameterReport()
     extra_total = 0
     for stack in sharing_stacks(model):

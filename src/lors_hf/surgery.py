@@ -33,11 +33,21 @@ WEIGHTS_LOADED = "_lors_weights_loaded"
 ``init="auto"`` converts those (``"svd"``) and starts any other model as the paper does (``"scratch"``)."""
 
 
+def check_model(model: Any, what: str) -> None:
+    """A TypeError naming `what` unless `model` is a torch module (a checkpoint path is a common slip)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"{what} takes a model (a torch nn.Module), got {type(model).__name__} {model!r:.80}; load a checkpoint "
+            "first, e.g. AutoModelForCausalLM.from_pretrained(path) (LORS checkpoints too, once lors_hf is imported)."
+        )
+
+
 def is_lorsified(model: nn.Module) -> bool:
     """True when `model` holds LORS layers.
 
     A ``lors_config`` alone does not count: ``from_config`` of a LORS checkpoint's config builds dense layers.
     """
+    check_model(model, "is_lorsified")
     return any(isinstance(m, LorsLinear) for m in model.modules())
 
 
@@ -313,6 +323,7 @@ def merge_and_unload(model: PreTrainedModel) -> PreTrainedModel:
         >>> type(model.encoder.layer[0].attention.self.query).__name__
         'Linear'
     """
+    check_model(model, "merge_and_unload")
     if not is_lorsified(model):
         raise ValueError("merge_and_unload: this model has no LORS layers (lorsify it first).")
     with torch.no_grad():
