@@ -65,11 +65,23 @@ def test_groups_hold_every_trainable_parameter_once_with_lors_b_faster(stack_lr_
         (_lors_gpt2, {"b_lr_ratio": -1.0}, "positive"),
         (_lors_gpt2, {"stack_lr_ratio": 0.0}, "positive"),
         (_lors_gpt2, {"lr": "1e-3"}, "positive"),  # a string from a config file: was a TypeError in a comparison
+        (_lors_gpt2, {"lr": float("inf")}, "finite positive"),  # these four were accepted
+        (_lors_gpt2, {"b_lr_ratio": float("inf")}, "finite positive"),
+        (_lors_gpt2, {"weight_decay": -0.1}, "weight_decay must be a finite number >= 0"),
+        (_lors_gpt2, {"weight_decay": float("inf")}, "weight_decay must be a finite number >= 0"),
+        (_lors_gpt2, {"weight_decay": float("nan")}, "weight_decay must be a finite number >= 0"),  # NaN weights
+        (_lors_gpt2, {"weight_decay": None}, "weight_decay must be a finite number >= 0"),  # failed in step()
     ],
 )
 def test_bad_input_is_named(model_factory, kwargs, message):
     with pytest.raises(ValueError, match=message):
         lors_parameter_groups(model_factory(), **{"lr": 1e-3, **kwargs})
+
+
+def test_a_checkpoint_path_instead_of_a_model_is_a_type_error(tmp_path):
+    """Was an AttributeError: 'str' object has no attribute 'modules'."""
+    with pytest.raises(TypeError, match=r"lors_parameter_groups takes a model .*from_pretrained\(path\)"):
+        lors_parameter_groups(str(tmp_path), lr=1e-3)
 
 
 class _LearningRates(tf.TrainerCallback):

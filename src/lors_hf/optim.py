@@ -27,11 +27,13 @@ learning rate, so the ratio holds throughout the schedule.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch import nn
 
 from .layer import SharedWeight
+from .surgery import check_model
 
 DEFAULT_B_LR_RATIO = 8.0
 """From ``scripts/bench_scratch.py --preset long --b-lr-ratio 8`` (LORS-60 went from +6.0% to -0.1% perplexity
@@ -59,18 +61,24 @@ def lors_parameter_groups(
     layers; empty groups are left out.
 
     Raises:
+        TypeError: `model` is not an ``nn.Module`` (e.g. a checkpoint path).
         ValueError: `model` has no LORS layer with a private rank (call `lorsify` first, or use plain
-            parameter groups), or `lr`, `b_lr_ratio` or `stack_lr_ratio` is not positive.
+            parameter groups), `lr`, `b_lr_ratio` or `stack_lr_ratio` is not a finite positive number, or
+            `weight_decay` is not a finite number >= 0.
 
     Example:
         >>> groups = lors_parameter_groups(model, lr=1e-3, weight_decay=0.01)  # doctest: +SKIP
         >>> sorted(g["lr"] for g in groups)  # doctest: +SKIP
         [0.001, 0.001, 0.001, 0.008]
     """
+    check_model(model, "lors_parameter_groups")
     rates = (lr, b_lr_ratio, stack_lr_ratio)
-    if not all(isinstance(rate, int | float) and not isinstance(rate, bool) and rate > 0 for rate in rates):
-        raise ValueError(f"lors_parameter_groups: lr, b_lr_ratio and stack_lr_ratio must be positive numbers "
+    if not all(isinstance(rate, int | float) and not isinstance(rate, bool) and 0 < rate < math.inf for rate in rates):
+        raise ValueError(f"lors_parameter_groups: lr, b_lr_ratio and stack_lr_ratio must be finite positive numbers "
                          f"(got lr={lr!r}, b_lr_ratio={b_lr_ratio!r}, stack_lr_ratio={stack_lr_ratio!r}).")
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, int | float) or not 0 <= weight_decay < math.inf:
+        raise ValueError(f"lors_parameter_groups: weight_decay must be a finite number >= 0 (e.g. 0.01, or 0 for "
+                         f"none), got {weight_decay!r}.")
     shared_ids = {id(module.weight) for module in model.modules() if isinstance(module, SharedWeight)}
     decay, no_decay, stack, private_b = [], [], [], []
     for name, param in model.named_parameters():  # named_parameters yields a shared weight once
