@@ -139,6 +139,10 @@ def test_report_of_a_dense_checkpoint(dense_dir, capsys):
         (["convert", "{dense}", "{tmp}/out", "--calibration-damping", "-1"], 2, "invalid damping -1.0"),
         (["convert", "{dense}", "{tmp}/out", "--calibration-damping", "nan"], 2, "invalid damping nan"),
         (["convert", "{dense}", "{tmp}/out", "--calibration-damping", "0.1"], 1, "add --calibration-file"),
+        (["convert", "{dense}", "{tmp}/out", "--calibration-samples", "3"], 1,  # both were ignored, status 0
+         "--calibration-samples applies to data-aware conversion: add --calibration-file"),
+        (["convert", "{dense}", "{tmp}/out", "--max-length", "7"], 1,
+         "--max-length applies to data-aware conversion: add --calibration-file"),
         (["convert", "{dense}", "{tmp}/out", "--max-length", "-3"], 2, "invalid count -3"),
         (["convert", "{dense}", "{dense}"], 1, "must differ from the input"),
         (["merge", "{dense}", "{tmp}/out"], 1, "not a LORS checkpoint"),

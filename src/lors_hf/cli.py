@@ -26,6 +26,10 @@ AUXILIARY_PATTERNS = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.
 """Files of a model directory (tokenizer, processor) that `convert` and `merge` copy next to the new weights."""
 TOKENIZER_PATTERNS = ("tokenizer.json", "vocab*", "merges.txt", "*.model")
 """Files of which a model directory needs one for its tokenizer to load (``--calibration-file``)."""
+CALIBRATION_SAMPLES = 128
+"""Lines of the ``--calibration-file`` that `convert` uses unless ``--calibration-samples`` says otherwise."""
+CALIBRATION_MAX_LENGTH = 128
+"""Tokens per calibration sample unless ``--max-length`` says otherwise."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -78,9 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--exclude-modules", default=None, help="comma-separated projection names to keep dense")
     convert.add_argument("--calibration-file", default=None,
                          help="data-aware conversion: a text file, one sample per line (needs the model's tokenizer)")
-    convert.add_argument("--calibration-samples", type=_positive_int, default=128, help="lines of it to use (default 128)")
-    convert.add_argument("--max-length", type=_positive_int, default=128,
-                         help="tokens per calibration sample (default 128)")
+    convert.add_argument("--calibration-samples", type=_positive_int, default=None,
+                         help=f"lines of the --calibration-file to use (default {CALIBRATION_SAMPLES})")
+    convert.add_argument("--max-length", type=_positive_int, default=None,
+                         help=f"tokens per --calibration-file sample (default {CALIBRATION_MAX_LENGTH})")
     convert.add_argument("--calibration-damping", type=_damping, default=None,
                          help="ridge on the calibration inputs' moments, a fraction of their mean diagonal "
                               "(default: lors_hf.calibration.DEFAULT_DAMPING)")
@@ -291,8 +296,11 @@ def _convert(args: argparse.Namespace) -> None:
         raise CommandError(f"--calibration-file {args.calibration_file}: no such file")
     if args.calibration_file is not None and args.init == "scratch":
         raise CommandError("--calibration-file needs --init svd or alternating")
-    if args.calibration_damping is not None and args.calibration_file is None:
-        raise CommandError("--calibration-damping applies to data-aware conversion: add --calibration-file")
+    calibration_options = {"--calibration-samples": args.calibration_samples, "--max-length": args.max_length,
+                           "--calibration-damping": args.calibration_damping}
+    for option, value in calibration_options.items():
+        if value is not None and args.calibration_file is None:
+            raise CommandError(f"{option} applies to data-aware conversion: add --calibration-file")
     with _guard("convert", ValueError, TypeError):
         config = LorsConfig(rank=args.rank, target_reduction=args.target_reduction, init=args.init,
                             target_modules=_names(args.target_modules), exclude_modules=_names(args.exclude_modules))
@@ -336,7 +344,9 @@ def _calibration_batches(args: argparse.Namespace, source: str) -> list[dict[str
     except UnicodeDecodeError as err:
         raise CommandError(f"--calibration-file {args.calibration_file} is not UTF-8 text ({err.reason} at byte "
                            f"{err.start}): give plain text, one sample per line") from None
-    lines = [line for line in (line.strip() for line in text.splitlines()) if line][: args.calibration_samples]
+    samples = CALIBRATION_SAMPLES if args.calibration_samples is None else args.calibration_samples
+    max_length = CALIBRATION_MAX_LENGTH if args.max_length is None else args.max_length
+    lines = [line for line in (line.strip() for line in text.splitlines()) if line][:samples]
     if not lines:
         raise CommandError(f"--calibration-file {args.calibration_file} has no text")
     folder = Path(source)
@@ -349,7 +359,7 @@ def _calibration_batches(args: argparse.Namespace, source: str) -> list[dict[str
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     batch_size = 16
-    return [dict(tokenizer(lines[i:i + batch_size], padding=True, truncation=True, max_length=args.max_length,
+    return [dict(tokenizer(lines[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
                            return_tensors="pt")) for i in range(0, len(lines), batch_size)]
 
 
