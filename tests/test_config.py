@@ -36,6 +36,9 @@ from lors_hf.config import FORMAT_VERSION
         ({"target_reduction": "0.6"}, TypeError, r"must be a float in \(0, 1\)"),
         ({"alternating_steps": 0}, ValueError, r"positive int"),
         ({"format_version": FORMAT_VERSION + 1}, ValueError, r"newer than the format .* upgrade lors_hf"),
+        ({"format_version": "1"}, TypeError, r"`format_version` must be an int"),  # was "format 1, newer than 1"
+        ({"format_version": True}, TypeError, r"`format_version` must be an int"),
+        ({"format_version": 0}, ValueError, r"`format_version` must be >= 1"),
     ],
 )
 def test_invalid_config_raises_with_a_message_naming_the_fix(kwargs, error, message):

@@ -120,7 +120,13 @@ class LorsConfig:
             raise ValueError(f"LorsConfig: unknown init {self.init!r}; choose one of auto, {', '.join(INIT_METHODS)}.")
         if isinstance(self.alternating_steps, bool) or not isinstance(self.alternating_steps, int) or self.alternating_steps < 1:
             raise ValueError(f"LorsConfig: `alternating_steps` must be a positive int, got {self.alternating_steps!r}.")
-        if not isinstance(self.format_version, int) or self.format_version > FORMAT_VERSION:
+        if isinstance(self.format_version, bool) or not isinstance(self.format_version, int):
+            raise TypeError(f"LorsConfig: `format_version` must be an int (LORS formats are numbered from 1; "
+                            f"leave it at its default, {FORMAT_VERSION}), got {self.format_version!r}.")
+        if self.format_version < 1:
+            raise ValueError(f"LorsConfig: `format_version` must be >= 1 (LORS formats are numbered from 1; leave "
+                             f"it at its default, {FORMAT_VERSION}), got {self.format_version}.")
+        if self.format_version > FORMAT_VERSION:
             raise ValueError(
                 f"LorsConfig: this checkpoint uses LORS format {self.format_version}, newer than the format "
                 f"{FORMAT_VERSION} this lors_hf understands; upgrade lors_hf (pip install -U lors-hf)."
