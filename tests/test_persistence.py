@@ -714,6 +714,18 @@ def test_gpt2_with_rank_zero_layers_reloads_bit_for_bit(tmp_path):
     assert torch.equal(output(reloaded, inputs), output(model.eval(), inputs))
 
 
+def test_writing_a_model_card_keeps_a_readme_of_the_users_own_unless_told_to_overwrite(tmp_path):
+    model = lorsify(build("bert")[0], rank=2)
+    (tmp_path / "README.md").write_text("# my own notes\n")
+    with pytest.raises(ValueError, match=r"is not a LORS model card .* overwrite=True"):
+        lors_hf.write_model_card(model, tmp_path)
+    assert (tmp_path / "README.md").read_text() == "# my own notes\n"
+    lors_hf.write_model_card(model, tmp_path, overwrite=True)
+    assert "LORS" in (tmp_path / "README.md").read_text()
+    lors_hf.write_model_card(model, tmp_path, repo_id="me/model")  # a LORS card of its own: replaced freely
+    assert 'from_pretrained("me/model")' in (tmp_path / "README.md").read_text()
+
+
 def test_model_card_of_a_dense_model_is_refused_with_a_clear_error(tmp_path):
     model, _ = build("bert")
     with pytest.raises(ValueError, match="not a LORS model"):

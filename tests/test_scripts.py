@@ -457,6 +457,39 @@ def test_push_to_hub(data, tiny_bert, tmp_path, guarded_hub):
     assert "model.safetensors" in guarded_hub.lfs_paths("me/tiny-lors", revision="trained")
 
 
+PUSH_WITH_OWN_CARD = """
+import sys
+from pathlib import Path
+import transformers as tf
+from lors_hf import lorsify
+from lors_hf.training_args import push_trained_model
+sys.path.insert(0, sys.argv[2])
+from tiny_models import build
+
+out = Path(sys.argv[1])
+out.mkdir()
+(out / "README.md").write_text("# my own notes\\n")
+model, _ = build("bert")
+lorsify(model, rank=2)
+trainer = tf.Trainer(model=model, args=tf.TrainingArguments(output_dir=str(out), hub_model_id="me/own-card",
+                                                            hub_token=sys.argv[3], report_to=[], use_cpu=True))
+trainer.save_model()
+push_trained_model(trainer)
+"""
+
+
+def test_pushing_a_trained_model_keeps_a_readme_of_the_users_own(tmp_path, guarded_hub):
+    """save_model keeps the user's README.md in output_dir, and so does the push (it replaced it by a LORS card)."""
+    env = subprocess_env(HF_ENDPOINT=guarded_hub.endpoint, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf-home"),
+                         HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1", NO_PROXY="127.0.0.1,localhost",
+                         no_proxy="127.0.0.1,localhost")
+    proc = subprocess.run([sys.executable, "-c", PUSH_WITH_OWN_CARD, str(tmp_path / "out"), str(ROOT / "tests"),
+                           HUB_TOKEN], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert guarded_hub.files("me/own-card")["README.md"] == b"# my own notes\n"
+    assert (tmp_path / "out" / "README.md").read_text() == "# my own notes\n"
+
+
 # ------------------------------------------------------------------------------------------------ errors
 
 

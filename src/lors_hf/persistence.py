@@ -178,12 +178,14 @@ def _verify_lors_weights(model: PreTrainedModel, loading_info: Any, source: Any)
 
 
 def write_model_card(
-    model: PreTrainedModel, directory: str | os.PathLike, repo_id: str | None = None, tags: list[str] | None = None
+    model: PreTrainedModel, directory: str | os.PathLike, repo_id: str | None = None, tags: list[str] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a README.md model card (YAML metadata, parameter report, how to load) for a LORS model.
 
     `repo_id` is the name the load instructions use (default: `directory`); `base_model` is filled in
-    when ``model.config._name_or_path`` is a Hub name (``org/name``, not a local folder).
+    when ``model.config._name_or_path`` is a Hub name (``org/name``, not a local folder). A README.md
+    there that is not a LORS model card (one of your own) is a ValueError unless `overwrite` is True.
 
     Example:
         >>> # write_model_card(model, "out/my-lors-model", repo_id="me/my-lors-model")
@@ -196,6 +198,12 @@ def write_model_card(
             f"write_model_card: this {type(model).__name__} is not a LORS model (no LORS layers or no lors_config), "
             "so a LORS model card would describe it wrongly; lorsify it first, or for a dense model (e.g. after "
             "merge_and_unload) use transformers' own model card."
+        )
+    path = Path(directory) / MODEL_CARD
+    if path.is_file() and not overwrite and not _is_lors_model_card(path):
+        raise ValueError(
+            f"write_model_card: {path} is not a LORS model card (your own README?); it is kept. Pass "
+            "overwrite=True to replace it, or write the card into another folder."
         )
     report = parameter_report(model)
     base = str(getattr(model.config, "_name_or_path", "") or "")
@@ -220,7 +228,6 @@ def write_model_card(
               f"from transformers import {auto_class}",
               f'model = {auto_class}.from_pretrained("{name}")',
               "dense = lors_hf.merge_and_unload(model)  # optional: a stock transformers model", "```", ""]
-    path = Path(directory) / MODEL_CARD
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
 
