@@ -153,6 +153,25 @@ def test_kl_is_zero_for_identical_logits_and_positive_otherwise():
         0.0, abs=1e-7)
 
 
+def test_kl_needs_logits_from_both_models(tmp_path):
+    """A teacher without a head (BertModel) and a classifier student: alpha_kl > 0 was silently left out."""
+    hidden = torch.randn(2, 5, 32)
+    with_logits, without = {"logits": torch.randn(2, 3), "last_hidden_state": hidden}, {"last_hidden_state": hidden}
+    with pytest.raises(ValueError, match="the student returns logits but the teacher does not.*alpha_kl=0"):
+        distillation_losses(with_logits, without)
+    with pytest.raises(ValueError, match="the teacher returns logits but the student does not"):
+        distillation_losses(without, with_logits)
+    assert set(distillation_losses(with_logits, without, use_kl=False)) == {"hidden"}
+    teacher = _tiny_bert_model()
+    student = tf.BertForSequenceClassification(teacher.config).train()
+    batch = {"input_ids": torch.tensor([[1, 2, 3, 4]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    trainer = DistillationTrainer(model=student, args=_args(tmp_path), teacher_model=teacher)
+    with pytest.raises(ValueError, match="alpha_kl=0"):
+        trainer.compute_loss(student, dict(batch))
+    trainer = DistillationTrainer(model=student, args=_args(tmp_path), teacher_model=teacher, alpha_kl=0.0)
+    assert math.isfinite(float(trainer.compute_loss(student, dict(batch))))
+
+
 def test_invalid_settings_are_refused(tmp_path):
     student, teacher = _student_and_teacher("llama")
     with pytest.raises(ValueError, match="temperature"):

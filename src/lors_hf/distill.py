@@ -135,7 +135,7 @@ class DistillationTrainer(Trainer):
                                  "does the dataset have a `labels` column?")
         terms = distillation_losses(student_outputs, teacher_outputs, inputs.get("attention_mask"),
                                     self.temperature, use_hidden=use_hidden,
-                                    decoder_attention_mask=_decoder_mask(inputs))
+                                    decoder_attention_mask=_decoder_mask(inputs), use_kl=self.alpha_kl > 0)
         loss = None
         for weight, term in ((self.alpha_kl, terms.get("kl")), (self.alpha_hidden, terms.get("hidden")),
                              (self.alpha_task, task_loss)):
@@ -177,10 +177,12 @@ def distillation_losses(
     temperature: float = 2.0,
     use_hidden: bool = True,
     decoder_attention_mask: torch.Tensor | None = None,
+    use_kl: bool = True,
 ) -> dict[str, torch.Tensor]:
     """The unweighted distillation terms ``{"kl": ..., "hidden": ...}`` (a term is absent when it cannot apply).
 
-    ``kl``: ``T^2 * KL(teacher || student)`` of the temperature-scaled logits, averaged over positions.
+    ``kl``: ``T^2 * KL(teacher || student)`` of the temperature-scaled logits, averaged over positions; absent
+    with ``use_kl=False`` or when neither model returns logits (when only one does: a ValueError).
     ``hidden``: mean over layers of the MSE between parameter-free-LayerNormed hidden states
     (``hidden_states`` past the embeddings when both models return them, else ``last_hidden_state``).
     Positions where the mask is 0 are left out: `attention_mask` for an encoder or decoder-only model,
@@ -196,7 +198,14 @@ def distillation_losses(
     if _get(student_outputs, "encoder_last_hidden_state") is not None:  # decoder positions: the decoder's mask
         attention_mask = decoder_attention_mask
     student_logits, teacher_logits = _get(student_outputs, "logits"), _get(teacher_outputs, "logits")
-    if isinstance(student_logits, torch.Tensor) and isinstance(teacher_logits, torch.Tensor):
+    student_has_logits, teacher_has_logits = (isinstance(x, torch.Tensor) for x in (student_logits, teacher_logits))
+    if use_kl and student_has_logits != teacher_has_logits:
+        with_logits, without = ("student", "teacher") if student_has_logits else ("teacher", "student")
+        raise ValueError(f"distillation: the {with_logits} returns logits but the {without} does not (a model "
+                         "without a head, like BertModel), so there is no KL term: give both models the same head, "
+                         "or leave the KL term out (DistillationTrainer's alpha_kl=0, distillation_losses' "
+                         "use_kl=False).")
+    if use_kl and student_has_logits and teacher_has_logits:
         if student_logits.shape != teacher_logits.shape:
             raise ValueError(f"distillation: student logits {tuple(student_logits.shape)} and teacher logits "
                              f"{tuple(teacher_logits.shape)} differ.")
