@@ -172,6 +172,23 @@ def test_kl_needs_logits_from_both_models(tmp_path):
     assert math.isfinite(float(trainer.compute_loss(student, dict(batch))))
 
 
+def test_distillation_losses_refuses_a_bad_temperature_and_tuple_outputs():
+    """temperature=0 gave a nan KL, a negative one was taken, and tuple outputs (return_dict=False) gave {}."""
+    outputs = {"logits": torch.randn(2, 5, 7)}
+    for temperature in (0.0, -2.0, float("inf")):
+        with pytest.raises(ValueError, match="distillation_losses: temperature must be a finite number > 0"):
+            distillation_losses(outputs, outputs, temperature=temperature)
+    with pytest.raises(TypeError, match="temperature must be a number, got '2'"):
+        distillation_losses(outputs, outputs, temperature="2")
+    model = tf.BertForSequenceClassification(_tiny_bert_model().config).eval()
+    with torch.no_grad():
+        output = model(input_ids=torch.tensor([[1, 2, 3]]))
+    with pytest.raises(TypeError, match="the student's outputs are a tuple.*return_dict=True"):
+        distillation_losses(output.to_tuple(), output)
+    with pytest.raises(TypeError, match="the teacher's outputs are a tuple"):
+        distillation_losses(output, output.to_tuple())
+
+
 def test_invalid_settings_are_refused(tmp_path):
     student, teacher = _student_and_teacher("llama")
     with pytest.raises(ValueError, match="temperature"):

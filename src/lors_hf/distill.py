@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -70,8 +71,7 @@ class DistillationTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"DistillationTrainer: temperature must be a finite number > 0, got {temperature}.")
+        temperature = _checked_temperature(temperature, "DistillationTrainer")
         alphas = (alpha_kl, alpha_hidden, alpha_task)
         if not all(math.isfinite(a) and a >= 0 for a in alphas) or sum(alphas) == 0:
             raise ValueError("DistillationTrainer: the alphas must be finite, >= 0 and not all zero, got "
@@ -82,7 +82,7 @@ class DistillationTrainer(Trainer):
                              "in place, so `teacher = model; lorsify(model, ...)` makes them one model, and freezing "
                              "the teacher would freeze the student): pass a copy of the dense model taken before "
                              "conversion, e.g. `teacher = copy.deepcopy(model)` before `lorsify(model, ...)`.")
-        self.temperature = float(temperature)
+        self.temperature = temperature
         self.alpha_kl, self.alpha_hidden, self.alpha_task = float(alpha_kl), float(alpha_hidden), float(alpha_task)
         student_device = next(self.model.parameters()).device
         self.teacher_model = teacher_model.to(student_device).eval()
@@ -194,6 +194,12 @@ def distillation_losses(
         >>> float(distillation_losses(s, t)["kl"])
         0.0
     """
+    temperature = _checked_temperature(temperature, "distillation_losses")
+    for role, outputs in (("student", student_outputs), ("teacher", teacher_outputs)):
+        if isinstance(outputs, tuple | list):
+            raise TypeError(f"distillation_losses: the {role}'s outputs are a {type(outputs).__name__}, whose "
+                            "logits and hidden states cannot be told apart: pass the model's output object or a "
+                            "dict (call the model with return_dict=True).")
     terms: dict[str, torch.Tensor] = {}
     if _get(student_outputs, "encoder_last_hidden_state") is not None:  # decoder positions: the decoder's mask
         attention_mask = decoder_attention_mask
@@ -255,6 +261,15 @@ def distill(
                                   **kwargs)
     trainer.train()
     return trainer
+
+
+def _checked_temperature(temperature: Any, owner: str) -> float:
+    """`temperature` as a float; a TypeError unless it is a number, a ValueError unless it is finite and > 0."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"{owner}: temperature must be a number, got {temperature!r} ({type(temperature).__name__}).")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{owner}: temperature must be a finite number > 0, got {temperature}.")
+    return float(temperature)
 
 
 def _get(outputs: Any, name: str) -> Any:
