@@ -201,6 +201,23 @@ def test_invalid_settings_are_refused(tmp_path):
         DistillationTrainer(model=student, args=_args(tmp_path), teacher_model=teacher, alpha_hidden=float("nan"))
 
 
+def test_bad_teacher_settings_and_distill_arguments_are_named(tmp_path):
+    """A teacher that is no model, a string temperature or alpha, args that are no TrainingArguments and an empty
+    dataset failed with AttributeErrors and TypeErrors from deep inside, or torch's num_samples error."""
+    student, teacher = _student_and_teacher("llama")
+    for bad in (None, "bert-base-uncased"):
+        with pytest.raises(TypeError, match=f"teacher_model must be a model.*got {bad!r}.*from_pretrained"):
+            DistillationTrainer(model=student, args=_args(tmp_path), teacher_model=bad)
+    with pytest.raises(TypeError, match="temperature must be a number, got '2'"):
+        DistillationTrainer(model=student, args=_args(tmp_path), teacher_model=teacher, temperature="2")
+    with pytest.raises(TypeError, match="alphas must be numbers.*alpha_kl='1'"):
+        DistillationTrainer(model=student, args=_args(tmp_path), teacher_model=teacher, alpha_kl="1")
+    with pytest.raises(TypeError, match="args must be a transformers.TrainingArguments, got str"):
+        distill(student, teacher, _token_dataset(99), str(tmp_path))
+    with pytest.raises(ValueError, match="train_dataset is empty"):
+        distill(student, teacher, _token_dataset(99).select([]), _args(tmp_path))
+
+
 def test_a_teacher_that_is_the_student_is_refused(tmp_path):
     """lorsify converts in place: `teacher = model` before it makes teacher and student one model, which freezing
     the teacher would freeze (and training then fails deep in autograd)."""

@@ -70,12 +70,20 @@ class DistillationTrainer(Trainer):
         alpha_task: float = 0.0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(*args, **kwargs)
+        if not isinstance(teacher_model, nn.Module):
+            given = repr(teacher_model) if teacher_model is None or isinstance(teacher_model, str) else (
+                type(teacher_model).__name__)
+            raise TypeError(f"DistillationTrainer: teacher_model must be a model (torch.nn.Module), got {given}; "
+                            "load a checkpoint first, e.g. AutoModelForCausalLM.from_pretrained(name_or_path).")
         temperature = _checked_temperature(temperature, "DistillationTrainer")
         alphas = (alpha_kl, alpha_hidden, alpha_task)
+        if not all(_is_number(a) for a in alphas):
+            raise TypeError("DistillationTrainer: the alphas must be numbers, got "
+                            f"alpha_kl={alpha_kl!r}, alpha_hidden={alpha_hidden!r}, alpha_task={alpha_task!r}.")
         if not all(math.isfinite(a) and a >= 0 for a in alphas) or sum(alphas) == 0:
             raise ValueError("DistillationTrainer: the alphas must be finite, >= 0 and not all zero, got "
                              f"alpha_kl={alpha_kl}, alpha_hidden={alpha_hidden}, alpha_task={alpha_task}.")
+        super().__init__(*args, **kwargs)
         student_parameters = {id(p) for p in self.model.parameters()}
         if any(id(p) in student_parameters for p in teacher_model.parameters()):
             raise ValueError("DistillationTrainer: teacher_model shares parameters with the model (lorsify converts "
@@ -257,6 +265,11 @@ def distill(
         >>> # trainer = distill(lors_model, dense_model, train, TrainingArguments("out", max_steps=200))
         >>> # trainer.model is lors_model
     """
+    if not isinstance(args, TrainingArguments):
+        raise TypeError(f"distill: args must be a transformers.TrainingArguments, got {type(args).__name__}; "
+                        "e.g. TrainingArguments('out', max_steps=200) (the output folder is its first argument).")
+    if hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
+        raise ValueError("distill: train_dataset is empty; give it the tokenized examples to distil on.")
     trainer = DistillationTrainer(model=student, args=args, train_dataset=train_dataset, teacher_model=teacher,
                                   **kwargs)
     trainer.train()
@@ -265,11 +278,15 @@ def distill(
 
 def _checked_temperature(temperature: Any, owner: str) -> float:
     """`temperature` as a float; a TypeError unless it is a number, a ValueError unless it is finite and > 0."""
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+    if not _is_number(temperature):
         raise TypeError(f"{owner}: temperature must be a number, got {temperature!r} ({type(temperature).__name__}).")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"{owner}: temperature must be a finite number > 0, got {temperature}.")
     return float(temperature)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _get(outputs: Any, name: str) -> Any:
