@@ -530,6 +530,8 @@ def test_pushing_a_trained_model_keeps_a_readme_of_the_users_own(tmp_path, guard
          2, "must be finite, >= 0 and not all 0"),
         ("run_classification", ["--train_file", "{data}/rotten_tomatoes/train.csv", "--distill",
                                 "--distill_alpha_hidden", "nan"], 2, "must be finite, >= 0 and not all 0"),
+        ("run_classification", ["--train_file", "{data}/rotten_tomatoes/train.csv", "--teacher_model_name_or_path",
+                                "/does/not/exist", "--distill_alpha_kl", "5"], 2, "would be ignored without --distill"),
         ("run_classification", ["--train_file", "{data}/rotten_tomatoes/train.csv", "--lors_calibration_batches",
                                 "-4", "--lors_calibration_damping", "0.2"], 2, "--lors_calibration_batches must be >= 0"),
         ("run_classification", ["--train_file", "{data}/rotten_tomatoes/train.csv", "--max_train_samples", "0"], 2,
@@ -672,6 +674,19 @@ def test_lors_arguments_to_config():
     assert (config.rank, config.target_reduction, config.init) == (None, 0.5, "alternating")
     with pytest.raises(ValueError, match="either `rank` or `target_reduction`"):
         LorsArguments(lors_rank=4, lors_target_reduction=0.5).to_config()
+
+
+def test_distill_options_without_distill_are_refused():
+    """--teacher_model_name_or_path and --distill_* without --distill were silently ignored (a teacher path that
+    does not exist included)."""
+    from lors_hf.training_args import DistillArguments
+
+    with pytest.raises(ValueError, match="^--teacher_model_name_or_path / --distill_alpha_kl would be ignored "
+                                         "without --distill: add --distill or drop them"):
+        DistillArguments(teacher_model_name_or_path="/does/not/exist", distill_alpha_kl=5)
+    with pytest.raises(ValueError, match="^--distill_temperature would be ignored without --distill"):
+        DistillArguments(distill_temperature=4)
+    assert DistillArguments(distill=True, teacher_model_name_or_path="teacher", distill_alpha_kl=5).distill
 
 
 def test_lors_optimizers_only_with_a_ratio(tmp_path):

@@ -188,6 +188,17 @@ class DistillArguments:
     distill_alpha_task: float = field(default=1.0, metadata={"help": "Weight of the ordinary task loss."})
 
     def __post_init__(self) -> None:  # checked at parse time, not after minutes of loading and converting
+        if not self.distill:
+            given = [option for option, value, default in (
+                ("--teacher_model_name_or_path", self.teacher_model_name_or_path, None),
+                ("--distill_temperature", self.distill_temperature, 2.0),
+                ("--distill_alpha_kl", self.distill_alpha_kl, 1.0),
+                ("--distill_alpha_hidden", self.distill_alpha_hidden, 1.0),
+                ("--distill_alpha_task", self.distill_alpha_task, 1.0),
+            ) if value != default]
+            if given:
+                raise ValueError(f"{' / '.join(given)} would be ignored without --distill: add --distill or drop "
+                                 f"{'it' if len(given) == 1 else 'them'}")
         alphas = (self.distill_alpha_kl, self.distill_alpha_hidden, self.distill_alpha_task)
         if not (math.isfinite(self.distill_temperature) and self.distill_temperature > 0):
             raise ValueError(f"--distill_temperature must be a finite number > 0, got {self.distill_temperature:g}")
