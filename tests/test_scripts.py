@@ -717,6 +717,27 @@ def test_lors_optimizers_only_with_a_ratio(tmp_path):
         lors_optimizers(model, args, LorsArguments(lors_stack_lr_ratio=-1))
 
 
+def test_lors_optimizers_refuse_another_optim(tmp_path):
+    """With a ratio, --optim sgd (and --optim_args) were silently replaced by AdamW; the default optim and
+    adamw_torch still work."""
+    from lors_hf.training_args import LorsArguments, ScriptError, lors_optimizers
+
+    model = lors_hf.lorsify(tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=2,
+                                                             n_positions=64)), rank=4)
+
+    def arguments(**overrides):
+        return tf.TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, **overrides)
+
+    ratio = LorsArguments(lors_b_lr_ratio=8)
+    with pytest.raises(ScriptError, match="train with torch's AdamW, so --optim sgd would be ignored"):
+        lors_optimizers(model, arguments(optim="sgd"), ratio)
+    with pytest.raises(ScriptError, match="--optim adamw_torch --optim_args amsgrad=True would be ignored"):
+        lors_optimizers(model, arguments(optim="adamw_torch", optim_args="amsgrad=True"), ratio)
+    assert lors_optimizers(model, arguments(optim="sgd"), LorsArguments()) == (None, None)  # the Trainer's sgd
+    for args in (arguments(), arguments(optim="adamw_torch")):
+        assert isinstance(lors_optimizers(model, args, ratio)[0], torch.optim.AdamW), args.optim
+
+
 def test_overrides_and_torchrun_on_cpu_implies_use_cpu(monkeypatch):
     from lors_hf.training_args import ScriptError, implied_arguments, parse_overrides
 
