@@ -550,6 +550,8 @@ def test_pushing_a_trained_model_keeps_a_readme_of_the_users_own(tmp_path, guard
                            "--lors_rank", "8"], 2, "--no_lors trains the dense model, so --lors_rank would be ignored"),
         ("run_clm", [*TINY_GPT2, "--train_file", "{data}/shakespeare/train.txt", "--no_lors", "--lors_init",
                      "svd", "--lors_b_lr_ratio", "8"], 2, "so --lors_init / --lors_b_lr_ratio would be ignored"),
+        ("run_clm", [*TINY_GPT2, "--train_file", "{data}/shakespeare/train.txt", "--lors_rank", "8",
+                     "--lors_target_reduction", "0.5"], 2, "--lors_rank 8 --lors_target_reduction 0.5: LorsConfig"),
     ],
 )
 def test_wrong_arguments_give_one_line(script, args, status, message, data, tiny_bert, tmp_path, capsys):
@@ -676,6 +678,21 @@ def test_lors_arguments_to_config():
         LorsArguments(lors_rank=4, lors_target_reduction=0.5).to_config()
 
 
+def test_lors_arguments_are_checked_at_parse_time():
+    """A rank with a target reduction, a negative rank (after loading and tokenizing) and a ratio <= 0 (never: the
+    groups got a negative or zero learning rate) were accepted at parse time."""
+    from lors_hf.training_args import LorsArguments
+
+    with pytest.raises(ValueError, match="^--lors_rank 8 --lors_target_reduction 0.5: .*either `rank` or"):
+        LorsArguments(lors_rank=8, lors_target_reduction=0.5)
+    with pytest.raises(ValueError, match="^--lors_rank -3: .*must be >= 0"):
+        LorsArguments(lors_rank=-3)
+    for option, ratio in (("b", -1.0), ("stack", 0.0), ("b", float("nan")), ("stack", float("inf"))):
+        with pytest.raises(ValueError, match=f"^--lors_{option}_lr_ratio must be a finite number > 0, got {ratio:g}"):
+            LorsArguments(**{f"lors_{option}_lr_ratio": ratio})
+    assert LorsArguments(lors_rank=0, lors_b_lr_ratio=8, lors_stack_lr_ratio=0.5).lors_rank == 0
+
+
 def test_distill_options_without_distill_are_refused():
     """--teacher_model_name_or_path and --distill_* without --distill were silently ignored (a teacher path that
     does not exist included)."""
@@ -690,7 +707,7 @@ def test_distill_options_without_distill_are_refused():
 
 
 def test_lors_optimizers_only_with_a_ratio(tmp_path):
-    from lors_hf.training_args import LorsArguments, ScriptError, lors_optimizers
+    from lors_hf.training_args import LorsArguments, lors_optimizers
 
     model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=99, n_embd=32, n_layer=3, n_head=2, n_positions=64))
     lors_hf.lorsify(model, rank=4)
@@ -706,15 +723,11 @@ def test_lors_optimizers_only_with_a_ratio(tmp_path):
     assert optimizer.defaults["betas"] == (0.9, 0.98)
     b_ids = {id(m.lors_B) for m in model.modules() if isinstance(m, lors_hf.LorsLinear)}
     assert {id(p) for g in optimizer.param_groups if g["lr"] > 2e-3 for p in g["params"]} == b_ids
-    with pytest.raises(ScriptError, match="must be positive"):
-        lors_optimizers(model, args, LorsArguments(lors_b_lr_ratio=0))
     optimizer, _ = lors_optimizers(model, args, LorsArguments(lors_stack_lr_ratio=0.5))  # the stack ratio alone
     shared_ids = {id(m.weight) for m in model.modules() if isinstance(m, lors_hf.SharedWeight)}
     slower = {id(p) for g in optimizer.param_groups if g["lr"] == pytest.approx(5e-4) for p in g["params"]}
     a_ids = {id(m.lors_A) for m in model.modules() if isinstance(m, lors_hf.LorsLinear)}
     assert slower == shared_ids | a_ids | b_ids  # --lors_b_lr_ratio 1: lors_B moves with the stack
-    with pytest.raises(ScriptError, match="--lors_stack_lr_ratio -1.*must be positive"):
-        lors_optimizers(model, args, LorsArguments(lors_stack_lr_ratio=-1))
 
 
 def test_lors_optimizers_refuse_another_optim(tmp_path):

@@ -154,6 +154,17 @@ class LorsArguments:
                 raise ValueError("--lors_calibration_damping applies to data-aware conversion: add "
                                  "--lors_calibration_batches")
             checked_damping(self.lors_calibration_damping, "--lors_calibration_damping")
+        for option, ratio in (("--lors_b_lr_ratio", self.lors_b_lr_ratio),
+                              ("--lors_stack_lr_ratio", self.lors_stack_lr_ratio)):
+            if not (math.isfinite(ratio) and ratio > 0):
+                raise ValueError(f"{option} must be a finite number > 0, got {ratio:g}")
+        try:  # LorsConfig's own checks (rank or target reduction, their ranges), which name its fields
+            self.to_config()
+        except (TypeError, ValueError) as err:
+            given = " ".join(f"{option} {value}" for option, value, default in (
+                ("--lors_rank", self.lors_rank, None), ("--lors_target_reduction", self.lors_target_reduction, None),
+                ("--lors_init", self.lors_init, "auto")) if value != default)
+            raise ValueError(f"{given}: {err}") from None
 
     def to_config(self, pretrained: bool = True) -> LorsConfig | None:
         """The `LorsConfig` these arguments ask for; None for the dense baseline (``--no_lors``).
