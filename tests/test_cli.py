@@ -227,8 +227,9 @@ def test_convert_refuses_a_lors_checkpoint(dense_dir, tmp_path, capsys):
 
 def test_console_script_and_module_entry_point(dense_dir, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    executable = shutil.which("lors-hf")
-    command = [executable] if executable else [sys.executable, "-m", "lors_hf"]
+    # the console script of the environment running the tests (a `lors-hf` on PATH may be another one's)
+    script = Path(sys.executable).with_name("lors-hf")
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "lors_hf"]
     proc = subprocess.run([*command, "report", str(dense_dir), "--json"], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
