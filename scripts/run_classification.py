@@ -213,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
                           optimizers=lors_optimizers(model, training_args, lors_args))
     push_to_hub = defer_push_to_hub(training_args)
     trainer = build_trainer(teacher, distill_args, **trainer_kwargs)
+    # A classifier's loss is the mean over its batch (BERT's takes no token count): the Trainer must not treat it
+    # as a sum over the tokens of all processes, which it multiplies by their number under DDP
+    trainer.model_accepts_loss_kwargs = False
     train_and_evaluate(trainer, lors_args)
     if push_to_hub and trainer.is_world_process_zero():
         logger.info("pushed: %s", push_trained_model(trainer, trainer_model_card=lors_args.no_lors))

@@ -377,7 +377,8 @@ def test_torchrun_two_processes_keep_shared_weights_equal(data, tiny_bert, tmp_p
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(SCRIPTS / "run_classification.py"),
-               *classification_args(data, tiny_bert, out, "--lors_rank", "4", "--do_train", "--check_ddp_sync")]
+               *classification_args(data, tiny_bert, out, "--lors_rank", "4", "--do_train", "--do_eval",
+                                    "--check_ddp_sync")]
     proc = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [read_json(out / DDP_SYNC_DIR / f"rank{r}.json") for r in (0, 1)]
@@ -391,6 +392,10 @@ def test_torchrun_two_processes_keep_shared_weights_equal(data, tiny_bert, tmp_p
         rows = sum(1 for _ in csv.DictReader(f))
     state = read_json(out / "trainer_state.json")
     assert state["global_step"] == 4 and state["epoch"] == pytest.approx(4 / math.ceil(rows / 16))
+    # the loss is each process's mean over its examples, as on one process: two sentiment classes at chance give
+    # about ln 2 = 0.69 (the Trainer multiplied BERT's loss, which takes no token count, by the 2 processes: 1.4)
+    assert read_json(out / "train_results.json")["train_loss"] < 1.0
+    assert read_json(out / "eval_results.json")["eval_loss"] < 1.0
 
 
 @pytest.mark.parametrize("outcome", ["returns", "script error", "raises"])
