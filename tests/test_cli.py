@@ -51,6 +51,8 @@ def test_convert_report_merge_roundtrip(dense_dir, tmp_path, capsys):
     assert "whole model" in printed.out and f"LORS checkpoint written to {lors_dir}" in printed.out
     assert "convert: done" in printed.err  # the progress bar
     assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= {p.name for p in lors_dir.iterdir()}
+    card = (lors_dir / "README.md").read_text()  # names the output folder, not the staging folder it was saved to
+    assert f"# {lors_dir}\n" in card and f'from_pretrained("{lors_dir}")' in card and ".lors-saving-" not in card
 
     converted = tf.AutoModelForSequenceClassification.from_pretrained(lors_dir)
     assert lors_hf.is_lorsified(converted)

@@ -237,9 +237,11 @@ def _save_with_auxiliary_files(model: Any, source: str, output: Path) -> list[st
     """Save `model` and `source`'s tokenizer / processor files into `output` in one staged step: a failure
     leaves `output` as it was, and new tokenizer files replace all of an earlier model's there."""
     from .persistence import MODEL_CARD, _is_lors_model_card, staged_save
+    from .surgery import is_lorsified
 
     with staged_save(output, replaced_together=AUXILIARY_PATTERNS) as staging:
-        model.save_pretrained(staging)
+        # a LORS model's card names the folder to load from: `output`, not the staging folder
+        model.save_pretrained(staging, **({"repo_id": os.fspath(output)} if is_lorsified(model) else {}))
         card, theirs = staging / MODEL_CARD, output / MODEL_CARD
         if card.exists() and theirs.is_file() and not _is_lors_model_card(theirs):
             card.unlink()  # a README of the user's own stays, as with save_pretrained into `output`
