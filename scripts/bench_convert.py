@@ -59,7 +59,13 @@ import torch  # noqa: E402
 import transformers as tf  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_results import RESULTS_FILE, machine_description, update_section, write_atomically  # noqa: E402
+from bench_results import (  # noqa: E402
+    RESULTS_FILE,
+    machine_description,
+    refuse_smoke_into_docs,
+    update_section,
+    write_atomically,
+)
 
 import lors_hf  # noqa: E402
 from lors_hf import LorsConfig, assets, get_lors_config, lorsify, parameter_report  # noqa: E402
@@ -778,8 +784,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              f"{DEFAULT_DAMPING}); a SmolLM2 run with another damping keeps the rows of the earlier one")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args(argv)
-    if args.smoke and args.results_file is None:
-        parser.error("--smoke writes to a scratch file: give --results-file (docs/RESULTS.md is for real runs).")
+    refuse_smoke_into_docs(parser, args)
     if args.recover_no_distill and args.recover_lm_weight <= 0:
         parser.error("--recover-no-distill trains on the next-token loss alone: give it --recover-lm-weight 1.")
     try:

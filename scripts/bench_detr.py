@@ -45,6 +45,7 @@ from bench_results import (
     RESULTS_FILE,
     device_section,
     machine_description,
+    refuse_smoke_into_docs,
     run_in_processes,
     setup_run,
     update_section,
@@ -574,6 +575,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="a tiny run in seconds (for tests)")
     parser.add_argument("--results-file", default=str(RESULTS_FILE))
     args = parser.parse_args(argv)
+    refuse_smoke_into_docs(parser, args)
     if args.smoke:
         args.preset = "smoke"
         args.d_model, args.layers, args.log_every = 32, 6, 1

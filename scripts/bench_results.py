@@ -30,6 +30,13 @@ def machine_description() -> str:
     return f"{device}, torch {torch.__version__}, transformers {transformers.__version__}"
 
 
+def refuse_smoke_into_docs(parser, args) -> None:
+    """Exit with a parser error when a ``--smoke`` run would write its tiny figures over the real runs' in
+    docs/RESULTS.md (and its plots into docs/): a smoke run needs ``--results-file`` elsewhere."""
+    if args.smoke and (args.results_file is None or Path(args.results_file).resolve() == RESULTS_FILE):
+        parser.error("--smoke writes to a scratch file: give --results-file (docs/RESULTS.md is for real runs).")
+
+
 def update_section(name: str, markdown: str, results_file: str | os.PathLike = RESULTS_FILE) -> Path:
     """Replace (or append) the block of benchmark `name` in the results file and return its path."""
     path = Path(results_file)

@@ -48,6 +48,7 @@ from bench_results import (
     RESULTS_FILE,
     device_section,
     machine_description,
+    refuse_smoke_into_docs,
     run_in_processes,
     setup_run,
     update_section,
@@ -583,6 +584,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="a tiny run in seconds (for tests)")
     parser.add_argument("--results-file", default=str(RESULTS_FILE))
     args = parser.parse_args(argv)
+    refuse_smoke_into_docs(parser, args)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)

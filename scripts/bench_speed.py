@@ -28,7 +28,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_results import RESULTS_FILE, machine_description, update_section  # noqa: E402
+from bench_results import RESULTS_FILE, machine_description, refuse_smoke_into_docs, update_section  # noqa: E402
 
 from lors_hf import LorsConfig, lorsify, parameter_report  # noqa: E402
 from lors_hf.layer import set_weight_cache  # noqa: E402
@@ -182,6 +182,7 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="suffix of the results section (several sizes side by side)")
     parser.add_argument("--_memory-probe", dest="_memory_probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    refuse_smoke_into_docs(parser, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.smoke:

@@ -1,4 +1,4 @@
-"""The from-scratch benchmarks (scripts/bench_scratch.py, scripts/bench_detr.py) run end to end in --smoke mode.
+"""The benchmarks' --smoke runs: bench_scratch and bench_detr end to end; no smoke run of any bench_* writes into docs/.
 
 Both scripts write their sections into one temporary results file; the tables must hold a numeric figure
 for every variant, the parameter reductions must be the ones asked for, and the plots must exist.
@@ -287,8 +287,9 @@ def test_detr_per_variant_learning_rate_changes_only_that_variant(results: Path,
 
 
 @pytest.mark.parametrize("flag", ["--lr", "--dense-lr", "--lors-lr"])
-def test_detr_rejects_a_learning_rate_that_is_not_positive(flag: str) -> None:
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_detr.py"), "--smoke", flag, "0"], cwd=REPO,
+def test_detr_rejects_a_learning_rate_that_is_not_positive(flag: str, tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_detr.py"), "--smoke", flag, "0",
+                           "--results-file", str(tmp_path / "RESULTS.md")], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "learning rates must be > 0" in proc.stderr, proc.stderr[-2000:]
 
@@ -302,3 +303,15 @@ def test_detr_one_variant_gives_its_figures_alone(results: Path, tmp_path: Path)
     rows = _columns(_section(dense_file, "bench_detr_dense"))
     assert set(rows) == {"dense"}
     assert _figures(rows["dense"]) == _figures(_columns(_section(results, "bench_detr"))["dense"])
+
+
+@pytest.mark.parametrize("script", ["bench_scratch.py", "bench_detr.py", "bench_speed.py", "bench_convert.py"])
+@pytest.mark.parametrize("results_file", [None, "docs/RESULTS.md"])
+def test_a_smoke_run_refuses_to_write_over_the_real_results(script: str, results_file: str | None) -> None:
+    """--smoke's tiny figures (and plots) must not replace the real runs' in docs/ (they did, exit status 0)."""
+    before = {path: path.read_bytes() for path in (REPO / "docs").iterdir() if path.is_file()}
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--smoke",
+                           *(["--results-file", results_file] if results_file else [])], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--smoke writes to a scratch file: give --results-file" in proc.stderr
+    assert {path: path.read_bytes() for path in (REPO / "docs").iterdir() if path.is_file()} == before
