@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser("convert", help="a dense model directory or Hub id -> a LORS checkpoint",
                                   description="Convert a dense checkpoint to LORS and save it (weights, config, "
                                   "tokenizer files, model card); prints the parameter report.")
-    convert.add_argument("model", help="model directory or Hub id (online)")
+    convert.add_argument("model", help="model directory, Hub id (online), or bundled:minilm / bundled:smollm2 "
+                         "(the offline assets)")
     convert.add_argument("output", help="directory to write the LORS checkpoint to")
     budget = convert.add_mutually_exclusive_group()
     budget.add_argument("--rank", type=_rank, default=None, help="private rank per layer: an int or 'full' (default 32)")
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(handler=_convert)
 
     report = commands.add_parser("report", help="parameter report of a dense or LORS checkpoint directory")
-    report.add_argument("model", help="model directory (or Hub id, online)")
+    report.add_argument("model", help="model directory, Hub id (online), or bundled:minilm / bundled:smollm2")
     report.add_argument("--json", action="store_true", help="print the report as JSON")
     report.set_defaults(handler=_report)
 
