@@ -530,7 +530,7 @@ DAMAGE = {
                      "do not match its lors_config"),
     "rank_list_of_wrong_length": (_edit_lors_config(lambda c: c["rank"].update({_first_group(c): [1, 2]})),
                                   "does not fit"),
-    "target_modules_edited": (_edit_lors_config(lambda c: c.update(target_modules=["query"])), "match no projection group"),
+    "target_modules_edited": (_edit_lors_config(lambda c: c.update(target_modules=["query"])), "leaves dense"),
     "lors_weight_missing": (_drop_tensor, "lacks 1 LORS weights"),
     "unknown_field_from_newer_version": (_edit_lors_config(lambda c: c.update(sparsity_mask=True)), "upgrade"),
     "newer_format_version": (_edit_lors_config(lambda c: c.update(format_version=99)), "upgrade"),
@@ -746,11 +746,13 @@ def test_model_card_of_a_dense_model_is_refused_with_a_clear_error(tmp_path):
     ("GPT2Model", "GPT2LMHeadModel", "transformer"),
 ])
 def test_checkpoint_reloads_into_the_bare_model_or_one_with_a_head(saved_class, loaded_class, base, tmp_path):
-    """transformers loads a bare model's weights into a model with a head and back; a LORS checkpoint too."""
+    """transformers loads a bare model's weights into a model with a head and back; a LORS checkpoint too, even
+    when it excluded its head by name (a name the bare model does not have)."""
     family = "bert" if base == "bert" else "gpt2"
     tiny, inputs = build(family)
     model = getattr(transformers, saved_class)(tiny.config).eval()
-    lorsify(model, LorsConfig(rank=list(RANKS), init="svd"))
+    head = {"BertForSequenceClassification": ["classifier"], "GPT2LMHeadModel": ["lm_head"]}.get(saved_class)
+    lorsify(model, LorsConfig(rank=list(RANKS), init="svd", exclude_modules=head))
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.05)

@@ -179,9 +179,9 @@ def sharing_stacks(model: nn.Module, config: LorsConfig | None = None,
     return stacks
 
 
-def find_groups(model: nn.Module, config: LorsConfig) -> list[Stack]:
+def find_groups(model: nn.Module, config: LorsConfig, check_names: bool = True) -> list[Stack]:
     """The stacks of `model` with the projection groups `config` targets (ranks not yet set); a ValueError
-    that says why when there are none."""
+    that says why when there are none, or (`check_names`) when a target or exclusion matches nothing."""
     candidates: list[str] = []
     stacks = sharing_stacks(model, config, candidates)
     if not stacks and not candidates:  # no stack holds a projection at all
@@ -206,7 +206,8 @@ def find_groups(model: nn.Module, config: LorsConfig) -> list[Stack]:
             f"leave no projection shared by two or more layers. Projections in the stacks look like: "
             f"{_examples(candidates)}."
         )
-    _check_every_name_matches(model, config, candidates)
+    if check_names:
+        _check_every_name_matches(model, config, candidates)
     return stacks
 
 
@@ -338,7 +339,7 @@ def stack_parameters(stack: Stack) -> int:
     return total
 
 
-def plan_ranks(model: nn.Module, config: LorsConfig) -> list[Stack]:
+def plan_ranks(model: nn.Module, config: LorsConfig, check_names: bool = True) -> list[Stack]:
     """Discover the groups `config` targets and give every member layer its private rank.
 
     Groups the plan leaves dense (a rank dict's ``"dense"``; under `target_reduction`, those whose LORS form
@@ -347,9 +348,11 @@ def plan_ranks(model: nn.Module, config: LorsConfig) -> list[Stack]:
     no group from the result.
 
     Raises ValueError when a rank does not fit the shapes, a per-layer list has the wrong length,
-    `target_reduction` cannot be reached even by full sharing, or the rank dict leaves every group dense.
+    `target_reduction` cannot be reached even by full sharing, the rank dict leaves every group dense, or
+    (`check_names`, for `lorsify`; not when a checkpoint's recorded plan is rebuilt) a `target_modules` /
+    `exclude_modules` entry or a rank dict key matches nothing.
     """
-    stacks = find_groups(model, config)
+    stacks = find_groups(model, config, check_names)
     groups = [group for stack in stacks for group in stack.groups]
     too_small = []  # (spec, group, stack length): the rank does not fit, and no rank >= 1 would pay
     if config.target_reduction is not None:
@@ -358,7 +361,8 @@ def plan_ranks(model: nn.Module, config: LorsConfig) -> list[Stack]:
             uniform = _uniform_ranks(group, rank)
             group.ranks = [] if group.no_smaller_as_lors(uniform) else uniform
     else:
-        _check_every_rank_key_matches(config.rank, groups)
+        if check_names:
+            _check_every_rank_key_matches(config.rank, groups)
         for stack in stacks:
             for group in stack.groups:
                 spec = _rank_spec_for(group, config.rank)
