@@ -31,10 +31,11 @@ def machine_description() -> str:
 
 
 def refuse_smoke_into_docs(parser, args) -> None:
-    """Exit with a parser error when a ``--smoke`` run would write its tiny figures over the real runs' in
-    docs/RESULTS.md (and its plots into docs/): a smoke run needs ``--results-file`` elsewhere."""
-    if args.smoke and (args.results_file is None or Path(args.results_file).resolve() == RESULTS_FILE):
-        parser.error("--smoke writes to a scratch file: give --results-file (docs/RESULTS.md is for real runs).")
+    """Exit with a parser error when a ``--smoke`` run would write its tiny figures into docs/ (over the real
+    runs' in RESULTS.md, or its plots, which go next to the results file, over theirs): a smoke run needs a
+    ``--results-file`` in another folder."""
+    if args.smoke and (args.results_file is None or Path(args.results_file).resolve().parent == RESULTS_FILE.parent):
+        parser.error("--smoke writes to a scratch file: give --results-file outside docs/ (docs/ is for real runs).")
 
 
 def update_section(name: str, markdown: str, results_file: str | os.PathLike = RESULTS_FILE) -> Path:

@@ -306,7 +306,7 @@ def test_detr_one_variant_gives_its_figures_alone(results: Path, tmp_path: Path)
 
 
 @pytest.mark.parametrize("script", ["bench_scratch.py", "bench_detr.py", "bench_speed.py", "bench_convert.py"])
-@pytest.mark.parametrize("results_file", [None, "docs/RESULTS.md"])
+@pytest.mark.parametrize("results_file", [None, "docs/RESULTS.md", "docs/smoke.md"])  # plots go to its folder
 def test_a_smoke_run_refuses_to_write_over_the_real_results(script: str, results_file: str | None) -> None:
     """--smoke's tiny figures (and plots) must not replace the real runs' in docs/ (they did, exit status 0)."""
     before = {path: path.read_bytes() for path in (REPO / "docs").iterdir() if path.is_file()}
