@@ -237,14 +237,14 @@ def _copy_auxiliary_files(source: str, output: Path) -> list[str]:
 def _save_with_auxiliary_files(model: Any, source: str, output: Path) -> list[str]:
     """Save `model` and `source`'s tokenizer / processor files into `output` in one staged step: a failure
     leaves `output` as it was, and new tokenizer files replace all of an earlier model's there."""
-    from .persistence import MODEL_CARD, _is_lors_model_card, staged_save
+    from .persistence import MODEL_CARD, has_users_readme, staged_save
     from .surgery import is_lorsified
 
     with staged_save(output, replaced_together=AUXILIARY_PATTERNS) as staging:
         # a LORS model's card names the folder to load from: `output`, not the staging folder
         model.save_pretrained(staging, **({"repo_id": os.fspath(output)} if is_lorsified(model) else {}))
-        card, theirs = staging / MODEL_CARD, output / MODEL_CARD
-        if card.exists() and theirs.is_file() and not _is_lors_model_card(theirs):
+        card = staging / MODEL_CARD
+        if card.exists() and has_users_readme(output):
             card.unlink()  # a README of the user's own stays, as with save_pretrained into `output`
         return _copy_auxiliary_files(source, staging)
 
@@ -383,7 +383,7 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _merge(args: argparse.Namespace) -> None:
-    from .persistence import MODEL_CARD, _is_lors_model_card
+    from .persistence import MODEL_CARD, is_lors_model_card
     from .surgery import is_lorsified, merge_and_unload
 
     _check_source(args.model)
@@ -398,7 +398,7 @@ def _merge(args: argparse.Namespace) -> None:
         merge_and_unload(model)
         copied = _save_with_auxiliary_files(model, source, output)
         card = output / MODEL_CARD
-        if card.is_file() and _is_lors_model_card(card):  # an earlier LORS checkpoint's card: wrong for this one
+        if card.is_file() and is_lors_model_card(card):  # an earlier LORS checkpoint's card: wrong for this one
             card.unlink()
     print(f"dense checkpoint ({type(model).__name__}, {model.num_parameters():,} parameters) written to {output}; "
           "stock transformers loads it without lors_hf" + (f" (copied {', '.join(copied)})" if copied else ""))

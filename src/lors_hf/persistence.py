@@ -202,7 +202,7 @@ def write_model_card(
             "merge_and_unload) use transformers' own model card."
         )
     path = Path(directory) / MODEL_CARD
-    if path.is_file() and not overwrite and not _is_lors_model_card(path):
+    if not overwrite and has_users_readme(directory):
         raise ValueError(
             f"write_model_card: {path} is not a LORS model card (your own README?); it is kept. Pass "
             "overwrite=True to replace it, or write the card into another folder."
@@ -327,7 +327,13 @@ def _process_is_alive(pid: int) -> bool:
     return True
 
 
-def _is_lors_model_card(path: Path) -> bool:
+def has_users_readme(directory: str | os.PathLike) -> bool:
+    """Whether `directory` holds a README.md that is not a LORS model card: the user's own, which saves keep."""
+    path = Path(directory) / MODEL_CARD
+    return path.is_file() and not is_lors_model_card(path)
+
+
+def is_lors_model_card(path: Path) -> bool:
     """True for a README.md that `write_model_card` wrote (its YAML metadata has the ``lors-hf`` tag)."""
     text = path.read_text(encoding="utf-8", errors="replace")
     metadata = text.split("\n---", 1)[0] if text.startswith("---") else ""
@@ -366,7 +372,7 @@ def _save_lors_pretrained(original, self: PreTrainedModel, save_directory, *args
     target = Path(save_directory)
     with staged_save(target, kwargs.get("variant")) as staging:
         result = original(self, staging, **kwargs)
-        if not (target / MODEL_CARD).exists() or _is_lors_model_card(target / MODEL_CARD):
+        if not has_users_readme(target):
             write_model_card(self, staging, repo_id=repo_id or os.fspath(save_directory))
     if push:
         self.push_to_hub(repo_id or target.name, token=kwargs.get("token"),

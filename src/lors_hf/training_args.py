@@ -814,7 +814,7 @@ def push_trained_model(trainer: Trainer, trainer_model_card: bool = False) -> st
     Example:
         >>> # if push_to_hub and trainer.is_world_process_zero(): push_trained_model(trainer)
     """
-    from .persistence import MODEL_CARD, _is_lors_model_card, write_model_card
+    from .persistence import has_users_readme, write_model_card
     from .surgery import is_lorsified
 
     args = trainer.args
@@ -822,8 +822,7 @@ def push_trained_model(trainer: Trainer, trainer_model_card: bool = False) -> st
     if trainer_model_card:
         trainer.create_model_card(model_name=args.hub_model_id)
     elif is_lorsified(trainer.model):  # the saved card's load instructions name the local folder
-        card = Path(args.output_dir) / MODEL_CARD
-        if not card.exists() or _is_lors_model_card(card):  # a README of the user's own is pushed as it is
+        if not has_users_readme(args.output_dir):  # a README of the user's own is pushed as it is
             write_model_card(trainer.model, args.output_dir, repo_id=repo_id)
     return push_output_dir(args.output_dir, repo_id, args.hub_token, args.hub_private_repo,
                            getattr(args, "hub_revision", None))
