@@ -50,8 +50,6 @@ if TYPE_CHECKING:
 BUNDLED_MODELS = {"minilm": "minilm_path", "smollm2": "smollm2_path"}
 """``bundled:<name>`` model names and the `lors_hf.assets` function giving their directory."""
 
-TORCH_ADAMW = ("adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused")
-"""The ``--optim`` values that `lors_optimizers` honours: torch's AdamW, which it builds over its own groups."""
 PARAMETER_REPORT_TEXT = "parameter_report.txt"
 PARAMETER_REPORT_JSON = "parameter_report.json"
 DDP_SYNC_DIR = "ddp_sync"
@@ -111,8 +109,8 @@ class LorsArguments:
     lors_b_lr_ratio: float = field(
         default=1.0,
         metadata={
-            "help": "Learning rate of the private factors lors_B over --learning_rate (torch's AdamW over "
-            "lors_hf.lors_parameter_groups; --optim must be adamw_torch*). 1: one learning rate for all. Training from "
+            "help": "Learning rate of the private factors lors_B over --learning_rate (--optim over "
+            "lors_hf.lors_parameter_groups). 1: one learning rate for all. Training from "
             "scratch, 8 did much better (scripts/bench_scratch.py --preset long); on a converted pretrained model it did "
             "worse (the MiniLM demo, README)."
         },
@@ -519,32 +517,37 @@ def apply_overrides(config: Any, overrides: dict[str, Any], option: str = "--con
 def lors_optimizers(model: torch.nn.Module, training_args: TrainingArguments,
                     lors_args: LorsArguments) -> tuple[torch.optim.Optimizer | None, None]:
     """The ``Trainer``'s ``optimizers=`` argument: ``(None, None)`` (its own optimizer) unless
-    ``--lors_b_lr_ratio`` or ``--lors_stack_lr_ratio`` differs from 1, then an AdamW over
-    `lors_parameter_groups` (shared weights and ``lors_A`` at the stack ratio times ``--learning_rate``,
-    ``lors_B`` at both ratios times it; ``--weight_decay``, ``--adam_beta1/2``, ``--adam_epsilon`` apply).
-    The Trainer's scheduler scales every group, so the ratio holds throughout. An ``--optim`` other than
-    torch's AdamW (`TORCH_ADAMW`), or ``--optim_args``, is then a `ScriptError`.
+    ``--lors_b_lr_ratio`` or ``--lors_stack_lr_ratio`` differs from 1, then the optimizer of ``--optim`` (and
+    ``--optim_args``, ``--adam_*``...) as the Trainer builds it, over `lors_parameter_groups` (shared weights and
+    ``lors_A`` at the stack ratio times ``--learning_rate``, ``lors_B`` at both ratios times it;
+    ``--weight_decay``). The Trainer's scheduler scales every group, so the ratio holds throughout. An
+    ``--optim`` that makes its own parameter groups (GaLore, LOMO, layer-wise ones) is then a `ScriptError`.
 
     Example:
         >>> # trainer = Trainer(..., optimizers=lors_optimizers(model, training_args, lors_args))
     """
+    from transformers import Trainer
+
     ratio, stack = lors_args.lors_b_lr_ratio, lors_args.lors_stack_lr_ratio
     if lors_args.no_lors or ratio == stack == 1:
         return None, None
     optim = getattr(training_args.optim, "value", training_args.optim)
-    if optim not in TORCH_ADAMW or training_args.optim_args:
-        given = f"--optim {optim}" + (f" --optim_args {training_args.optim_args}" if training_args.optim_args else "")
-        raise ScriptError(f"--lors_b_lr_ratio / --lors_stack_lr_ratio train with torch's AdamW, so {given} would be "
-                          f"ignored: drop {given} (or use --optim {' / '.join(TORCH_ADAMW)}), or drop the ratios")
-    try:  # lors_parameter_groups names a non-positive ratio and a model without private rank
+    options = f"--lors_b_lr_ratio {ratio:g} --lors_stack_lr_ratio {stack:g}"
+    try:
+        optimizer_class, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(training_args, model)
+    except (ImportError, ValueError) as error:  # a package it needs is missing, bad --optim_args
+        raise ScriptError(f"--optim {optim}: {error}") from None
+    if {"params", "model", "optimizer_dict"} & set(optimizer_kwargs):
+        raise ScriptError(f"--optim {optim} makes its own parameter groups, so {options} cannot set theirs: "
+                          "drop the ratios, or use another --optim (adamw_torch_fused, the default)")
+    try:  # lors_parameter_groups names a model without private rank
         groups = lors_parameter_groups(model, training_args.learning_rate, training_args.weight_decay, ratio, stack)
     except ValueError as error:
-        raise ScriptError(f"--lors_b_lr_ratio {ratio:g} --lors_stack_lr_ratio {stack:g}: {error}") from None
-    logger.info("optimizer: AdamW, shared weights and lors_A at %gx the learning rate, lors_B at %gx (%d tensors)",
-                stack, stack * ratio, len(groups[-1]["params"]))
-    optimizer = torch.optim.AdamW(groups, betas=(training_args.adam_beta1, training_args.adam_beta2),
-                                  eps=training_args.adam_epsilon)
-    return optimizer, None
+        raise ScriptError(f"{options}: {error}") from None
+    logger.info("optimizer: %s, shared weights and lors_A at %gx the learning rate, lors_B at %gx (%d tensors)",
+                optimizer_class.__name__, stack, stack * ratio, len(groups[-1]["params"]))
+    optimizer_kwargs.pop("lr", None)  # every group has its own
+    return optimizer_class(groups, **optimizer_kwargs), None
 
 
 def convert_model(model: torch.nn.Module, lors_args: LorsArguments, pretrained: bool,
