@@ -65,3 +65,9 @@ def test_accuracy_takes_whole_floats_and_a_zero_weighted_count():
     assert metric.compute(predictions=[1.0, 0.0, 1.0], references=[1, 0, 0]) == {"accuracy": pytest.approx(2 / 3)}
     assert metric.compute(predictions=[1, 0], references=[1, 0], sample_weight=[0, 0], normalize=False) == {
         "accuracy": 0.0}
+
+
+def test_accuracy_leaves_ragged_rows_to_evaluates_own_format_error():
+    """Lists where single labels belong: evaluate's message naming the expected format, not numpy's."""
+    with pytest.raises(ValueError, match="don't match the expected format"):
+        load_metric("accuracy").compute(predictions=[[0, 1], [1]], references=[1, 0])

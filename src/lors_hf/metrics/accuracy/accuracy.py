@@ -48,7 +48,10 @@ _CITATION = """
 def _check_labels(name, rows):
     """Refuse labels with a fractional part (probabilities, logits): the int32 feature would truncate them."""
     for row in rows:
-        values = np.asarray(row.tolist() if hasattr(row, "tolist") else row)
+        try:
+            values = np.asarray(row.tolist() if hasattr(row, "tolist") else row)
+        except ValueError:  # ragged rows (lists where ints belong): evaluate's own error names the format
+            continue
         if values.dtype.kind != "f":
             continue
         wrong = values[~(np.isfinite(values) & (values == np.round(values)))]
