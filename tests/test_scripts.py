@@ -836,7 +836,8 @@ def test_resume_with_other_learning_rate_ratios_is_one_line(data, tiny_bert, tmp
     assert run_script("run_classification", *classification_args(data, tiny_bert, out, *first,
                                                                      "--lors_b_lr_ratio", "8")) == 0
     resume = ["--lors_rank", "2", "--do_train", "--max_steps", "3", "--resume_from_checkpoint", "true"]
-    for ratios in ([], ["--lors_b_lr_ratio", "4"]):
+    # the same set of ratios {1/8, 1} on other groups (the stack slow instead of lors_B fast) is other training too
+    for ratios in ([], ["--lors_b_lr_ratio", "4"], ["--lors_stack_lr_ratio", "0.125"]):
         capsys.readouterr()
         assert run_script("run_classification", *classification_args(data, tiny_bert, out, *resume, *ratios)) == 1
         lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]

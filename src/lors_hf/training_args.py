@@ -782,15 +782,17 @@ def train_and_evaluate(trainer: Trainer, lors_args: LorsArguments,
         write_ddp_sync(trainer.model, args.output_dir, wrapped=trainer.model_wrapped)
 
 
-def _learning_rate_ratios(rates: list[float]) -> list[float]:
-    """The distinct peak learning rates of an optimizer's groups, relative to the largest."""
-    return sorted({round(rate / max(rates), 6) for rate in rates}) if rates else []
+def _learning_rate_ratios(groups: list[dict[str, Any]], key: str) -> list[tuple[float, int]]:
+    """Each optimizer group's peak learning rate relative to the largest, with the group's tensor count, in order."""
+    rates = [group.get(key, group["lr"]) for group in groups]
+    return [(round(rate / max(rates), 6), len(group["params"])) for rate, group in zip(rates, groups, strict=True)]
 
 
 def _check_resumed_learning_rates(trainer: Trainer, checkpoint: str) -> None:
     """Refuse to resume a checkpoint whose optimizer had other learning-rate ratios between its groups
     (``--lors_b_lr_ratio`` / ``--lors_stack_lr_ratio``): loading its state fails deep in torch when the group
-    count differs, and brings the old ratios back when it does not."""
+    count differs, and brings the old ratios back when it does not. The groups are compared one by one (the
+    same set of ratios on other groups, stack 0.125x instead of lors_B 8x, is other training)."""
     path = Path(checkpoint) / "optimizer.pt"
     if not path.is_file():  # a checkpoint without an optimizer (save_only_model) or of a sharded backend
         return
@@ -799,13 +801,17 @@ def _check_resumed_learning_rates(trainer: Trainer, checkpoint: str) -> None:
         saved_groups = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["param_groups"]
     except Exception:  # noqa: BLE001 - unreadable here: the Trainer's own loading decides
         return
-    saved = _learning_rate_ratios([group.get("initial_lr", group["lr"]) for group in saved_groups])
-    ours = _learning_rate_ratios([group["lr"] for group in trainer.optimizer.param_groups]
-                                 if trainer.optimizer is not None else [trainer.args.learning_rate])
-    if saved != ours:
-        raise ScriptError(f"--resume_from_checkpoint {checkpoint} was trained with learning rates at {saved} of the "
-                          f"largest, these arguments give {ours}: resume with the --lors_b_lr_ratio and "
-                          "--lors_stack_lr_ratio it was trained with")
+    saved = _learning_rate_ratios(saved_groups, "initial_lr")
+    if trainer.optimizer is not None:  # ours, over the LORS groups
+        ours = _learning_rate_ratios(trainer.optimizer.param_groups, "lr")
+        same = saved == ours
+    else:  # the Trainer's own, built later: one learning rate for every group
+        ours = [(1.0, "all")]
+        same = {ratio for ratio, _ in saved} == {1.0}
+    if not same:
+        raise ScriptError(f"--resume_from_checkpoint {checkpoint} was trained with learning rates at {saved} (of "
+                          f"the largest, tensors per group), these arguments give {ours}: resume with the "
+                          "--lors_b_lr_ratio and --lors_stack_lr_ratio it was trained with")
 
 
 def push_trained_model(trainer: Trainer, trainer_model_card: bool = False) -> str:
