@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     push_to_hub = defer_push_to_hub(training_args)
     trainer = build_trainer(teacher, distill_args, **trainer_kwargs)
     # A classifier's loss is the mean over its batch (BERT's takes no token count): the Trainer must not treat it
-    # as a sum over the tokens of all processes, which it multiplies by their number under DDP
+    # as normalised by the token count of all processes and accumulated batches, which it multiplies by the
+    # number of processes under DDP and leaves undivided by --gradient_accumulation_steps
     trainer.model_accepts_loss_kwargs = False
     train_and_evaluate(trainer, lors_args)
     if push_to_hub and trainer.is_world_process_zero():

@@ -182,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         raise ScriptError("--distill trains a LORS model from the dense one; drop --no_lors")
     if data_args.block_size < 2:
         raise ScriptError("--block_size must be at least 2")
+    if (training_args.metric_for_best_model or "").removeprefix("eval_") == "perplexity":
+        raise ScriptError("--metric_for_best_model perplexity: the evaluations during training report eval_loss "
+                          "(perplexity is exp(eval_loss), written at the end): use --metric_for_best_model eval_loss")
     set_seed(training_args.seed)
 
     raw = load_raw_datasets(data_args, training_args.seed)

@@ -557,6 +557,11 @@ def test_pushing_a_trained_model_keeps_a_readme_of_the_users_own(tmp_path, guard
                      "svd", "--lors_b_lr_ratio", "8"], 2, "so --lors_init / --lors_b_lr_ratio would be ignored"),
         ("run_clm", [*TINY_GPT2, "--train_file", "{data}/shakespeare/train.txt", "--lors_rank", "8",
                      "--lors_target_reduction", "0.5"], 2, "--lors_rank 8 --lors_target_reduction 0.5: LorsConfig"),
+        # was ignored (status 0, no predictions), and a KeyError after training for perplexity
+        ("run_detection", ["--train_annotation_file", "{data}/fashion_detection/train.json", "--do_predict"], 2,
+         "--do_predict: these scripts write no predictions; use --do_eval"),
+        ("run_clm", [*TINY_GPT2, "--train_file", "{data}/shakespeare/train.txt", "--metric_for_best_model",
+                     "perplexity"], 1, "use --metric_for_best_model eval_loss"),
     ],
 )
 def test_wrong_arguments_give_one_line(script, args, status, message, data, tiny_bert, tmp_path, capsys):

