@@ -153,13 +153,15 @@ def build_model(model_args: ModelArguments, block_size: int):
             model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_args.model_name_or_path),
                                                          dtype=torch.float32)
         else:
-            config = AutoConfig.for_model(model_args.model_type)
-            apply_overrides(config, parse_overrides(model_args.config_overrides))
-            config.vocab_size = len(tokenizer)
-            for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-                value = getattr(tokenizer, name)
-                if value is not None and hasattr(config, name):
-                    setattr(config, name, value)
+            defaults = AutoConfig.for_model(model_args.model_type)
+            overrides = parse_overrides(model_args.config_overrides)
+            apply_overrides(defaults, overrides)  # an unknown key is a ScriptError
+            overrides["vocab_size"] = len(tokenizer)
+            overrides.update({name: getattr(tokenizer, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")
+                              if getattr(tokenizer, name) is not None and hasattr(defaults, name)})
+            # built with the overrides, not set on the default config afterwards: what its __init__ derives
+            # from them (Llama's head_dim = hidden_size / num_attention_heads, Qwen2's layer_types) follows
+            config = AutoConfig.for_model(model_args.model_type, **overrides)
             model = AutoModelForCausalLM.from_config(config)
     if getattr(model, "loss_type", None) is None:
         # GPT-2 and a few others name no loss type, and the Trainer then counts every label token in the

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import (
+    AutoConfig,
     DetrConfig,
     DetrForObjectDetection,
     ResNetConfig,
@@ -204,10 +205,14 @@ def build_model(model_args: ModelArguments, id2label: dict[int, str]) -> tuple[D
         if model_args.config_overrides or model_args.backbone_overrides:
             raise ScriptError("--config_overrides / --backbone_overrides build a new model; "
                               "they do not combine with --model_name_or_path")
+        path = resolve_model_path(model_args.model_name_or_path)
         with user_errors():
+            model_type = AutoConfig.from_pretrained(path).model_type
+            if model_type != "detr":  # DETR's class would load a Conditional / Deformable DETR as a DETR, half new
+                raise ScriptError(f"{model_args.model_name_or_path} is a {model_type} checkpoint; this script trains "
+                                  "DETR (model_type detr) only. lors_hf.lorsify converts the others in Python.")
             model = DetrForObjectDetection.from_pretrained(
-                resolve_model_path(model_args.model_name_or_path), num_labels=len(id2label), id2label=id2label,
-                label2id=label2id, ignore_mismatched_sizes=True)
+                path, num_labels=len(id2label), id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True)
         return model, True
     backbone_overrides = parse_overrides(model_args.backbone_overrides)
     check_config_keys(ResNetConfig(), backbone_overrides, "--backbone_overrides")

@@ -201,6 +201,8 @@ def test_clm_pretrained_distill_from_dense_checkpoint(data, tmp_path):
         "--no_lors", "--train_file", str(data / "shakespeare/train.txt"), "--block_size", "32",
         "--max_steps", "2", "--do_train", "--output_dir", str(dense_dir), *COMMON)
     assert code == 0
+    # built with the overrides: head_dim is 32 / 4 (set after the fact, it kept the full-size model's 128)
+    assert tf.AutoConfig.from_pretrained(dense_dir).head_dim == 8
     out = tmp_path / "distilled"
     code = run_script(
         "run_clm", "--model_name_or_path", str(dense_dir), "--lors_target_reduction", "0.4", "--distill",
@@ -493,6 +495,19 @@ def test_pushing_a_trained_model_keeps_a_readme_of_the_users_own(tmp_path, guard
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert guarded_hub.files("me/own-card")["README.md"] == b"# my own notes\n"
     assert (tmp_path / "out" / "README.md").read_text() == "# my own notes\n"
+
+
+def test_detection_refuses_a_checkpoint_of_another_detr_family(data, tmp_path, capsys):
+    """DETR's class loaded a Conditional DETR checkpoint as a DETR with a new, random decoder (status 0)."""
+    other = tmp_path / "conditional-detr"
+    config = tf.ConditionalDetrConfig(use_timm_backbone=False, backbone_config=tf.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 8, 8, 8], depths=[1, 1, 1, 1], layer_type="basic"), d_model=32,
+        encoder_layers=2, decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=5)
+    tf.ConditionalDetrForObjectDetection(config).save_pretrained(other)
+    assert run_script("run_detection", "--model_name_or_path", str(other), "--train_annotation_file",
+                      str(data / "fashion_detection/train.json"), "--do_train", "--output_dir",
+                      str(tmp_path / "out"), *COMMON) == 1
+    assert "is a conditional_detr checkpoint; this script trains DETR (model_type detr) only" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ errors
