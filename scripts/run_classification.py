@@ -170,6 +170,16 @@ def main(argv: list[str] | None = None) -> int:
             model_path, num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()},
             ignore_mismatched_sizes=True,
         )
+    if tokenizer.pad_token is None:  # a decoder's tokenizer (Llama, GPT-2): pad with its end-of-text token
+        if tokenizer.eos_token is None:
+            raise ScriptError("the tokenizer has no padding token and no end-of-text token to pad with; give "
+                              "--tokenizer_name of one that has a padding token")
+        tokenizer.pad_token = tokenizer.eos_token
+        logger.info("the tokenizer has no padding token: padding with its end-of-text token %r", tokenizer.eos_token)
+    if model.config.pad_token_id is None:
+        # a decoder classifier scores the last token before the padding: it needs the id before calibration and the
+        # teacher (a copy of this model) run, not only once the Trainer sets it
+        model.config.pad_token_id = tokenizer.pad_token_id
     check_fits_positions(model, data_args.max_seq_length, "--max_seq_length")
 
     def preprocess(batch):
@@ -188,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     collator = DataCollatorWithPadding(tokenizer)
 
     teacher = load_teacher(model, distill_args, AutoModelForSequenceClassification)
+    if teacher is not None and teacher.config.pad_token_id is None:
+        teacher.config.pad_token_id = tokenizer.pad_token_id
     if teacher is not None and distill_args.distill_alpha_kl > 0:
         teacher_ids = {str(label): int(i) for label, i in (teacher.config.label2id or {}).items()}
         if teacher.config.num_labels != len(id2label) or any(teacher_ids.get(str(name)) != i

@@ -497,6 +497,23 @@ def test_pushing_a_trained_model_keeps_a_readme_of_the_users_own(tmp_path, guard
     assert (tmp_path / "out" / "README.md").read_text() == "# my own notes\n"
 
 
+def test_classification_of_a_decoder_whose_tokenizer_and_config_have_no_pad_token(data, tmp_path):
+    """A Llama classifier with a tokenizer without a padding token: padded with the end-of-text token, and the
+    model (calibration, the --distill teacher) knows its id (the collator, calibration and the teacher failed)."""
+    folder = tmp_path / "llama-cls"
+    tokenizer = tf.AutoTokenizer.from_pretrained(lors_hf.assets.smollm2_path())
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(folder)
+    config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                            num_attention_heads=4, num_key_value_heads=2, num_labels=2, pad_token_id=None)
+    tf.LlamaForSequenceClassification(config).save_pretrained(folder)
+    out = tmp_path / "out"
+    assert run_script("run_classification", *classification_args(
+        data, folder, out, "--lors_target_reduction", "0.3", "--lors_calibration_batches", "2", "--distill",
+        "--distill_alpha_kl", "0", "--do_train", "--max_steps", "1")) == 0
+    assert tf.AutoModelForSequenceClassification.from_pretrained(out).config.pad_token_id == tokenizer.eos_token_id
+
+
 def test_detection_refuses_a_checkpoint_of_another_detr_family(data, tmp_path, capsys):
     """DETR's class loaded a Conditional DETR checkpoint as a DETR with a new, random decoder (status 0)."""
     other = tmp_path / "conditional-detr"
