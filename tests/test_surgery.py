@@ -587,3 +587,18 @@ def test_get_lors_config_reads_a_model_or_its_config_and_refuses_a_path(tmp_path
     model.save_pretrained(tmp_path)
     with pytest.raises(TypeError, match=r"not PosixPath.*load_lors_config\(path\)"):
         get_lors_config(tmp_path)  # a checkpoint folder: its config was silently "dense" (None)
+
+
+def test_lorsify_refuses_weights_a_device_map_offloaded(tmp_path):
+    """Offloaded to disk, the weights sit on the meta device: converting them read nothing, and the model computed
+    NaN. A model built with no device_map on meta (init_empty_weights) still gets its structure."""
+    model, inputs = build("llama")
+    model.save_pretrained(tmp_path / "dense")
+    offloaded = type(model).from_pretrained(tmp_path / "dense", device_map={"": "disk"},
+                                            offload_folder=str(tmp_path / "offload"))
+    with pytest.raises(ValueError, match=r"projection weights to convert .* are offloaded by the model's device_map"):
+        lorsify(offloaded, rank=2)
+    assert not is_lorsified(offloaded)
+    with torch.device("meta"):
+        empty = type(model)(model.config)
+    assert is_lorsified(lorsify(empty, rank=2, init="svd"))

@@ -207,8 +207,9 @@ class LorsLinear(nn.Module):
                 f"LorsLinear: the shared weight is on {shared.device} but this layer's private parameters are on "
                 f"{self.lors_A.device}. The layers of a stack read one shared weight, so the whole stack must sit on "
                 "one device: nn.DataParallel replicas (use DistributedDataParallel, e.g. `torchrun`, instead), a "
-                "device_map that splits a stack, or moving single layers with `.to()` break that; move the whole "
-                "model with `model.to(device)`."
+                "device_map that splits a stack or offloads it (to disk: the shared weight then stays on meta), or "
+                "moving single layers with `.to()` break that; load with one device (device_map='cpu') and move "
+                "the whole model with `model.to(device)`."
             )
         if self.rank == 0:
             return F.linear(x, shared, self.bias)

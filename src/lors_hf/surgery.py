@@ -152,6 +152,7 @@ def lorsify(
 
         calibration_damping = checked_damping(calibration_damping, "lorsify: calibration_damping")
     stacks = plan_ranks(model, config)
+    _refuse_offloaded_weights(model, stacks, config)
     _warn_of_groups_larger_than_dense(stacks)
     planned = _group_names(stacks)
     kept_dense = [group for stack in find_groups(model, config) for group in stack.groups if group.name not in planned]
@@ -180,6 +181,25 @@ def lorsify(
     _own_config(model)
     model.config.lors_config = resolved_config(config, stacks, tuple(sorted(group.name for group in kept_dense))).to_dict()
     return model
+
+
+def _refuse_offloaded_weights(model: nn.Module, stacks: list[Stack], config: LorsConfig) -> None:
+    """A ValueError when weights to convert were offloaded by a ``device_map`` (to disk, or to the CPU of a
+    model on a GPU): accelerate keeps them out of the module, on the meta device, so converting would read
+    nothing and the model would compute NaN or garbage. (Meta weights of a model built under
+    ``init_empty_weights``, with no ``device_map``, are only given a structure, to load weights into later.)"""
+    if config.init == "scratch" or not getattr(model, "hf_device_map", None):
+        return
+    offloaded = [f"{stack.name}.{index}.{group.relative_name}" for stack in stacks for group in stack.groups
+                 for index in group.layer_indices
+                 if dense_weight(stack.blocks[index].get_submodule(group.relative_name)).is_meta]
+    if offloaded:
+        raise ValueError(
+            f"lorsify: {len(offloaded)} projection weights to convert (e.g. {offloaded[0]}) are offloaded by the "
+            "model's device_map (on the meta device; accelerate keeps them on disk or elsewhere), so init "
+            f"{config.init!r} has nothing to convert: load the model with its stacks in memory "
+            "(device_map='cpu', or one device), lorsify it, then move it."
+        )
 
 
 def _warn_of_groups_larger_than_dense(stacks: list[Stack]) -> None:
