@@ -231,9 +231,9 @@ def _check_every_name_matches(model: nn.Module, config: LorsConfig, candidates: 
         if spec is None:
             continue
         # each entry on its own: a string is one regex, a list entry one suffix
-        entries = [spec] if isinstance(spec, str) else [[entry] for entry in spec]
-        unmatched = [entry if isinstance(spec, str) else entry[0] for entry in entries
-                     if not any(_matches(name, entry) for name in names)]
+        entries = [spec] if isinstance(spec, str) else spec
+        unmatched = [entry for entry in entries
+                     if not any(_matches(name, entry if isinstance(spec, str) else [entry]) for name in names)]
         if not unmatched:
             continue
         hint = (f" A string is one regex matched in full against the module path; to match names as suffixes "

@@ -155,7 +155,8 @@ def lorsify(
     _refuse_offloaded_weights(model, stacks, config)
     _warn_of_groups_larger_than_dense(stacks)
     planned = _group_names(stacks)
-    kept_dense = [group for stack in find_groups(model, config) for group in stack.groups if group.name not in planned]
+    kept_dense = [group for stack in find_groups(model, config, check_names=False)  # plan_ranks checked them
+                  for group in stack.groups if group.name not in planned]
     dense_layers = {
         (stack.name, group.relative_name): [stack.blocks[i].get_submodule(group.relative_name) for i in group.layer_indices]
         for stack in stacks for group in stack.groups
