@@ -30,7 +30,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -135,12 +135,8 @@ class LorsArguments:
 
     def __post_init__(self) -> None:  # checked at parse time, not after minutes of loading the model
         if self.no_lors:
-            given = [option for option, value, default in (
-                ("--lors_rank", self.lors_rank, None), ("--lors_target_reduction", self.lors_target_reduction, None),
-                ("--lors_init", self.lors_init, "auto"), ("--lors_calibration_batches", self.lors_calibration_batches, 0),
-                ("--lors_calibration_damping", self.lors_calibration_damping, None),
-                ("--lors_b_lr_ratio", self.lors_b_lr_ratio, 1.0), ("--lors_stack_lr_ratio", self.lors_stack_lr_ratio, 1.0),
-            ) if value != default]
+            given = changed_options(self, ("lors_rank", "lors_target_reduction", "lors_init", "lors_calibration_batches",
+                                           "lors_calibration_damping", "lors_b_lr_ratio", "lors_stack_lr_ratio"))
             if given:
                 raise ValueError(f"--no_lors trains the dense model, so {' / '.join(given)} would be ignored: drop "
                                  f"{'it' if len(given) == 1 else 'them'} or --no_lors")
@@ -159,9 +155,8 @@ class LorsArguments:
         try:  # LorsConfig's own checks (rank or target reduction, their ranges), which name its fields
             self.to_config()
         except (TypeError, ValueError) as err:
-            given = " ".join(f"{option} {value}" for option, value, default in (
-                ("--lors_rank", self.lors_rank, None), ("--lors_target_reduction", self.lors_target_reduction, None),
-                ("--lors_init", self.lors_init, "auto")) if value != default)
+            given = " ".join(f"{option} {getattr(self, option[2:])}"
+                             for option in changed_options(self, ("lors_rank", "lors_target_reduction", "lors_init")))
             raise ValueError(f"{given}: {err}") from None
 
     def to_config(self, pretrained: bool = True) -> LorsConfig | None:
@@ -200,13 +195,8 @@ class DistillArguments:
 
     def __post_init__(self) -> None:  # checked at parse time, not after minutes of loading and converting
         if not self.distill:
-            given = [option for option, value, default in (
-                ("--teacher_model_name_or_path", self.teacher_model_name_or_path, None),
-                ("--distill_temperature", self.distill_temperature, 2.0),
-                ("--distill_alpha_kl", self.distill_alpha_kl, 1.0),
-                ("--distill_alpha_hidden", self.distill_alpha_hidden, 1.0),
-                ("--distill_alpha_task", self.distill_alpha_task, 1.0),
-            ) if value != default]
+            given = changed_options(self, ("teacher_model_name_or_path", "distill_temperature", "distill_alpha_kl",
+                                           "distill_alpha_hidden", "distill_alpha_task"))
             if given:
                 raise ValueError(f"{' / '.join(given)} would be ignored without --distill: add --distill or drop "
                                  f"{'it' if len(given) == 1 else 'them'}")
@@ -267,6 +257,17 @@ def parse_script_args(dataclass_types: tuple[type, ...], argv: list[str] | None 
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     hf_logging.set_verbosity_warning()
     return parsed
+
+
+def changed_options(arguments: Any, names: tuple[str, ...]) -> list[str]:
+    """``--name`` for each of `names` whose value in the dataclass `arguments` differs from its field default.
+
+    Example:
+        >>> changed_options(LorsArguments(lors_rank=8), ("lors_rank", "lors_init"))
+        ['--lors_rank']
+    """
+    defaults = {field_.name: field_.default for field_ in fields(arguments)}
+    return [f"--{name}" for name in names if getattr(arguments, name) != defaults[name]]
 
 
 def implied_arguments(args: list[str]) -> list[str]:
