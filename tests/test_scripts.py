@@ -192,6 +192,34 @@ def test_clm_from_scratch(data, tmp_path):
     assert model.config.vocab_size == len(tokenizer)
 
 
+def test_clm_takes_a_rank_per_group_as_json(data, tmp_path):
+    """--lors_rank took an int only, while LorsConfig (and `lors-hf convert --rank`) take more."""
+    out = tmp_path / "clm"
+    code = run_script(
+        "run_clm", *TINY_GPT2, "--lors_rank", '{"attn": 4, "mlp": 2}', "--train_file",
+        str(data / "shakespeare/train.txt"), "--block_size", "32", "--per_device_train_batch_size", "4",
+        "--max_steps", "1", "--do_train", "--output_dir", str(out), *COMMON)
+    assert code == 0
+    model = tf.AutoModelForCausalLM.from_pretrained(out)
+    ranks = {name.removeprefix("transformer.h.0."): module.lors_A.shape[0] for name, module in model.named_modules()
+             if name.startswith("transformer.h.0.") and hasattr(module, "lors_A")}
+    assert ranks == {"attn.c_attn": 4, "attn.c_proj": 4, "mlp.c_fc": 2, "mlp.c_proj": 2}
+
+
+def test_lors_rank_option_parses_like_lors_config_rank():
+    from lors_hf.training_args import LorsArguments, parse_rank_option
+
+    assert [parse_rank_option(text) for text in ("8", " 0 ", "full", "[2, 4]", '{".*": "full"}')] == [
+        8, 0, "full", [2, 4], {".*": "full"}]
+    assert LorsArguments(lors_rank='{"attention": 8, "mlp": "dense"}').to_config().rank == {"attention": 8,
+                                                                                           "mlp": "dense"}
+    assert LorsArguments(lors_rank=16).lors_rank == 16  # a rank given in Python is kept as it is
+    with pytest.raises(ValueError, match="^--lors_rank -3: .*must be >= 0"):
+        LorsArguments(lors_rank="-3")
+    with pytest.raises(ValueError, match=r"^--lors_rank \[4, \"x\"\]: .*rank"):
+        LorsArguments(lors_rank='[4, "x"]')
+
+
 def test_clm_pretrained_distill_from_dense_checkpoint(data, tmp_path):
     pytest.importorskip("lors_hf.distill")
     dense_dir = tmp_path / "dense-llama"
@@ -539,7 +567,11 @@ def test_detection_refuses_a_checkpoint_of_another_detr_family(data, tmp_path, c
         ("run_classification", ["--train_file", "{data}/rotten_tomatoes/train.csv", "--lors_rank", "999",
                                 "--do_train"], 1, "rank 999 does not fit"),
         ("run_classification", ["--train_file", "{data}/rotten_tomatoes/train.csv", "--lors_rank", "four"], 2,
-         "invalid int value"),
+         "--lors_rank 'four': give an int, 'full', a JSON list"),
+        ("run_classification", ["--train_file", "{data}/rotten_tomatoes/train.csv", "--lors_rank", "{{attention: 4}}"],
+         2, "--lors_rank {attention: 4}: not valid JSON"),
+        ("run_classification", ["--train_file", "{data}/rotten_tomatoes/train.csv", "--lors_rank", '{{"atention": 4}}',
+                                "--do_train"], 1, "'atention' matches no projection group"),
         ("run_classification", ["--train_file", "{data}/rotten_tomatoes/train.csv", "--no_lors", "--distill"], 1,
          "drop --no_lors"),
         ("run_classification", ["--train_file", "{data}/rotten_tomatoes/train.csv", "--lors_init", "scratch",

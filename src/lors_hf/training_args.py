@@ -75,9 +75,14 @@ class LorsArguments:
         True
     """
 
-    lors_rank: int | None = field(
+    lors_rank: str | None = field(
         default=None,
-        metadata={"help": "Private rank of every layer (default 32 unless --lors_target_reduction is given)."},
+        metadata={
+            "help": "Private rank (default 32 unless --lors_target_reduction is given): an int for every layer, "
+            "'full' (exact conversion), a JSON list with one rank per layer ('[8,8,16,16]') or a JSON dict from "
+            "group-name regex to rank, 'dense' keeping a group dense ('{\"attention\": 16, \"mlp\": 32}'), as "
+            "LorsConfig's rank."
+        },
     )
     lors_target_reduction: float | None = field(
         default=None,
@@ -134,6 +139,8 @@ class LorsArguments:
     )
 
     def __post_init__(self) -> None:  # checked at parse time, not after minutes of loading the model
+        typed = {"lors_rank": self.lors_rank}  # as the user wrote it, for the messages
+        self.lors_rank = parse_rank_option(self.lors_rank)
         if self.no_lors:
             given = changed_options(self, ("lors_rank", "lors_target_reduction", "lors_init", "lors_calibration_batches",
                                            "lors_calibration_damping", "lors_b_lr_ratio", "lors_stack_lr_ratio"))
@@ -155,7 +162,7 @@ class LorsArguments:
         try:  # LorsConfig's own checks (rank or target reduction, their ranges), which name its fields
             self.to_config()
         except (TypeError, ValueError) as err:
-            given = " ".join(f"{option} {getattr(self, option[2:])}"
+            given = " ".join(f"{option} {typed.get(option[2:], getattr(self, option[2:]))}"
                              for option in changed_options(self, ("lors_rank", "lors_target_reduction", "lors_init")))
             raise ValueError(f"{given}: {err}") from None
 
@@ -169,6 +176,32 @@ class LorsArguments:
             return None
         init = self.lors_init if self.lors_init != "auto" else ("svd" if pretrained else "scratch")
         return LorsConfig(rank=self.lors_rank, target_reduction=self.lors_target_reduction, init=init)
+
+
+def parse_rank_option(value: Any) -> Any:
+    """``--lors_rank``'s text as a `LorsConfig` rank: an int, ``"full"``, or JSON (a per-layer list, a per-group
+    dict); anything that is not text (a rank given in Python) is returned as it is, for `LorsConfig` to check.
+
+    Example:
+        >>> parse_rank_option("16"), parse_rank_option("full"), parse_rank_option('{"attention": 8, "mlp": 32}')
+        (16, 'full', {'attention': 8, 'mlp': 32})
+    """
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if re.fullmatch(r"[+-]?\d+", text):
+        return int(text)
+    if text == "full":
+        return text
+    example = 'e.g. \'{"attention": 16, "mlp": 32}\' or \'[8, 8, 16, 16]\''
+    if text[:1] in ("[", "{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--lors_rank {value}: not valid JSON ({err.msg}, character {err.pos + 1}); {example} "
+                             "(quote it in the shell; JSON keys take double quotes)") from None
+    raise ValueError(f"--lors_rank {value!r}: give an int, 'full', a JSON list with one rank per layer or a JSON dict "
+                     f"from group-name regex to rank, {example}")
 
 
 @dataclass
