@@ -726,6 +726,26 @@ def test_writing_a_model_card_keeps_a_readme_of_the_users_own_unless_told_to_ove
     assert 'from_pretrained("me/model")' in (tmp_path / "README.md").read_text()
 
 
+def test_a_model_card_the_user_edited_is_kept_by_later_saves(tmp_path):
+    """An edited card kept its ``lors-hf`` tag, so the next save_pretrained replaced it and the edits were lost."""
+    model = lorsify(build("bert")[0], rank=2)
+    model.save_pretrained(tmp_path)
+    card = tmp_path / "README.md"
+    written = card.read_text()
+    model.save_pretrained(tmp_path)  # an unedited card is lors-hf's: rewritten (the same text here)
+    assert card.read_text() == written
+    edited = written.replace("## Parameters", "## Training data\n\nRotten Tomatoes.\n\n## Parameters")
+    card.write_text(edited)
+    model.save_pretrained(tmp_path)
+    assert card.read_text() == edited
+    with pytest.raises(ValueError, match="a card you edited"):
+        lors_hf.write_model_card(model, tmp_path)
+    assert card.read_text() == edited
+    card.write_text(written.replace("- low-rank\n", ""))  # an edit in the metadata counts too
+    model.save_pretrained(tmp_path)
+    assert card.read_text() == written.replace("- low-rank\n", "")
+
+
 def test_model_card_of_a_dense_model_is_refused_with_a_clear_error(tmp_path):
     model, _ = build("bert")
     with pytest.raises(ValueError, match="not a LORS model"):

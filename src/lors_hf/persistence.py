@@ -18,7 +18,7 @@ Mechanism (installed when ``lors_hf`` is imported; no model class changes, no re
   before lists that key, which tells the reader to install and import lors_hf. The save goes to a
   temporary folder first and only replaces files of an existing checkpoint once it has fully
   succeeded (other files in the folder, e.g. a tokenizer's, are kept); a model card (README.md) is
-  written unless the folder already has one that lors_hf did not write.
+  written unless the folder already has one that lors_hf did not write, or that was edited since.
 - ``load_state_dict`` of a LORS model drops the two guard tensors, so a strict
   ``model.load_state_dict(safetensors.torch.load_file(...))`` and Trainer's resume see exactly the
   model's own keys.
@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import functools
+import hashlib
 import inspect
 import os
 import re
@@ -61,6 +62,8 @@ GUARD_MESSAGE = b"This is a LORS checkpoint: pip install lors-hf and `import lor
 GUARD_NOTICE_KEY = "LORS_CHECKPOINT.needs_lors_hf.pip_install_lors-hf.then_import_lors_hf_before_from_pretrained"
 """Name of an empty tensor saved with the guard: stock transformers prints it in its load report."""
 MODEL_CARD = "README.md"
+CARD_STAMP = "<!-- written by lors-hf, text digest {digest}: once edited, lors-hf's saves keep this card -->"
+_CARD_STAMP_PATTERN = re.compile(re.escape(CARD_STAMP).replace(re.escape("{digest}"), "([0-9a-f]{16})"))
 STAGING_PREFIX = ".lors-saving-"
 """Name start of the hidden folder a save writes into before its files move into the checkpoint folder."""
 _HUB_OPTIONS = ("commit_message", "commit_description", "private", "create_pr", "revision", "tags")
@@ -187,7 +190,8 @@ def write_model_card(
 
     `repo_id` is the name the load instructions use (default: `directory`); `base_model` is filled in
     when ``model.config._name_or_path`` is a Hub name (``org/name``, not a local folder). A README.md
-    there that is not a LORS model card (one of your own) is a ValueError unless `overwrite` is True.
+    there that is not a LORS model card (one of your own, or a LORS card edited since it was written) is a
+    ValueError unless `overwrite` is True.
 
     Example:
         >>> # write_model_card(model, "out/my-lors-model", repo_id="me/my-lors-model")
@@ -204,7 +208,8 @@ def write_model_card(
     path = Path(directory) / MODEL_CARD
     if not overwrite and has_users_readme(directory):
         raise ValueError(
-            f"write_model_card: {path} is not a LORS model card (your own README?); it is kept. Pass "
+            f"write_model_card: {path} is not a LORS model card as lors-hf wrote it (your own README, or a card "
+            "you edited); it is kept. Pass "
             "overwrite=True to replace it, or write the card into another folder."
         )
     report = parameter_report(model)
@@ -230,8 +235,13 @@ def write_model_card(
               f"from transformers import {auto_class}",
               f'model = {auto_class}.from_pretrained("{name}")',
               "dense = lors_hf.merge_and_unload(model)  # optional: a stock transformers model", "```", ""]
-    path.write_text("\n".join(lines), encoding="utf-8")
+    text = "\n".join(lines)
+    path.write_text(text + CARD_STAMP.format(digest=_card_digest(text)) + "\n", encoding="utf-8")
     return path
+
+
+def _card_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def _weight_files(variant: str | None) -> re.Pattern:
@@ -334,10 +344,18 @@ def has_users_readme(directory: str | os.PathLike) -> bool:
 
 
 def is_lors_model_card(path: Path) -> bool:
-    """True for a README.md that `write_model_card` wrote (its YAML metadata has the ``lors-hf`` tag)."""
+    """True for a README.md that `write_model_card` wrote and nobody edited since (saves replace it).
+
+    The card ends with a stamp holding a digest of the text above it; an edited card no longer matches it and is
+    kept like any README of the user's own. A card with the ``lors-hf`` tag and no stamp (written before lors-hf
+    stamped its cards) counts as unedited.
+    """
     text = path.read_text(encoding="utf-8", errors="replace")
     metadata = text.split("\n---", 1)[0] if text.startswith("---") else ""
-    return "\n- lors-hf\n" in metadata + "\n"
+    if "\n- lors-hf\n" not in metadata + "\n":
+        return False
+    stamp = _CARD_STAMP_PATTERN.search(text)
+    return stamp is None or (stamp.end() == len(text.rstrip("\n")) and _card_digest(text[:stamp.start()]) == stamp[1])
 
 
 def _save_lors_pretrained(original, self: PreTrainedModel, save_directory, *args: Any, **kwargs: Any):
