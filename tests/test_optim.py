@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 import torch
 import transformers as tf
@@ -64,18 +65,31 @@ def test_groups_hold_every_trainable_parameter_once_with_lors_b_faster(stack_lr_
         (_lors_gpt2, {"lr": 0.0}, "positive"),
         (_lors_gpt2, {"b_lr_ratio": -1.0}, "positive"),
         (_lors_gpt2, {"stack_lr_ratio": 0.0}, "positive"),
-        (_lors_gpt2, {"lr": "1e-3"}, "positive"),  # a string from a config file: was a TypeError in a comparison
         (_lors_gpt2, {"lr": float("inf")}, "finite positive"),  # these four were accepted
         (_lors_gpt2, {"b_lr_ratio": float("inf")}, "finite positive"),
         (_lors_gpt2, {"weight_decay": -0.1}, "weight_decay must be a finite number >= 0"),
         (_lors_gpt2, {"weight_decay": float("inf")}, "weight_decay must be a finite number >= 0"),
         (_lors_gpt2, {"weight_decay": float("nan")}, "weight_decay must be a finite number >= 0"),  # NaN weights
-        (_lors_gpt2, {"weight_decay": None}, "weight_decay must be a finite number >= 0"),  # failed in step()
     ],
 )
 def test_bad_input_is_named(model_factory, kwargs, message):
     with pytest.raises(ValueError, match=message):
         lors_parameter_groups(model_factory(), **{"lr": 1e-3, **kwargs})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"lr": "1e-3"}, r"lr must be a number, got '1e-3' \(str\)"),  # a string from a config file
+        ({"weight_decay": None}, "weight_decay must be a number, got None"),  # failed in step(); was a ValueError
+        ({"b_lr_ratio": True}, "b_lr_ratio must be a number, got True"),
+    ],
+)
+def test_a_value_that_is_not_a_number_is_a_type_error(kwargs, message):
+    """Like distill's temperature: a wrong type is a TypeError, a number out of range a ValueError."""
+    with pytest.raises(TypeError, match=message):
+        lors_parameter_groups(_lors_gpt2(), **{"lr": 1e-3, **kwargs})
+    assert lors_parameter_groups(_lors_gpt2(), lr=np.float32(1e-3), weight_decay=np.float32(0.1))  # a numpy number
 
 
 def test_a_checkpoint_path_instead_of_a_model_is_a_type_error(tmp_path):

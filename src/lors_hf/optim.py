@@ -28,6 +28,7 @@ learning rate, so the ratio holds throughout the schedule.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 from torch import nn
@@ -61,7 +62,7 @@ def lors_parameter_groups(
     layers; empty groups are left out.
 
     Raises:
-        TypeError: `model` is not an ``nn.Module`` (e.g. a checkpoint path).
+        TypeError: `model` is not an ``nn.Module`` (e.g. a checkpoint path), or a number given is not one.
         ValueError: `model` has no LORS layer with a private rank (call `lorsify` first, or use plain
             parameter groups), `lr`, `b_lr_ratio` or `stack_lr_ratio` is not a finite positive number, or
             `weight_decay` is not a finite number >= 0.
@@ -72,11 +73,15 @@ def lors_parameter_groups(
         [0.001, 0.001, 0.001, 0.008]
     """
     check_model(model, "lors_parameter_groups")
+    numbers_given = {"lr": lr, "b_lr_ratio": b_lr_ratio, "stack_lr_ratio": stack_lr_ratio, "weight_decay": weight_decay}
+    for name, value in numbers_given.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"lors_parameter_groups: {name} must be a number, got {value!r} ({type(value).__name__}).")
     rates = (lr, b_lr_ratio, stack_lr_ratio)
-    if not all(isinstance(rate, int | float) and not isinstance(rate, bool) and 0 < rate < math.inf for rate in rates):
+    if not all(0 < rate < math.inf for rate in rates):
         raise ValueError(f"lors_parameter_groups: lr, b_lr_ratio and stack_lr_ratio must be finite positive numbers "
                          f"(got lr={lr!r}, b_lr_ratio={b_lr_ratio!r}, stack_lr_ratio={stack_lr_ratio!r}).")
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, int | float) or not 0 <= weight_decay < math.inf:
+    if not 0 <= weight_decay < math.inf:
         raise ValueError(f"lors_parameter_groups: weight_decay must be a finite number >= 0 (e.g. 0.01, or 0 for "
                          f"none), got {weight_decay!r}.")
     shared_ids = {id(module.weight) for module in model.modules() if isinstance(module, SharedWeight)}
