@@ -98,6 +98,51 @@ def test_materialised_training_path_is_twice_differentiable():
     assert penalty is not None and penalty.abs().sum() > 0
 
 
+def test_materialised_training_path_works_under_torch_func():
+    """torch.func (grad, per-sample gradients with vmap, jvp) works on a LORS layer as on nn.Linear: it failed on
+    the materialised path only ("must override the setup_context staticmethod"), i.e. for many tokens."""
+    from torch.func import functional_call, grad, jvp, vmap
+
+    layer = _layer().double()
+    layer.shared.double()
+    x = torch.randn(4, 16, 7, dtype=torch.float64)
+    assert x[0].numel() // 7 > layer.materialize_above  # even one sample takes the materialised path
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+
+    def plain(p, inp):  # the same layer as plain autograd ops
+        return F.linear(inp, layer.shared.weight.detach() + p["lors_B"] @ p["lors_A"], p["bias"])
+
+    def lors(p, inp):
+        return functional_call(layer, p, (inp,))
+
+    def loss(forward):
+        return lambda p, inp: forward(p, inp).square().sum()
+
+    got, expected = grad(loss(lors))(params, x), grad(loss(plain))(params, x)
+    per_sample = vmap(grad(loss(lors)), in_dims=(None, 0))(params, x)
+    per_sample_expected = vmap(grad(loss(plain)), in_dims=(None, 0))(params, x)
+    tangents = {name: torch.randn_like(p) for name, p in params.items()}
+    x_tangent = torch.randn_like(x)
+    _, forward_mode = jvp(lors, (params, x), (tangents, x_tangent))
+    _, forward_mode_expected = jvp(plain, (params, x), (tangents, x_tangent))
+    for name in params:
+        torch.testing.assert_close(got[name], expected[name])
+        torch.testing.assert_close(per_sample[name], per_sample_expected[name])
+    torch.testing.assert_close(forward_mode, forward_mode_expected)
+
+    # what eager mode runs (compiled code runs its parent, which dynamo can trace)
+    from lors_hf.layer import _MaterializedLorsLinearWithJvp
+
+    torch.manual_seed(0)
+    shapes = [(2, 3, 4), (5, 4), (2, 4), (5, 2), (5,)]  # x, shared, A, B, bias
+    inputs = [torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in shapes]
+    for function in (_MaterializedLorsLinear, _MaterializedLorsLinearWithJvp):
+        assert torch.autograd.gradcheck(function.apply, inputs, check_batched_grad=True)
+    function = _MaterializedLorsLinearWithJvp.apply
+    assert torch.autograd.gradcheck(function, inputs, check_forward_ad=True, check_batched_forward_grad=True)
+    assert torch.autograd.gradcheck(function, [*inputs[:4], None], check_forward_ad=True)
+
+
 def test_materialised_training_path_computes_only_the_gradients_asked_for():
     layer = _layer()
     layer.materialize_above = 0

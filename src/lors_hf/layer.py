@@ -55,20 +55,28 @@ class _MaterializedLorsLinear(torch.autograd.Function):
     Plain autograd would save each layer's ``(out, in)`` weight ``S + B A`` until backward, as much
     memory as the dense model's weights again; here backward rebuilds it (``out*in*r`` flops, small
     next to the ``tokens*out*in`` of the matmuls), so training keeps only the compact parameters.
-    Without grad (inference) it is the plain materialised matmul.
+    Without grad (inference) it is the plain materialised matmul. ``forward`` / ``setup_context`` are
+    separate and ``generate_vmap_rule`` is set (and `_MaterializedLorsLinearWithJvp` adds forward mode), so
+    that ``torch.func`` (``grad``, per-sample gradients with ``vmap``, ``jvp``, ``jacrev``) works as for a dense
+    model: without them every transform failed on this path only (many tokens), not on the factored one.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, shared, lors_A, lors_B, bias):
+    def forward(x, shared, lors_A, lors_B, bias):
         dtype = _compute_dtype(x, shared)
         autocast = torch.is_autocast_enabled(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
             weight = torch.addmm(shared.to(dtype), lors_B.to(dtype), lors_A.to(dtype))
             # only autocast casts the input: without it an input of another dtype fails as for nn.Linear
-            output = F.linear(x.to(dtype) if autocast else x, weight, None if bias is None else bias.to(dtype))
+            return F.linear(x.to(dtype) if autocast else x, weight, None if bias is None else bias.to(dtype))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, shared, lors_A, lors_B, bias = inputs
         ctx.save_for_backward(x, shared, lors_A, lors_B)
-        ctx.dtype, ctx.bias_dtype = dtype, None if bias is None else bias.dtype
-        return output
+        ctx.dtype, ctx.bias_dtype = output.dtype, None if bias is None else bias.dtype  # output: compute dtype
 
     @staticmethod
     def backward(ctx, grad_output):  # plain torch ops: with create_graph=True they build a graph (double backward)
@@ -94,6 +102,40 @@ class _MaterializedLorsLinear(torch.autograd.Function):
         if needs_bias and ctx.bias_dtype is not None:
             grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0).to(ctx.bias_dtype)
         return grad_x, grad_shared, grad_A, grad_B, grad_bias
+
+
+class _MaterializedLorsLinearWithJvp(_MaterializedLorsLinear):
+    """`_MaterializedLorsLinear` with forward-mode derivatives (``torch.func.jvp``, ``jacfwd``,
+    ``torch.autograd.forward_ad``), for eager mode: torch.compile cannot trace an autograd.Function
+    that defines ``jvp`` (a graph break), so compiled code runs the parent class."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _MaterializedLorsLinear.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:4])
+
+    @staticmethod
+    def jvp(ctx, x_t, shared_t, A_t, B_t, bias_t):
+        """``dx W^T + x (dS + dB A + B dA)^T + db`` with ``W = S + B A``, in the forward pass's dtype."""
+        x, shared, lors_A, lors_B = ctx.saved_tensors
+        dtype = ctx.dtype
+        a, b = lors_A.to(dtype), lors_B.to(dtype)
+        weight_t = None if shared_t is None else shared_t.to(dtype)
+        if B_t is not None:
+            weight_t = B_t.to(dtype) @ a if weight_t is None else torch.addmm(weight_t, B_t.to(dtype), a)
+        if A_t is not None:
+            weight_t = b @ A_t.to(dtype) if weight_t is None else torch.addmm(weight_t, b, A_t.to(dtype))
+        out_t = None
+        if x_t is not None:
+            out_t = F.linear(x_t.to(dtype), torch.addmm(shared.to(dtype), b, a))
+        if weight_t is not None:
+            term = F.linear(x.to(dtype), weight_t)
+            out_t = term if out_t is None else out_t + term
+        if bias_t is not None:
+            out_t = bias_t.to(dtype).expand(*x.shape[:-1], -1) if out_t is None else out_t + bias_t.to(dtype)
+        if out_t is None:
+            out_t = torch.zeros(*x.shape[:-1], shared.shape[0], dtype=dtype, device=x.device)
+        return out_t
 
 
 class LorsLinear(nn.Module):
@@ -217,7 +259,8 @@ class LorsLinear(nn.Module):
             return F.linear(x, cached, self.bias)
         tokens = x.numel() // self.in_features
         if tokens > self.materialize_above:
-            return _MaterializedLorsLinear.apply(x, shared, self.lors_A, self.lors_B, self.bias)
+            function = _MaterializedLorsLinear if torch.compiler.is_compiling() else _MaterializedLorsLinearWithJvp
+            return function.apply(x, shared, self.lors_A, self.lors_B, self.bias)
         # x S^T + b, then (x A^T) B^T added in the same matmul call (addmm): three kernels, no extra add.
         flat = x.reshape(-1, self.in_features)
         output = torch.addmm(F.linear(flat, shared, self.bias), F.linear(flat, self.lors_A), self.lors_B.mT)
