@@ -393,3 +393,24 @@ def test_weight_cache_on_parameters_created_under_inference_mode():
         torch.testing.assert_close(layer(x), F.linear(x, layer.effective_weight(), layer.bias))
         layer.lors_B.add_(1.0)
         torch.testing.assert_close(layer(x), F.linear(x, layer.effective_weight(), layer.bias))
+
+
+def test_torch_compile_with_the_weight_cache_on_traces_in_one_graph():
+    """The cache's bookkeeping cannot be traced: with it on, torch.compile(fullgraph=True) failed ("Encountered
+    tensor.is_inference() during tracing") and a plain compile broke the graph in every layer. Compiled code
+    skips the cache and stays equal to eager (which uses it), also after a weight changes."""
+    from lors_hf.layer import set_weight_cache
+
+    model, inputs = build("gpt2", layers=2)
+    lorsify(model, rank=2, init="svd")
+    set_weight_cache(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    prompt, token = inputs["input_ids"], inputs["input_ids"][:, :1]  # both paths: materialised, factored
+    with torch.no_grad():
+        for ids in (prompt, token):
+            torch.testing.assert_close(compiled(input_ids=ids).logits, model(input_ids=ids).logits)
+        model.transformer.lors_shared.h.attn.c_attn.weight.add_(0.5)
+        for ids in (prompt, token):
+            torch.testing.assert_close(compiled(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert any(m._cached is not None for m in model.modules() if isinstance(m, LorsLinear))  # eager used it

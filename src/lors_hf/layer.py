@@ -213,7 +213,7 @@ class LorsLinear(nn.Module):
         gradients, it is the cached weight (T5's feed-forward reads ``wo.weight`` twice per call: building it
         each time made decoding several times slower); a write into it makes the cache rebuild.
         """
-        if self.rank > 0 and self.cache_weight and not torch.is_grad_enabled():
+        if self.rank > 0 and self._use_cache():
             cached = self._cached_weight()
             if cached is not None and not cached.is_inference():  # an inference tensor's writes go unseen
                 return cached.t() if self.fan_in_fan_out else cached
@@ -221,6 +221,13 @@ class LorsLinear(nn.Module):
         if self.rank == 0:
             weight = weight.clone()
         return weight.t() if self.fan_in_fan_out else weight
+
+    def _use_cache(self) -> bool:
+        """Whether this call may use the weight cache: it is on, no gradients, and not inside torch.compile (the
+        cache's bookkeeping, version counters and data pointers, cannot be traced: ``fullgraph=True`` failed on
+        ``tensor.is_inference()`` and a plain compile broke the graph in every layer and hit the recompile limit;
+        compiled code computes the weight itself, which the compiler can fuse)."""
+        return self.cache_weight and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
     def _cached_weight(self) -> torch.Tensor | None:
         shared = self.shared.weight
@@ -255,7 +262,7 @@ class LorsLinear(nn.Module):
             )
         if self.rank == 0:
             return F.linear(x, shared, self.bias)
-        if self.cache_weight and not torch.is_grad_enabled() and (cached := self._cached_weight()) is not None:
+        if self._use_cache() and (cached := self._cached_weight()) is not None:
             return F.linear(x, cached, self.bias)
         tokens = x.numel() // self.in_features
         if tokens > self.materialize_above:
@@ -277,9 +284,10 @@ def set_weight_cache(model: nn.Module, enabled: bool = True) -> nn.Module:
     Decoding then runs exactly the dense model's matmuls (one per projection) at the price of the dense
     model's weight memory; the cache is rebuilt automatically when a weight changes (any ``torch.optim``
     optimizer step, fused ones included, ``.to()``, ``load_state_dict``) and is never used while gradients
-    are enabled. A change made through ``param.data`` (some EMA helpers) bypasses the version counter the
-    cache watches: call ``set_weight_cache(model)`` again after one, which drops every cached weight. Off by
-    default: LORS layers then keep only the compact weights.
+    are enabled or inside ``torch.compile`` (compiled code does not use it). A change made through
+    ``param.data`` (some EMA helpers) bypasses the version counter the cache watches: call
+    ``set_weight_cache(model)`` again after one, which drops every cached weight. Off by default: LORS layers
+    then keep only the compact weights.
 
     Example:
         >>> # set_weight_cache(model); model.generate(...); set_weight_cache(model, False)
