@@ -307,6 +307,26 @@ def test_strict_load_state_dict_of_a_checkpoint_file(tmp_path):
     assert torch.equal(output(other, inputs), output(model, inputs))
 
 
+@pytest.mark.parametrize("strict", [True, False])
+def test_load_state_dict_of_lors_weights_into_dense_layers_says_lorsify_first(strict):
+    """A LORS state dict loaded into a model without LORS layers (from_config of the LORS config, or the dense
+    model): strict loading only listed missing and unexpected keys, and strict=False left every converted
+    projection randomly initialised without a word. The error names the fix, which then loads exactly."""
+    model, inputs = perturbed_lors_model("gpt2")
+    state_dict = model.state_dict()
+    fresh = transformers.AutoModelForCausalLM.from_config(model.config)  # dense layers, lors_config kept
+    before = {name: p.clone() for name, p in fresh.named_parameters()}
+    with pytest.raises(ValueError, match=r"LORS weights .* dense layers.*lorsify\(model, lors_hf.get_lors_config"):
+        fresh.load_state_dict(state_dict, strict=strict)
+    assert all(torch.equal(p, before[name]) for name, p in fresh.named_parameters())  # nothing half-loaded
+    dense, _ = build("gpt2")
+    with pytest.raises(ValueError, match="LorsConfig it was converted with"):
+        dense.load_state_dict(state_dict, strict=strict)
+    lorsify(fresh, lors_hf.get_lors_config(fresh))
+    assert not fresh.load_state_dict(state_dict, strict=strict).missing_keys
+    assert torch.equal(output(fresh.eval(), inputs), output(model, inputs))
+
+
 def test_positional_save_arguments_keep_the_lors_layout(tmp_path):
     model, _ = perturbed_lors_model("vit")
     model.save_pretrained(tmp_path, True)  # is_main_process passed positionally

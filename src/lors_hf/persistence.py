@@ -488,6 +488,25 @@ def _without_guard_tensors(model: PreTrainedModel, state_dict: Mapping[str, Any]
     return kept
 
 
+def _refuse_lors_weights_for_dense_layers(model: PreTrainedModel, state_dict: Mapping[str, Any]) -> None:
+    """A ValueError when a LORS state dict is loaded into a model without LORS layers (``from_config`` of a LORS
+    config, or the dense model before `lorsify`): strict loading listed every key as missing or unexpected without
+    the fix, and ``strict=False`` left every targeted projection at its random initialisation, silently."""
+    if not isinstance(state_dict, Mapping) or is_lorsified(model):
+        return
+    lors_keys = [key for key in state_dict if isinstance(key, str)
+                 and (key.endswith((".lors_A", ".lors_B")) or ".lors_shared." in f".{key}")]
+    if not lors_keys or not any(_lands_on_dense_module(model, key) for key in lors_keys):
+        return
+    how = ("lors_hf.lorsify(model, lors_hf.get_lors_config(model))" if get_lors_config(model) is not None
+           else "lors_hf.lorsify(model, <the LorsConfig it was converted with>)")
+    raise ValueError(
+        f"load_state_dict: the state dict holds LORS weights ({len(lors_keys)}, e.g. {lors_keys[0]!r}) but this "
+        f"{type(model).__name__} has dense layers, which would keep their random initialisation. Build the LORS "
+        f"layers first with {how}, then load; or load a LORS checkpoint folder with from_pretrained."
+    )
+
+
 def install() -> None:
     """Install the load / save / push hooks on ``PreTrainedModel`` (idempotent; done on import)."""
     if _ORIGINALS:
@@ -524,6 +543,7 @@ def install() -> None:
 
     @functools.wraps(load_state_dict)
     def _load_state_dict(self, state_dict, *args, **kwargs):
+        _refuse_lors_weights_for_dense_layers(self, state_dict)
         result = load_state_dict(self, _without_guard_tensors(self, state_dict), *args, **kwargs)
         setattr(self, WEIGHTS_LOADED, True)
         return result
