@@ -414,3 +414,28 @@ def test_torch_compile_with_the_weight_cache_on_traces_in_one_graph():
         for ids in (prompt, token):
             torch.testing.assert_close(compiled(input_ids=ids).logits, model(input_ids=ids).logits)
     assert any(m._cached is not None for m in model.modules() if isinstance(m, LorsLinear))  # eager used it
+
+
+def test_pickling_and_deepcopy_leave_the_weight_cache_behind():
+    """torch.save(model) and copy.deepcopy copied every layer's cached dense weight along with the compact ones."""
+    import copy
+    import io
+
+    from lors_hf.layer import set_weight_cache
+
+    model, inputs = build("gpt2", layers=2)
+    lorsify(model, rank=2, init="svd")
+    set_weight_cache(model)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    assert all(m._cached is not None for m in model.modules() if isinstance(m, LorsLinear))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for other in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):
+        layers = [m for m in other.modules() if isinstance(m, LorsLinear)]
+        assert layers and all(m._cached is None and m.cache_weight for m in layers)
+        with torch.no_grad():
+            torch.testing.assert_close(other(**inputs).logits, expected)
+        assert all(m._cached is not None for m in layers)  # rebuilt on use
+    assert all(m._cached is not None for m in model.modules() if isinstance(m, LorsLinear))  # the original keeps its

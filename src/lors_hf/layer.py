@@ -273,6 +273,13 @@ class LorsLinear(nn.Module):
         output = torch.addmm(F.linear(flat, shared, self.bias), F.linear(flat, self.lors_A), self.lors_B.mT)
         return output.view(*x.shape[:-1], self.out_features)
 
+    def __getstate__(self) -> dict:
+        """Without the cached weight: ``torch.save(model)`` and ``copy.deepcopy`` copied each layer's dense
+        ``out x in`` cache (which their copy, with other weights, rebuilds anyway) along with the compact weights."""
+        state = super().__getstate__()
+        state["_cached"] = None
+        return state
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"bias={self.bias is not None}" + (", fan_in_fan_out=True" if self.fan_in_fan_out else ""))
