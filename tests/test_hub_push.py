@@ -159,3 +159,41 @@ def test_model_card_names_a_base_model_only_for_hub_names(tmp_path, monkeypatch)
         card = write_model_card(model, tmp_path, repo_id="me/card")
         assert _front_matter(card.read_bytes()).get("base_model") == expected, name_or_path
     assert 'from_pretrained("me/card")' in card.read_text()
+
+
+UPDATE_SCRIPT = r"""
+import json, sys
+import torch
+torch.set_num_threads(1)
+import lors_hf
+from huggingface_hub import HfApi
+from transformers import AutoModelForCausalLM
+from tiny_models import build
+
+repo = sys.argv[1]
+api = HfApi()
+model, inputs = build("gpt2")
+lors_hf.lorsify(model, rank=2)
+files, equal = {}, {}
+for step, shard_size in enumerate(["50GB", "20KB", "50GB"]):  # single file, sharded, single file again
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.01)
+        expected = model(**inputs).logits
+    model.push_to_hub(repo, revision="dev", max_shard_size=shard_size, commit_message=f"update {step}")
+    files[step] = sorted(f for f in api.list_repo_files(repo, revision="dev") if f.startswith("model"))
+    reloaded = AutoModelForCausalLM.from_pretrained(repo, revision="dev").eval()
+    with torch.no_grad():
+        equal[step] = torch.equal(reloaded(**inputs).logits, expected)
+print(json.dumps({"files": files, "equal": equal}))
+"""
+
+
+def test_pushing_an_update_with_other_shards_leaves_no_stale_weight_files(guarded_hub, tmp_path):
+    """A sharded push after a single-file one used to leave the old model.safetensors on the branch, and
+    from_pretrained (which prefers it to the shards' index) silently loaded the previous weights."""
+    result = _run(UPDATE_SCRIPT, _client_env(guarded_hub.endpoint, tmp_path / "home"), "me/updated")
+    shards = [f"model-0000{i}-of-00006.safetensors" for i in range(1, 7)]
+    assert result["equal"] == {"0": True, "1": True, "2": True}
+    assert result["files"] == {"0": ["model.safetensors"], "1": [*shards, "model.safetensors.index.json"],
+                               "2": ["model.safetensors"]}

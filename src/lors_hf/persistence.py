@@ -22,7 +22,8 @@ Mechanism (installed when ``lors_hf`` is imported; no model class changes, no re
 - ``load_state_dict`` of a LORS model drops the two guard tensors, so a strict
   ``model.load_state_dict(safetensors.torch.load_file(...))`` and Trainer's resume see exactly the
   model's own keys.
-- ``push_to_hub`` uploads the same files, with the LORS model card.
+- ``push_to_hub`` uploads the same files, with the LORS model card, and deletes the branch's earlier weight
+  files that it does not rewrite (a stale ``model.safetensors`` next to new shards would be what loads).
 
 State-dict layout of a LORS model (stable, versioned by ``LorsConfig.format_version``)::
 
@@ -67,6 +68,9 @@ _CARD_STAMP_PATTERN = re.compile(re.escape(CARD_STAMP).replace(re.escape("{diges
 STAGING_PREFIX = ".lors-saving-"
 """Name start of the hidden folder a save writes into before its files move into the checkpoint folder."""
 _HUB_OPTIONS = ("commit_message", "commit_description", "private", "create_pr", "revision", "tags")
+_HUB_WEIGHT_FILES = ("model.safetensors", "model-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].safetensors",
+                     "model.safetensors.index.json")
+"""Weight files (default variant, repository root) that a LORS ``push_to_hub`` replaces as a whole."""
 _ORIGINALS: dict[str, Any] = {}
 
 
@@ -426,6 +430,9 @@ def _push_lors_to_hub(original, self: PreTrainedModel, repo_id: str, *args: Any,
             repo_id=repo_id, folder_path=folder, token=token, revision=kwargs.get("revision"),
             commit_message=kwargs.get("commit_message") or "Upload LORS model (lors-hf)",
             commit_description=kwargs.get("commit_description"), create_pr=kwargs.get("create_pr", False),
+            # the previous push's weight files that this one does not rewrite: a single model.safetensors left
+            # next to new shards would be what from_pretrained loads (it prefers it to the shards' index)
+            delete_patterns=list(_HUB_WEIGHT_FILES),
         )
 
 
