@@ -197,3 +197,38 @@ def test_pushing_an_update_with_other_shards_leaves_no_stale_weight_files(guarde
     assert result["equal"] == {"0": True, "1": True, "2": True}
     assert result["files"] == {"0": ["model.safetensors"], "1": [*shards, "model.safetensors.index.json"],
                                "2": ["model.safetensors"]}
+
+
+USERS_CARD = b"---\nlicense: mit\ntags:\n- mine\n---\n# My model\n\nWritten by hand.\n"
+
+USERS_CARD_SCRIPT = r"""
+import io, json, sys
+import torch
+torch.set_num_threads(1)
+import lors_hf
+from huggingface_hub import HfApi, hf_hub_download
+from tiny_models import build
+
+repo, card = sys.argv[1], sys.argv[2].encode()
+api = HfApi()
+api.create_repo(repo)
+api.upload_file(path_or_fileobj=io.BytesIO(card), path_in_repo="README.md", repo_id=repo)
+model, _ = build("bert")
+lors_hf.lorsify(model, rank=2)
+model.push_to_hub(repo)
+first = open(hf_hub_download(repo, "README.md"), encoding="utf-8").read()
+model.push_to_hub(repo, tags=["extra"])
+second = open(hf_hub_download(repo, "README.md"), encoding="utf-8").read()
+print(json.dumps({"first": first, "second": second}))
+"""
+
+
+def test_push_keeps_a_users_own_model_card_on_the_hub(guarded_hub, tmp_path):
+    """As stock push_to_hub does (and a local save does): the user's README.md in the repository stays; it used
+    to be replaced by the LORS card."""
+    cards = _run(USERS_CARD_SCRIPT, _client_env(guarded_hub.endpoint, tmp_path / "home"), "me/carded",
+                 USERS_CARD.decode())
+    assert cards["first"] == USERS_CARD.decode()
+    assert "Written by hand." in cards["second"]
+    assert _front_matter(cards["second"].encode())["tags"] == ["mine", "extra"]
+    assert "lors-hf" not in cards["second"]

@@ -22,7 +22,8 @@ Mechanism (installed when ``lors_hf`` is imported; no model class changes, no re
 - ``load_state_dict`` of a LORS model drops the two guard tensors, so a strict
   ``model.load_state_dict(safetensors.torch.load_file(...))`` and Trainer's resume see exactly the
   model's own keys.
-- ``push_to_hub`` uploads the same files, with the LORS model card, and deletes the branch's earlier weight
+- ``push_to_hub`` uploads the same files, with the LORS model card unless the repository has a README.md that
+  lors_hf did not write (kept, as stock ``push_to_hub`` keeps it, with the given tags added), and deletes the branch's earlier weight
   files that it does not rewrite (a stale ``model.safetensors`` next to new shards would be what loads).
 
 State-dict layout of a LORS model (stable, versioned by ``LorsConfig.format_version``)::
@@ -422,10 +423,14 @@ def _push_lors_to_hub(original, self: PreTrainedModel, repo_id: str, *args: Any,
     token = kwargs.get("token")
     repo_id = api.create_repo(repo_id, private=kwargs.get("private"), token=token, exist_ok=True).repo_id
     ensure_branch(api, repo_id, kwargs.get("revision"), token)
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, tempfile.TemporaryDirectory() as hub_card:
         self.save_pretrained(folder, max_shard_size=kwargs.get("max_shard_size") or "50GB")
         tags = kwargs.get("tags")
-        write_model_card(self, folder, repo_id=repo_id, tags=[tags] if isinstance(tags, str) else tags)
+        tags = [tags] if isinstance(tags, str) else tags
+        if _download_model_card(api, repo_id, kwargs.get("revision"), token, hub_card) and has_users_readme(hub_card):
+            _keep_users_card(Path(hub_card) / MODEL_CARD, Path(folder) / MODEL_CARD, tags)  # as stock push does
+        else:
+            write_model_card(self, folder, repo_id=repo_id, tags=tags)
         return api.upload_folder(
             repo_id=repo_id, folder_path=folder, token=token, revision=kwargs.get("revision"),
             commit_message=kwargs.get("commit_message") or "Upload LORS model (lors-hf)",
@@ -434,6 +439,29 @@ def _push_lors_to_hub(original, self: PreTrainedModel, repo_id: str, *args: Any,
             # next to new shards would be what from_pretrained loads (it prefers it to the shards' index)
             delete_patterns=list(_HUB_WEIGHT_FILES),
         )
+
+
+def _download_model_card(api: Any, repo_id: str, revision: str | None, token: Any, folder: str) -> bool:
+    """Download `repo_id`'s README.md at `revision` into `folder`; False when the repository has none."""
+    from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
+
+    try:
+        api.hf_hub_download(repo_id, MODEL_CARD, revision=revision, token=token, local_dir=folder)
+    except (EntryNotFoundError, RevisionNotFoundError):
+        return False
+    return True
+
+
+def _keep_users_card(source: Path, target: Path, tags: Sequence[str] | None) -> None:
+    """Copy the user's own model card to `target`, with `tags` added to its metadata."""
+    from huggingface_hub import ModelCard
+
+    if not tags:
+        shutil.copyfile(source, target)
+        return
+    card = ModelCard.load(source)
+    card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *tags]))
+    card.save(target)
 
 
 def _holds_lors_weights(files: Sequence[str | os.PathLike] | None) -> bool:
