@@ -722,6 +722,21 @@ def test_save_into_an_existing_folder(tmp_path):
     assert staging_leftovers(folder) == []
 
 
+def test_merged_model_saved_sharded_over_its_lors_checkpoint_replaces_it(tmp_path):
+    """The dense save of merge_and_unload's model into the LORS checkpoint's folder: stock save_pretrained
+    removes only stale shards, so the LORS model.safetensors stayed next to the dense shards, loaded first and
+    made the folder unloadable (with or without lors_hf)."""
+    model, inputs = perturbed_lors_model("gpt2")
+    model.save_pretrained(tmp_path)
+    merged = merge_and_unload(model)
+    merged.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert "model.safetensors" not in {p.name for p in tmp_path.iterdir()}
+    reloaded = load(tmp_path, "gpt2")
+    assert not is_lorsified(reloaded)
+    assert torch.equal(output(reloaded, inputs), output(merged.eval(), inputs))
+    assert staging_leftovers(tmp_path) == []
+
+
 def test_gpt2_with_rank_zero_layers_reloads_bit_for_bit(tmp_path):
     """GPT-2's _init_weights re-initialises ``c_proj.weight`` of every block when from_pretrained finishes; a
     rank-0 layer's weight must not be the shared weight, or the reload silently randomises it."""

@@ -364,6 +364,12 @@ def is_lors_model_card(path: Path) -> bool:
 
 
 def _save_lors_pretrained(original, self: PreTrainedModel, save_directory, *args: Any, **kwargs: Any):
+    if args:  # e.g. save_pretrained(path, True): bind by name so the LORS handling still applies
+        names = list(inspect.signature(original).parameters)[2:2 + len(args)]
+        for name, value in zip(names, args, strict=True):
+            if name in kwargs:
+                raise TypeError(f"save_pretrained() got multiple values for argument {name!r}")
+            kwargs[name] = value
     if not is_lorsified(self):
         if getattr(self.config, "lors_config", None) is not None:
             raise ValueError(
@@ -372,13 +378,13 @@ def _save_lors_pretrained(original, self: PreTrainedModel, save_directory, *args
                 "load. Build the LORS layers with lors_hf.lorsify(model, lors_hf.get_lors_config(model)), or save "
                 "it as a dense model after `del model.config.lors_config`."
             )
-        return original(self, save_directory, *args, **kwargs)
-    if args:  # e.g. save_pretrained(path, True): bind by name so the LORS handling still applies
-        names = list(inspect.signature(original).parameters)[2:2 + len(args)]
-        for name, value in zip(names, args, strict=True):
-            if name in kwargs:
-                raise TypeError(f"save_pretrained() got multiple values for argument {name!r}")
-            kwargs[name] = value
+        if (kwargs.get("is_main_process", True) and not kwargs.get("push_to_hub")
+                and _holds_lors_weights(_weight_files_in(save_directory, kwargs.get("variant")))):
+            # a dense model (merge_and_unload's) replacing a LORS checkpoint: stock save_pretrained removes only
+            # stale shards, and a LORS model.safetensors left next to new shards would be what loads
+            with staged_save(save_directory, kwargs.get("variant")) as staging:
+                return original(self, staging, **kwargs)
+        return original(self, save_directory, **kwargs)
     if not kwargs.get("is_main_process", True):
         return original(self, save_directory, **kwargs)
     if os.path.isfile(save_directory):
@@ -462,6 +468,13 @@ def _keep_users_card(source: Path, target: Path, tags: Sequence[str] | None) -> 
     card = ModelCard.load(source)
     card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *tags]))
     card.save(target)
+
+
+def _weight_files_in(directory: str | os.PathLike, variant: str | None) -> list[Path]:
+    """The safetensors weight files of `variant` in `directory` (none when it is not a directory)."""
+    folder = Path(directory)
+    pattern = _weight_files(variant)
+    return [p for p in folder.iterdir() if pattern.fullmatch(p.name)] if folder.is_dir() else []
 
 
 def _holds_lors_weights(files: Sequence[str | os.PathLike] | None) -> bool:
