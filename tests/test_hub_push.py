@@ -232,3 +232,37 @@ def test_push_keeps_a_users_own_model_card_on_the_hub(guarded_hub, tmp_path):
     assert "Written by hand." in cards["second"]
     assert _front_matter(cards["second"].encode())["tags"] == ["mine", "extra"]
     assert "lors-hf" not in cards["second"]
+
+
+MERGED_SCRIPT = r"""
+import json, sys
+import torch
+torch.set_num_threads(1)
+import lors_hf
+from huggingface_hub import HfApi
+from transformers import AutoModelForCausalLM
+from tiny_models import build
+
+repo = sys.argv[1]
+model, inputs = build("gpt2")
+lors_hf.lorsify(model, rank=2)
+model.push_to_hub(repo)
+merged = lors_hf.merge_and_unload(model).eval()
+with torch.no_grad():
+    expected = merged(**inputs).logits
+merged.push_to_hub(repo, max_shard_size="20KB", commit_message="dense")
+reloaded = AutoModelForCausalLM.from_pretrained(repo).eval()
+with torch.no_grad():
+    equal = torch.equal(reloaded(**inputs).logits, expected)
+files = sorted(HfApi().list_repo_files(repo))
+print(json.dumps({"files": files, "equal": equal, "lorsified": lors_hf.is_lorsified(reloaded)}))
+"""
+
+
+def test_pushing_the_merged_model_over_its_lors_repository_replaces_the_lors_files(guarded_hub, tmp_path):
+    """Stock push_to_hub of merge_and_unload's model, sharded, left the LORS model.safetensors (which loads
+    first: the repository no longer loaded) and the LORS model card (wrong for a dense model)."""
+    result = _run(MERGED_SCRIPT, _client_env(guarded_hub.endpoint, tmp_path / "home"), "me/merged")
+    assert result["equal"] and not result["lorsified"]
+    assert "model.safetensors" not in result["files"] and "model.safetensors.index.json" in result["files"]
+    assert "README.md" not in result["files"]

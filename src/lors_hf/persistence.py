@@ -23,8 +23,10 @@ Mechanism (installed when ``lors_hf`` is imported; no model class changes, no re
   ``model.load_state_dict(safetensors.torch.load_file(...))`` and Trainer's resume see exactly the
   model's own keys.
 - ``push_to_hub`` uploads the same files, with the LORS model card unless the repository has a README.md that
-  lors_hf did not write (kept, as stock ``push_to_hub`` keeps it, with the given tags added), and deletes the branch's earlier weight
-  files that it does not rewrite (a stale ``model.safetensors`` next to new shards would be what loads).
+  lors_hf did not write (kept, as stock ``push_to_hub`` keeps it, with the given tags added), and deletes the
+  branch's earlier weight files that it does not rewrite (a stale ``model.safetensors`` next to new shards would
+  be what loads). So does the push of a dense model (``merge_and_unload``'s) to a repository that holds a LORS
+  checkpoint, which also deletes the LORS model card there.
 
 State-dict layout of a LORS model (stable, versioned by ``LorsConfig.format_version``)::
 
@@ -421,30 +423,53 @@ def ensure_branch(api: Any, repo_id: str, revision: str | None, token: str | Non
 
 
 def _push_lors_to_hub(original, self: PreTrainedModel, repo_id: str, *args: Any, **kwargs: Any):
-    if not is_lorsified(self) or args:
+    if args:
         return original(self, repo_id, *args, **kwargs)
     from huggingface_hub import HfApi
 
     api = HfApi()
-    token = kwargs.get("token")
+    token, revision = kwargs.get("token"), kwargs.get("revision")
+    lors = is_lorsified(self)
     repo_id = api.create_repo(repo_id, private=kwargs.get("private"), token=token, exist_ok=True).repo_id
-    ensure_branch(api, repo_id, kwargs.get("revision"), token)
+    if not lors and not _hub_repo_is_lors(api, repo_id, revision, token):
+        return original(self, repo_id, **kwargs)  # a dense model: stock push, unless it replaces a LORS one
+    ensure_branch(api, repo_id, revision, token)
+    # the previous push's weight files that this one does not rewrite: a single model.safetensors left next to
+    # new shards would be what from_pretrained loads (it prefers it to the shards' index)
+    stale = list(_HUB_WEIGHT_FILES)
     with tempfile.TemporaryDirectory() as folder, tempfile.TemporaryDirectory() as hub_card:
         self.save_pretrained(folder, max_shard_size=kwargs.get("max_shard_size") or "50GB")
         tags = kwargs.get("tags")
         tags = [tags] if isinstance(tags, str) else tags
-        if _download_model_card(api, repo_id, kwargs.get("revision"), token, hub_card) and has_users_readme(hub_card):
+        if _download_model_card(api, repo_id, revision, token, hub_card) and has_users_readme(hub_card):
             _keep_users_card(Path(hub_card) / MODEL_CARD, Path(folder) / MODEL_CARD, tags)  # as stock push does
-        else:
+        elif lors:
             write_model_card(self, folder, repo_id=repo_id, tags=tags)
+        else:
+            stale.append(MODEL_CARD)  # the LORS card of the checkpoint this dense one replaces
         return api.upload_folder(
-            repo_id=repo_id, folder_path=folder, token=token, revision=kwargs.get("revision"),
-            commit_message=kwargs.get("commit_message") or "Upload LORS model (lors-hf)",
+            repo_id=repo_id, folder_path=folder, token=token, revision=revision,
+            commit_message=kwargs.get("commit_message") or ("Upload LORS model (lors-hf)" if lors else "Upload model"),
             commit_description=kwargs.get("commit_description"), create_pr=kwargs.get("create_pr", False),
-            # the previous push's weight files that this one does not rewrite: a single model.safetensors left
-            # next to new shards would be what from_pretrained loads (it prefers it to the shards' index)
-            delete_patterns=list(_HUB_WEIGHT_FILES),
+            delete_patterns=stale,
         )
+
+
+def _hub_repo_is_lors(api: Any, repo_id: str, revision: str | None, token: Any) -> bool:
+    """Whether `repo_id` at `revision` holds a LORS checkpoint (its config.json has a lors_config)."""
+    import json
+
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            path = api.hf_hub_download(repo_id, "config.json", revision=revision, token=token, local_dir=folder)
+        except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
+            return False
+        try:
+            return json.loads(Path(path).read_text(encoding="utf-8")).get("lors_config") is not None
+        except (ValueError, AttributeError):
+            return False
 
 
 def _download_model_card(api: Any, repo_id: str, revision: str | None, token: Any, folder: str) -> bool:
