@@ -731,6 +731,7 @@ def test_merged_model_saved_sharded_over_its_lors_checkpoint_replaces_it(tmp_pat
     merged = merge_and_unload(model)
     merged.save_pretrained(tmp_path, max_shard_size="20KB")
     assert "model.safetensors" not in {p.name for p in tmp_path.iterdir()}
+    assert not (tmp_path / "README.md").exists()  # the LORS model card went with the LORS weights
     reloaded = load(tmp_path, "gpt2")
     assert not is_lorsified(reloaded)
     assert torch.equal(output(reloaded, inputs), output(merged.eval(), inputs))

@@ -385,7 +385,11 @@ def _save_lors_pretrained(original, self: PreTrainedModel, save_directory, *args
             # a dense model (merge_and_unload's) replacing a LORS checkpoint: stock save_pretrained removes only
             # stale shards, and a LORS model.safetensors left next to new shards would be what loads
             with staged_save(save_directory, kwargs.get("variant")) as staging:
-                return original(self, staging, **kwargs)
+                result = original(self, staging, **kwargs)
+            card = Path(save_directory) / MODEL_CARD
+            if card.is_file() and is_lors_model_card(card):  # the replaced checkpoint's card (as `lors-hf merge`)
+                card.unlink()
+            return result
         return original(self, save_directory, **kwargs)
     if not kwargs.get("is_main_process", True):
         return original(self, save_directory, **kwargs)
