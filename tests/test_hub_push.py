@@ -266,3 +266,39 @@ def test_pushing_the_merged_model_over_its_lors_repository_replaces_the_lors_fil
     assert result["equal"] and not result["lorsified"]
     assert "model.safetensors" not in result["files"] and "model.safetensors.index.json" in result["files"]
     assert "README.md" not in result["files"]
+
+
+DENSE_PUSH_SCRIPT = r"""
+import json, sys
+import torch
+torch.set_num_threads(1)
+if sys.argv[1] == "lors":
+    import lors_hf  # noqa: F401
+from tiny_models import build
+
+model, _ = build("bert")
+model.push_to_hub("me/dense")  # a new repository
+model.push_to_hub("me/dense", commit_message="again")  # an existing (dense) one
+try:
+    model.push_to_hub("me/dense", token="not-the-token")
+    error = None
+except Exception as err:
+    error = f"{type(err).__name__}: {err}"
+print(json.dumps({"error": error}))
+"""
+
+
+def test_dense_push_makes_the_stock_requests_besides_reading_config_json(guarded_hub, tmp_path):
+    """A dense model's push_to_hub with lors_hf imported created the repository once more than stock push (one
+    more request per push). Its error for a wrong token stays stock push's. The one difference left: it reads
+    config.json, to tell whether it replaces a LORS checkpoint."""
+    from hub_server import LocalHub
+
+    with LocalHub(token=HUB_TOKEN, lfs_threshold=1024) as stock_hub:
+        stock = _run(DENSE_PUSH_SCRIPT, _client_env(stock_hub.endpoint, tmp_path / "home1"), "stock")
+        expected = stock_hub.requests
+    hooked = _run(DENSE_PUSH_SCRIPT, _client_env(guarded_hub.endpoint, tmp_path / "home2"), "lors")
+    assert hooked["error"].replace(guarded_hub.endpoint, "") == stock["error"].replace(stock_hub.endpoint, "")
+    assert stock["error"] is not None and "/api/repos/create" in stock["error"]
+    requests = [r for r in guarded_hub.requests if not r[1].endswith("/config.json")]
+    assert requests == expected

@@ -434,9 +434,14 @@ def _push_lors_to_hub(original, self: PreTrainedModel, repo_id: str, *args: Any,
     api = HfApi()
     token, revision = kwargs.get("token"), kwargs.get("revision")
     lors = is_lorsified(self)
+    # a dense model: stock push, unless it replaces a LORS one. Stock push creates the repository itself (creating
+    # it here too cost one more request per push); only a name without its namespace is resolved here first
+    checked = not lors and re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id) is not None
+    if checked and not _hub_repo_is_lors(api, repo_id, revision, token):
+        return original(self, repo_id, **kwargs)
     repo_id = api.create_repo(repo_id, private=kwargs.get("private"), token=token, exist_ok=True).repo_id
-    if not lors and not _hub_repo_is_lors(api, repo_id, revision, token):
-        return original(self, repo_id, **kwargs)  # a dense model: stock push, unless it replaces a LORS one
+    if not lors and not checked and not _hub_repo_is_lors(api, repo_id, revision, token):
+        return original(self, repo_id, **kwargs)
     ensure_branch(api, repo_id, revision, token)
     # the previous push's weight files that this one does not rewrite: a single model.safetensors left next to
     # new shards would be what from_pretrained loads (it prefers it to the shards' index)
@@ -463,13 +468,22 @@ def _hub_repo_is_lors(api: Any, repo_id: str, revision: str | None, token: Any) 
     """Whether `repo_id` at `revision` holds a LORS checkpoint (its config.json has a lors_config)."""
     import json
 
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     with tempfile.TemporaryDirectory() as folder:
         try:
             path = api.hf_hub_download(repo_id, "config.json", revision=revision, token=token, local_dir=folder)
         except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
             return False
+        except HfHubHTTPError as err:
+            if getattr(err.response, "status_code", None) != 401:
+                raise
+            return False  # an invalid token: the stock push then fails with its own error, as without lors_hf
         try:
             return json.loads(Path(path).read_text(encoding="utf-8")).get("lors_config") is not None
         except (ValueError, AttributeError):
