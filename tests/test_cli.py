@@ -273,3 +273,24 @@ def test_convert_names_the_projections_it_keeps_dense(dense_dir, tmp_path, capsy
     assert type(converted.bert.encoder.layer[1].attention.self.query) is torch.nn.Linear
     assert isinstance(converted.bert.encoder.layer[1].intermediate.dense, lors_hf.LorsLinear)
     assert lors_hf.parameter_report(converted).stacks_total.reduction >= 0.05
+
+
+@pytest.mark.parametrize("command", ["convert", "merge", "report"])
+def test_an_empty_path_is_refused_not_read_as_the_current_directory(command, dense_dir, tmp_path, capsys, monkeypatch):
+    """`lors-hf convert model "$OUT"` with OUT unset wrote the checkpoint into the current directory (Path("") is
+    "."), and an empty model path loaded whatever model the current directory held."""
+    lors = tmp_path / "lors"
+    assert run_cli("convert", dense_dir, lors, "--rank", "2") == 0
+    work = tmp_path / "work"
+    shutil.copytree(lors if command == "report" else dense_dir, work)  # a model in the current directory
+    before = sorted(p.name for p in work.iterdir())
+    monkeypatch.chdir(work)
+    capsys.readouterr()
+    calls = {"convert": [("convert", dense_dir, ""), ("convert", "", tmp_path / "out")],
+             "merge": [("merge", lors, ""), ("merge", "", tmp_path / "out")],
+             "report": [("report", "")]}[command]
+    for args in calls:
+        assert run_cli(*args) == 1
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and "is an empty path" in lines[0], lines
+    assert sorted(p.name for p in work.iterdir()) == before and not (tmp_path / "out").exists()

@@ -173,7 +173,13 @@ def _guard(action: str, *kinds: type[BaseException]) -> Iterator[None]:
         raise CommandError(f"{action}: {err}") from None
 
 
+def _check_not_empty(path: str, what: str) -> None:
+    if not path.strip():  # Path("") is the current directory: an unset shell variable ("$OUT") would name it
+        raise CommandError(f"the {what} is an empty path: name a directory (. for the current one)")
+
+
 def _check_source(path: str) -> None:
+    _check_not_empty(path, "model")
     looks_local = path.startswith(("/", "./", "../", "~")) or os.path.exists(path)
     if looks_local and not (Path(path).expanduser() / "config.json").is_file():
         what = "no such directory" if not Path(path).expanduser().is_dir() else "no config.json in it"
@@ -188,6 +194,7 @@ def _loading(path: str) -> str:
 
 
 def _check_output(path: str, source: str) -> None:
+    _check_not_empty(path, "output")
     target = Path(path).expanduser()
     if target.exists() and not target.is_dir():
         raise CommandError(f"{path} exists and is not a directory")
