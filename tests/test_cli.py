@@ -16,6 +16,7 @@ from tiny_models import save_tiny_bert
 
 import lors_hf
 import lors_hf.assets
+import lors_hf.training_args
 from lors_hf.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -294,3 +295,14 @@ def test_an_empty_path_is_refused_not_read_as_the_current_directory(command, den
         lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and "is an empty path" in lines[0], lines
     assert sorted(p.name for p in work.iterdir()) == before and not (tmp_path / "out").exists()
+
+
+def test_a_bundled_model_is_not_overwritten_by_its_own_conversion(dense_dir, tmp_path, capsys, monkeypatch):
+    """The output was compared with the name `bundled:minilm`, not with the folder it names: converting into that
+    folder overwrote the installed asset with a LORS checkpoint."""
+    asset = shutil.copytree(dense_dir, tmp_path / "asset")
+    monkeypatch.setattr(lors_hf.training_args, "resolve_model_path", lambda name: str(asset))
+    before = {p.name: p.read_bytes() for p in asset.iterdir()}
+    assert run_cli("convert", "bundled:minilm", asset, "--rank", "2") == 1
+    assert "must differ from the input" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in asset.iterdir()} == before

@@ -194,6 +194,7 @@ def _loading(path: str) -> str:
 
 
 def _check_output(path: str, source: str) -> None:
+    """`source`: the model as `_local_or_hub` resolved it (a ``bundled:`` name is its folder)."""
     _check_not_empty(path, "output")
     target = Path(path).expanduser()
     if target.exists() and not target.is_dir():
@@ -300,8 +301,8 @@ def _convert(args: argparse.Namespace) -> None:
     from .surgery import get_lors_config, is_lorsified, lorsify
 
     _check_source(args.model)
-    _check_output(args.output, args.model)
     source = _local_or_hub(args.model)
+    _check_output(args.output, source)
     if args.calibration_file is not None and not Path(args.calibration_file).is_file():
         raise CommandError(f"--calibration-file {args.calibration_file}: no such file")
     if args.calibration_file is not None and args.init == "scratch":
@@ -394,8 +395,8 @@ def _merge(args: argparse.Namespace) -> None:
     from .surgery import is_lorsified, merge_and_unload
 
     _check_source(args.model)
-    _check_output(args.output, args.model)
     source = _local_or_hub(args.model)
+    _check_output(args.output, source)
     with _guard(_loading(args.model)):
         model = load_model(source)
     if not is_lorsified(model):
