@@ -306,3 +306,17 @@ def test_a_bundled_model_is_not_overwritten_by_its_own_conversion(dense_dir, tmp
     assert run_cli("convert", "bundled:minilm", asset, "--rank", "2") == 1
     assert "must differ from the input" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in asset.iterdir()} == before
+
+
+def test_calibration_samples_fit_the_models_positions(dense_dir, tmp_path, capsys):
+    """The tiny BERT takes 64 tokens: a long line cut at the default 128 tokens (or at a --max-length past the
+    model's limit) failed in the calibration run, with an error that blamed the calibration data's format."""
+    calibration = tmp_path / "long.txt"
+    calibration.write_text(" ".join(["word"] * 300) + "\nshort line\n", encoding="utf-8")
+    assert run_cli("convert", dense_dir, tmp_path / "lors", "--rank", "2", "--calibration-file", calibration) == 0
+    assert "data-aware on 2 samples" in capsys.readouterr().out
+    assert run_cli("convert", dense_dir, tmp_path / "out", "--rank", "2", "--calibration-file", calibration,
+                   "--max-length", "65") == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "--max-length 65 exceeds the 64 tokens" in lines[0], lines
+    assert not (tmp_path / "out").exists()

@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--calibration-samples", type=_positive_int, default=None,
                          help=f"lines of the --calibration-file to use (default {CALIBRATION_SAMPLES})")
     convert.add_argument("--max-length", type=_positive_int, default=None,
-                         help=f"tokens per --calibration-file sample (default {CALIBRATION_MAX_LENGTH})")
+                         help=f"tokens per --calibration-file sample (default {CALIBRATION_MAX_LENGTH}, or the "
+                              "model's limit if lower)")
     convert.add_argument("--calibration-damping", type=_damping, default=None,
                          help="ridge on the calibration inputs' moments, a fraction of their mean diagonal "
                               "(default: lors_hf.calibration.DEFAULT_DAMPING)")
@@ -327,7 +328,7 @@ def _convert(args: argparse.Namespace) -> None:
         calibration = None
         if args.calibration_file:
             bar.set_description_str("convert: reading the calibration data")
-            calibration = _calibration_batches(args, source)
+            calibration = _calibration_batches(args, source, model)
             bar.update()
         bar.set_description_str(f"convert: converting ({'data-aware, ' if calibration else ''}init={config.init})")
         with _guard("convert"):
@@ -347,7 +348,15 @@ def _convert(args: argparse.Namespace) -> None:
           + (f"; copied {', '.join(copied)}" if copied else "") + ")")
 
 
-def _calibration_batches(args: argparse.Namespace, source: str) -> list[dict[str, Any]]:
+def _position_limit(model: Any, tokenizer: Any) -> int | None:
+    """The most tokens `model` takes in one sample (its position table, or its tokenizer's limit), if it says."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    limits = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [n for n in limits if isinstance(n, int) and 0 < n < 1_000_000]  # the tokenizer's "no limit" is 1e30
+    return min(limits) if limits else None
+
+
+def _calibration_batches(args: argparse.Namespace, source: str, model: Any) -> list[dict[str, Any]]:
     from transformers import AutoTokenizer
 
     try:
@@ -356,7 +365,6 @@ def _calibration_batches(args: argparse.Namespace, source: str) -> list[dict[str
         raise CommandError(f"--calibration-file {args.calibration_file} is not UTF-8 text ({err.reason} at byte "
                            f"{err.start}): give plain text, one sample per line") from None
     samples = CALIBRATION_SAMPLES if args.calibration_samples is None else args.calibration_samples
-    max_length = CALIBRATION_MAX_LENGTH if args.max_length is None else args.max_length
     lines = [line for line in (line.strip() for line in text.splitlines()) if line][:samples]
     if not lines:
         raise CommandError(f"--calibration-file {args.calibration_file} has no text")
@@ -367,6 +375,12 @@ def _calibration_batches(args: argparse.Namespace, source: str) -> list[dict[str
                            "--calibration-file needs the model's tokenizer; copy it into the folder")
     with _guard(f"loading the tokenizer of {args.model}"):
         tokenizer = AutoTokenizer.from_pretrained(source)
+    limit = _position_limit(model, tokenizer)
+    if args.max_length is not None and limit is not None and args.max_length > limit:
+        # a longer sample failed in the calibration run, with an error about the calibration data's format
+        raise CommandError(f"--max-length {args.max_length} exceeds the {limit} tokens {args.model} takes per "
+                           f"sample: give at most {limit}")
+    max_length = args.max_length or min(CALIBRATION_MAX_LENGTH, limit or CALIBRATION_MAX_LENGTH)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     batch_size = 16
