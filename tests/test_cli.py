@@ -152,6 +152,10 @@ def test_report_of_a_dense_checkpoint(dense_dir, capsys):
         (["report", "{tmp}"], 1, "no config.json"),
         (["report", "no-such-org/no-such-model"], 1, "no local directory of that name, so it was looked up as a Hub id"),
         (["frobnicate"], 2, "invalid choice"),
+        (["report", "{dense}/config.json"], 1, "config.json: a file, not a model directory"),  # "no such directory"
+        (["convert", "{dense}", "{tmp}/out", "--calibration-file", "{dense}"], 1,
+         "a directory, not a text file"),  # "no such file"
+        (["demo", "--threads", "0"], 2, "invalid thread count 0"),  # status 1, unlike the other invalid numbers
     ],
 )
 def test_wrong_arguments_give_one_line(args, status, message, dense_dir, tmp_path, capsys):

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "Tomatoes sentiment, compare accuracy, save and reload it, plot the training curves.")
     demo.add_argument("--output-dir", default="lors-demo", help="where results go (default: ./lors-demo)")
     demo.add_argument("--quick", action="store_true", help="a seconds-long smoke version (tiny slices)")
-    demo.add_argument("--threads", type=int, default=None,
+    demo.add_argument("--threads", type=_threads, default=None,
                       help="torch CPU threads (default: torch's, or 1 when other processes keep the CPUs busy)")
     demo.set_defaults(handler=_demo)
 
@@ -141,6 +141,10 @@ def _rank(text: str) -> int | str:
     return text if text == "full" else _int_at_least(text, 0, "rank", alternative=" or 'full'")
 
 
+def _threads(text: str) -> int:
+    return _int_at_least(text, 1, "thread count")
+
+
 def _positive_int(text: str) -> int:
     return _int_at_least(text, 1, "count")
 
@@ -182,8 +186,10 @@ def _check_not_empty(path: str, what: str) -> None:
 def _check_source(path: str) -> None:
     _check_not_empty(path, "model")
     looks_local = path.startswith(("/", "./", "../", "~")) or os.path.exists(path)
-    if looks_local and not (Path(path).expanduser() / "config.json").is_file():
-        what = "no such directory" if not Path(path).expanduser().is_dir() else "no config.json in it"
+    folder = Path(path).expanduser()
+    if looks_local and not (folder / "config.json").is_file():
+        what = ("a file, not a model directory" if folder.is_file() else
+                "no such directory" if not folder.is_dir() else "no config.json in it")
         raise CommandError(f"{path}: {what}")
 
 
@@ -287,8 +293,6 @@ def _demo(args: argparse.Namespace) -> None:
 
     from .demo import choose_threads, run_demo
 
-    if args.threads is not None and args.threads < 1:
-        raise CommandError(f"--threads must be >= 1, got {args.threads}")
     threads, reason = (args.threads, "--threads") if args.threads else choose_threads()
     torch.set_num_threads(threads)
     print(f"torch CPU threads: {threads} ({reason})")
@@ -305,7 +309,8 @@ def _convert(args: argparse.Namespace) -> None:
     source = _local_or_hub(args.model)
     _check_output(args.output, source)
     if args.calibration_file is not None and not Path(args.calibration_file).is_file():
-        raise CommandError(f"--calibration-file {args.calibration_file}: no such file")
+        what = "a directory, not a text file" if Path(args.calibration_file).is_dir() else "no such file"
+        raise CommandError(f"--calibration-file {args.calibration_file}: {what}")
     if args.calibration_file is not None and args.init == "scratch":
         raise CommandError("--calibration-file needs --init svd or alternating")
     calibration_options = {"--calibration-samples": args.calibration_samples, "--max-length": args.max_length,
