@@ -324,3 +324,26 @@ def test_calibration_samples_fit_the_models_positions(dense_dir, tmp_path, capsy
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "--max-length 65 exceeds the 64 tokens" in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_is_one_line_and_leaves_the_output_as_it_was(dense_dir, tmp_path, capsys, monkeypatch):
+    """Ctrl-C ended with a KeyboardInterrupt traceback; it is one line, status 130, and the staged save leaves
+    no output folder (a new one) or the earlier checkpoint (an existing one)."""
+    assert run_cli("convert", dense_dir, tmp_path / "earlier", "--rank", "2") == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "earlier").iterdir()}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tf.modeling_utils, "safe_save_file", interrupted)
+    for out in (tmp_path / "new", tmp_path / "earlier"):
+        capsys.readouterr()
+        try:
+            code = run_cli("convert", dense_dir, out, "--rank", "3")
+        except KeyboardInterrupt:
+            code = "KeyboardInterrupt"
+        assert code == 130
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert lines == ["error: interrupted"]
+    assert not (tmp_path / "new").exists()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "earlier").iterdir()} == before

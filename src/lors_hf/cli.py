@@ -121,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:  # Ctrl-C: convert and merge have put their output folder back as it was
+        print("\nerror: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
     return 0
 
 
