@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from tiny_models import save_tiny_bert
 
 import lors_hf
 import lors_hf.assets
+import lors_hf.cli
 import lors_hf.training_args
 from lors_hf.cli import main
 
@@ -347,3 +349,31 @@ def test_ctrl_c_is_one_line_and_leaves_the_output_as_it_was(dense_dir, tmp_path,
         assert lines == ["error: interrupted"]
     assert not (tmp_path / "new").exists()
     assert {p.name: p.read_bytes() for p in (tmp_path / "earlier").iterdir()} == before
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_the_conversion(dense_dir, tmp_path, capsys, monkeypatch):
+    """A read-only output folder, or a path below a file, failed only at the save, after the load and conversion
+    (minutes for a large model), naming the hidden staging folder."""
+    (tmp_path / "a-file").write_text("")
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp(*args, dir=None, **kwargs):  # a read-only file system (chmod does not stop root, which CI may be)
+        if dir is not None and Path(dir).resolve() == read_only.resolve():
+            raise OSError(30, "Read-only file system")
+        return real_mkdtemp(*args, dir=dir, **kwargs)
+
+    def load_model(path):
+        raise AssertionError("loaded the model before checking the output")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    monkeypatch.setattr(lors_hf.cli, "load_model", load_model)
+    unwritable = f"cannot write into {read_only} (Read-only file system)"
+    for out, message in ((read_only, unwritable), (read_only / "sub", unwritable),
+                         (tmp_path / "a-file" / "sub", f"{tmp_path / 'a-file'} is a file, not a directory")):
+        capsys.readouterr()
+        assert run_cli("convert", dense_dir, out, "--rank", "2") == 1
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and message in lines[0], lines
+    assert list(read_only.iterdir()) == []

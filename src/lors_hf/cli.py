@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -211,6 +212,14 @@ def _check_output(path: str, source: str) -> None:
         raise CommandError(f"{path} exists and is not a directory")
     if target.exists() and Path(source).expanduser().exists() and target.resolve() == Path(source).expanduser().resolve():
         raise CommandError(f"{path}: the output must differ from the input")
+    # before the load and conversion (minutes for a large model), not at the save after them
+    folder = next(p for p in (target.absolute(), *target.absolute().parents) if p.exists())
+    if not folder.is_dir():
+        raise CommandError(f"{path}: {folder} is a file, not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".lors-hf-write-check-", dir=folder))
+    except OSError as err:
+        raise CommandError(f"{path}: cannot write into {folder} ({err.strerror or err})") from None
 
 
 def load_model(path: str) -> Any:
