@@ -282,7 +282,7 @@ def test_convert_names_the_projections_it_keeps_dense(dense_dir, tmp_path, capsy
     assert lors_hf.parameter_report(converted).stacks_total.reduction >= 0.05
 
 
-@pytest.mark.parametrize("command", ["convert", "merge", "report"])
+@pytest.mark.parametrize("command", ["convert", "merge", "report", "demo"])
 def test_an_empty_path_is_refused_not_read_as_the_current_directory(command, dense_dir, tmp_path, capsys, monkeypatch):
     """`lors-hf convert model "$OUT"` with OUT unset wrote the checkpoint into the current directory (Path("") is
     "."), and an empty model path loaded whatever model the current directory held."""
@@ -295,7 +295,7 @@ def test_an_empty_path_is_refused_not_read_as_the_current_directory(command, den
     capsys.readouterr()
     calls = {"convert": [("convert", dense_dir, ""), ("convert", "", tmp_path / "out")],
              "merge": [("merge", lors, ""), ("merge", "", tmp_path / "out")],
-             "report": [("report", "")]}[command]
+             "report": [("report", "")], "demo": [("demo", "--quick", "--output-dir", "")]}[command]
     for args in calls:
         assert run_cli(*args) == 1
         lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]

@@ -305,6 +305,7 @@ def _demo(args: argparse.Namespace) -> None:
 
     from .demo import choose_threads, run_demo
 
+    _check_not_empty(args.output_dir, "--output-dir")
     threads, reason = (args.threads, "--threads") if args.threads else choose_threads()
     torch.set_num_threads(threads)
     print(f"torch CPU threads: {threads} ({reason})")
