@@ -6,7 +6,7 @@
     lors-hf merge ./bert-lors ./bert-dense         # a checkpoint stock transformers loads
 
 Mistakes (a missing directory, a rank that does not fit) end with one line ``error: ...`` on stderr and
-exit status 1 (2 for unparsable arguments).
+exit status 1 (2 for unparsable arguments, 130 for Ctrl-C).
 """
 
 from __future__ import annotations
