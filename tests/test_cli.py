@@ -377,3 +377,23 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_conversion(dense
         lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and message in lines[0], lines
     assert list(read_only.iterdir()) == []
+
+
+def test_calibration_with_a_tokenizer_that_has_no_token_to_pad_with(dense_dir, tmp_path, capsys):
+    """A tokenizer without a padding, end-of-text or unknown token ended in a ValueError traceback ("Asking to pad
+    but the tokenizer does not have a padding token"); each line is then a batch of its own."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy2(dense_dir / name, model_dir / name)
+    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["the", "a", "film", "[X]"])}, unk_token="[X]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = tf.PreTrainedTokenizerFast(tokenizer_object=words)
+    assert tokenizer.pad_token is None and tokenizer.eos_token is None and tokenizer.unk_token is None
+    tokenizer.save_pretrained(model_dir)
+    calibration = tmp_path / "text.txt"
+    calibration.write_text("the film\na film the film\nthe\n", encoding="utf-8")
+    assert run_cli("convert", model_dir, tmp_path / "out", "--rank", "2", "--calibration-file", calibration) == 0
+    assert "data-aware on 3 samples" in capsys.readouterr().out

@@ -401,9 +401,11 @@ def _calibration_batches(args: argparse.Namespace, source: str, model: Any) -> l
     max_length = args.max_length or min(CALIBRATION_MAX_LENGTH, limit or CALIBRATION_MAX_LENGTH)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    batch_size = 16
-    return [dict(tokenizer(lines[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
-                           return_tensors="pt")) for i in range(0, len(lines), batch_size)]
+    # a tokenizer with no token to pad with (no padding, end-of-text or unknown token) gets one line per batch
+    batch_size = 16 if tokenizer.pad_token is not None else 1
+    with _guard(f"tokenizing --calibration-file {args.calibration_file}"):
+        return [dict(tokenizer(lines[i:i + batch_size], padding=batch_size > 1, truncation=True,
+                               max_length=max_length, return_tensors="pt")) for i in range(0, len(lines), batch_size)]
 
 
 def _report(args: argparse.Namespace) -> None:
