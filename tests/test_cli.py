@@ -352,11 +352,12 @@ def test_ctrl_c_is_one_line_and_leaves_the_output_as_it_was(dense_dir, tmp_path,
 
 
 def test_an_output_that_cannot_be_written_is_refused_before_the_conversion(dense_dir, tmp_path, capsys, monkeypatch):
-    """A read-only output folder, or a path below a file, failed only at the save, after the load and conversion
-    (minutes for a large model), naming the hidden staging folder."""
+    """A read-only output folder, a path below a file, or a broken symbolic link failed only at the save, after
+    the load and conversion (minutes for a large model), naming the hidden staging folder ("File exists")."""
     (tmp_path / "a-file").write_text("")
     read_only = tmp_path / "read-only"
     read_only.mkdir()
+    (tmp_path / "dangling").symlink_to("nowhere")  # "File exists" at the save
     real_mkdtemp = tempfile.mkdtemp
 
     def mkdtemp(*args, dir=None, **kwargs):  # a read-only file system (chmod does not stop root, which CI may be)
@@ -371,7 +372,8 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_conversion(dense
     monkeypatch.setattr(lors_hf.cli, "load_model", load_model)
     unwritable = f"cannot write into {read_only} (Read-only file system)"
     for out, message in ((read_only, unwritable), (read_only / "sub", unwritable),
-                         (tmp_path / "a-file" / "sub", f"{tmp_path / 'a-file'} is a file, not a directory")):
+                         (tmp_path / "a-file" / "sub", f"{tmp_path / 'a-file'} is a file, not a directory"),
+                         (tmp_path / "dangling", "is a symbolic link to nowhere, which does not exist")):
         capsys.readouterr()
         assert run_cli("convert", dense_dir, out, "--rank", "2") == 1
         lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]

@@ -210,6 +210,8 @@ def _check_output(path: str, source: str) -> None:
     target = Path(path).expanduser()
     if target.exists() and not target.is_dir():
         raise CommandError(f"{path} exists and is not a directory")
+    if target.is_symlink() and not target.exists():
+        raise CommandError(f"{path} is a symbolic link to {os.readlink(target)}, which does not exist")
     if target.exists() and Path(source).expanduser().exists() and target.resolve() == Path(source).expanduser().resolve():
         raise CommandError(f"{path}: the output must differ from the input")
     # before the load and conversion (minutes for a large model), not at the save after them
