@@ -127,6 +127,25 @@ def test_target_modules_as_a_list_matches_name_suffixes():
         plan_ranks(model, LorsConfig(rank=2, target_modules=["uery"]))
 
 
+def test_a_name_as_error_messages_list_it_is_accepted_with_star_for_the_layer_index():
+    """The unmatched-name error lists projections as ``bert.encoder.layer.*.intermediate.dense``; given back as a
+    list entry, that was refused (the ``*`` was taken literally)."""
+    model, _ = build("bert")
+    with pytest.raises(ValueError, match=r"look like: .*bert\.encoder\.layer\.\*\.intermediate\.dense") as error:
+        plan_ranks(model, LorsConfig(rank=2, target_modules=["intermediate.dens"]))
+    assert "a * segment stands for any one name" in str(error.value)
+    with pytest.raises(ValueError, match="entry 'intermediate.dens' matches no projection .*a \\* segment"):
+        plan_ranks(model, LorsConfig(rank=2, target_modules=["query", "intermediate.dens"]))
+    for entry in ("bert.encoder.layer.*.intermediate.dense", "layer.*.intermediate.dense", "*.intermediate.dense"):
+        stacks = plan_ranks(model, LorsConfig(rank=2, target_modules=[entry]))
+        assert _groups(stacks) == {"bert.encoder.layer": ["intermediate.dense"]}, entry
+    stacks = plan_ranks(model, LorsConfig(rank=2, exclude_modules=["*.self.*"]))
+    assert sorted(_groups(stacks)["bert.encoder.layer"]) == ["attention.output.dense", "intermediate.dense",
+                                                             "output.dense"]
+    with pytest.raises(ValueError, match="leave no projection"):  # * is one whole name, not part of one
+        plan_ranks(model, LorsConfig(rank=2, target_modules=["inter*.dense"]))
+
+
 def test_target_modules_as_a_regex_is_matched_in_full_against_the_module_path():
     model, _ = build("whisper")
     stacks = plan_ranks(model, LorsConfig(rank=2, target_modules=r".*decoder.*(q|v)_proj"))

@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--init", choices=["svd", "alternating", "scratch"], default="svd",
                          help="how to split the pretrained weights (default: svd)")
     convert.add_argument("--target-modules", default=None,
-                         help="comma-separated projection names to share (default: every projection in the stacks)")
+                         help="comma-separated projection names to share, matched as suffixes of the module path; "
+                              "* stands for one name, e.g. layer.*.attention.self.query (default: every projection "
+                              "in the stacks)")
     convert.add_argument("--exclude-modules", default=None, help="comma-separated projection names to keep dense")
     convert.add_argument("--calibration-file", default=None,
                          help="data-aware conversion: a text file, one sample per line (needs the model's tokenizer)")

@@ -40,7 +40,8 @@ class LorsConfig:
             (grouped-query keys and values at a large rank) stays dense and no larger (exact, unless
             ``calibration_data`` refits it).
         target_modules: which projections to convert: a list of names matched as suffixes of the
-            module path (``["query", "value"]``, ``["mlp.fc1"]``), or one regex matched in full
+            module path (``["query", "value"]``, ``["mlp.fc1"]``; a ``*`` segment stands for any one name,
+            ``["layer.*.attention.self.query"]``), or one regex matched in full
             against the module path (``r".*decoder.*(q|v)_proj"``). Default: every linear
             projection (``nn.Linear`` or GPT-2's ``Conv1D``) inside each stacked block.
         exclude_modules: same forms as ``target_modules``; matching projections stay dense. An entry of

@@ -149,7 +149,16 @@ def submodule_or_none(module: nn.Module, name: str) -> nn.Module | None:
 def _matches(module_name: str, spec: list[str] | str) -> bool:
     if isinstance(spec, str):
         return re.fullmatch(spec, module_name) is not None
-    return any(module_name == target or module_name.endswith("." + target) for target in spec)
+    return any(_suffix_matches(module_name, target) for target in spec)
+
+
+def _suffix_matches(module_name: str, target: str) -> bool:
+    """Whether `target` names the end of `module_name` (whole path segments); a ``*`` segment stands for any one
+    name, such as the layer index in ``encoder.layer.*.attention.self.query`` (the form error messages list)."""
+    if "*" not in target:
+        return module_name == target or module_name.endswith("." + target)
+    pattern = r"\.".join("[^.]+" if part == "*" else re.escape(part) for part in target.split("."))
+    return re.fullmatch(rf"(?:.*\.)?{pattern}", module_name) is not None
 
 
 def sharing_stacks(model: nn.Module, config: LorsConfig | None = None,
@@ -204,7 +213,7 @@ def find_groups(model: nn.Module, config: LorsConfig, check_names: bool = True) 
         raise ValueError(
             f"lorsify: target_modules={config.target_modules!r} exclude_modules={config.exclude_modules!r} "
             f"leave no projection shared by two or more layers. Projections in the stacks look like: "
-            f"{_examples(candidates)}."
+            f"{_examples(candidates)} (as list entries, a * segment stands for any one name, e.g. a layer index)."
         )
     if check_names:
         _check_every_name_matches(model, config, candidates)
@@ -238,7 +247,8 @@ def _check_every_name_matches(model: nn.Module, config: LorsConfig, candidates: 
             continue
         hint = (f" A string is one regex matched in full against the module path; to match names as suffixes "
                 f"give a list ({option}=[{spec!r}])." if isinstance(spec, str) else
-                " List entries are matched as suffixes of the module path (\"query\", \"attention.self.query\").")
+                " List entries are matched as suffixes of the module path (\"query\", \"attention.self.query\"; "
+                "a * segment stands for any one name, e.g. a layer index).")
         raise ValueError(
             f"lorsify: {option} {_naming(unmatched, 'entry', 'entries')} no projection"
             f"{' in the stacks' if option == 'target_modules' else ''} of {type(model).__name__}.{hint} "
