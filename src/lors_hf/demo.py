@@ -301,6 +301,8 @@ def run_demo(output_dir: str | os.PathLike = "lors-demo", quick: bool = False, s
 
     say("[4/5] Saving the LORS model, reloading it, comparing outputs")
     model_dir = out / MODEL_DIR
+    for earlier in (out / RESULTS_FILE, out / PLOT_FILE):  # an earlier run's: they would describe another model
+        earlier.unlink(missing_ok=True)  # if this run stops between here and its own results
     lors.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     reloaded = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
