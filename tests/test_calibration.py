@@ -199,6 +199,31 @@ def test_decoder_tokens_are_not_masked_with_the_encoders_padding():
     assert statistics["decoder.block.layer.0.SelfAttention.q"].tokens == 2 * length - 3
 
 
+def test_cross_attention_keys_and_values_leave_out_the_encoders_padding():
+    """The decoder's cross-attention keys and values read the encoder's states: the encoder's padding is left out
+    of their moments (it was counted, and with a decoder as long as the encoder the decoder's mask cut real
+    encoder tokens), in the first round and in the sequential one: padded batches convert as unpadded ones."""
+    model, _ = build("t5")
+    generator = torch.Generator().manual_seed(0)
+    real = torch.randint(2, 99, (2, 6), generator=generator)
+    decoder_ids = torch.randint(2, 99, (2, 5), generator=generator)
+    unpadded = [{"input_ids": real, "decoder_input_ids": decoder_ids}]
+    padded = [{"input_ids": torch.cat([real, torch.randint(2, 99, (2, 4), generator=generator)], 1),
+               "attention_mask": torch.cat([torch.ones(2, 6), torch.zeros(2, 4)], 1).long(),
+               "decoder_input_ids": torch.cat([decoder_ids, torch.randint(2, 99, (2, 5), generator=generator)], 1),
+               "decoder_attention_mask": torch.cat([torch.ones(2, 5), torch.zeros(2, 5)], 1).long()}]  # as long
+    stacks = plan_ranks(model, LorsConfig(rank=2))
+    reference = collect_input_statistics(model, stacks, unpadded)
+    statistics = collect_input_statistics(model, stacks, padded)
+    for name in ("decoder.block.layer.1.EncDecAttention.k", "decoder.block.layer.1.EncDecAttention.q"):
+        assert statistics[name].tokens == reference[name].tokens
+        torch.testing.assert_close(statistics[name].second_moment, reference[name].second_moment)
+    config = LorsConfig(rank=2, init="svd")
+    expected = lorsify(copy.deepcopy(model), config, calibration_data=unpadded)
+    converted = lorsify(copy.deepcopy(model), config, calibration_data=padded)
+    torch.testing.assert_close(_outputs(converted, unpadded[0]), _outputs(expected, unpadded[0]), rtol=1e-4, atol=1e-5)
+
+
 def test_a_vision_towers_patches_are_not_masked_with_the_texts_padding():
     """CLIP: the text's attention_mask leaves out the text's padding only, even when the text is exactly as long
     as the vision tower's sequence of patches (+ class token)."""

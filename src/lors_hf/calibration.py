@@ -137,13 +137,19 @@ def collect_input_statistics(
     device = next(model.parameters()).device
     sums: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
     counts: dict[tuple[str, int], int] = {}
-    masks: dict[str, torch.Tensor | None] = {}  # per stack, for the batch running now
+    masks: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}  # per stack, for the batch running now
+    encoder_states: dict[str, torch.Tensor | None] = {}  # per stack, what its block running now attends to
     last = _LastInput()
+
+    def block_hook(stack_name: str):
+        def hook(block: nn.Module, args: tuple, kwargs: dict) -> None:
+            encoder_states[stack_name] = _encoder_states(block, args, kwargs)
+        return hook
 
     def hook_for(key: tuple[str, int], stack_name: str):
         def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
             def moments() -> dict[str, Any]:
-                x = _flatten(args[0].detach(), masks[stack_name])
+                x = _flatten(args[0].detach(), _mask_for(args[0], *masks[stack_name], encoder_states.get(stack_name)))
                 return {"second": x.T @ x, "sum": x.sum(0), "count": x.shape[0]}
 
             found = last.moments(args[0], moments)
@@ -156,6 +162,8 @@ def collect_input_statistics(
     hooks = [model.get_submodule(group.module_name(index)).register_forward_pre_hook(
                  hook_for((group.name, index), stack.name))
              for stack in stacks for group in stack.groups for index in group.layer_indices]
+    hooks += [block.register_forward_pre_hook(block_hook(stack.name), with_kwargs=True)
+              for stack in stacks if _cross_attends(model, stack.name) for block in stack.blocks]
     was_training = model.training
     model.eval()
     batches = 0
@@ -163,7 +171,8 @@ def collect_input_statistics(
         with torch.no_grad():
             for batch in calibration_data:
                 inputs = _model_inputs(batch, device, model)
-                masks.update({stack.name: _padding_mask(model, stack.name, inputs) for stack in stacks})
+                masks.update({stack.name: (_padding_mask(model, stack.name, inputs), _cross_mask(model, stack.name, inputs))
+                              for stack in stacks})
                 try:
                     model(**inputs)
                 except (RuntimeError, IndexError, ValueError, TypeError, AttributeError, KeyError) as err:
@@ -429,8 +438,8 @@ def _sequential_round(model: nn.Module, reference: nn.Module, stack: Stack,
             dense_calls = _capture_block_calls(reference, reference_blocks, batches)
             lors_hidden = [hidden for hidden, _ in lors_calls]
             dense_hidden = [hidden for hidden, _ in dense_calls]
-            masks = [_padding_mask(model, stack.name, _model_inputs(batch, lors_hidden[0].device, model))
-                     for batch in batches]
+            inputs = [_model_inputs(batch, lors_hidden[0].device, model) for batch in batches]
+            masks = [(_padding_mask(model, stack.name, batch), _cross_mask(model, stack.name, batch)) for batch in inputs]
             for index, (block, dense_block) in enumerate(zip(stack.blocks, reference_blocks, strict=True)):
                 # Refit stage by stage in execution order (q/k/v, then o_proj on the outputs of the refitted
                 # q/k/v, ...): each projection is fitted to the inputs it will really see.
@@ -488,11 +497,13 @@ def _paired_block_statistics(block, dense_block, groups, index, lors_hidden, den
     sums: dict[str, dict[str, torch.Tensor]] = {}
     counts: dict[str, int] = {}
     dense_inputs: dict[str, torch.Tensor] = {}
-    mask_holder: dict[str, torch.Tensor | None] = {"mask": None}
+    # the batch running now: its padding masks (own tokens, encoder's tokens) and each block's encoder states
+    mask_holder: dict[str, Any] = {"masks": (None, None), "dense": None, "lors": None}
 
     def dense_hook(name: str):
         def hook(_module: nn.Module, args: tuple) -> None:
-            dense_inputs[name] = _flatten(args[0].detach(), mask_holder["mask"])
+            dense_inputs[name] = _flatten(args[0].detach(), _mask_for(args[0], *mask_holder["masks"],
+                                                                      mask_holder["dense"]))
         return hook
 
     last = _LastInput()
@@ -504,7 +515,7 @@ def _paired_block_statistics(block, dense_block, groups, index, lors_hidden, den
             reference = dense_inputs.pop(name, None)
 
             def moments() -> dict[str, torch.Tensor]:
-                x = _flatten(args[0].detach(), mask_holder["mask"])
+                x = _flatten(args[0].detach(), _mask_for(args[0], *mask_holder["masks"], mask_holder["lors"]))
                 # Routed experts: the dense model may have sent other tokens here (or none); without a token
                 # for token pairing, the converted input stands for the dense one (the target stays W).
                 paired = reference if reference is not None and reference.shape == x.shape else x
@@ -529,7 +540,9 @@ def _paired_block_statistics(block, dense_block, groups, index, lors_hidden, den
         handles.append(block.get_submodule(group.relative_name).register_forward_pre_hook(lors_hook(group.name)))
     try:
         for j in range(len(lors_hidden)):
-            mask_holder["mask"] = masks[j]
+            mask_holder["masks"] = masks[j]
+            mask_holder["dense"] = _encoder_states(dense_block, (None, *dense_calls[j][0]), dense_calls[j][1])
+            mask_holder["lors"] = _encoder_states(block, (None, *lors_calls[j][0]), lors_calls[j][1])
             _run_block(dense_block, dense_hidden[j], *dense_calls[j])
             _run_block(block, lors_hidden[j], *lors_calls[j])
             dense_inputs.clear()
@@ -584,6 +597,35 @@ def _padding_mask(model: nn.Module, stack_name: str, inputs: Mapping[str, Any]) 
             return labels != -100
         return inputs.get("decoder_attention_mask")
     return inputs.get("attention_mask")
+
+
+def _cross_attends(model: nn.Module, stack_name: str) -> bool:
+    """Whether the stack at `stack_name` is the decoder of an encoder-decoder: its blocks attend to the encoder's
+    states, whose tokens are the encoder's (its cross-attention keys and values read them)."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False)) and ".decoder." in f".{stack_name}."
+
+
+def _cross_mask(model: nn.Module, stack_name: str, inputs: Mapping[str, Any]) -> torch.Tensor | None:
+    """The padding mask of the encoder states a decoder stack's cross-attention reads (the encoder's
+    ``attention_mask``); None for any other stack."""
+    return inputs.get("attention_mask") if _cross_attends(model, stack_name) else None
+
+
+def _encoder_states(block: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+    """The ``encoder_hidden_states`` a decoder block is called with (positional or keyword), or None."""
+    try:
+        bound = inspect.signature(block.forward).bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        return None
+    states = bound.get("encoder_hidden_states", bound.get("kwargs", {}).get("encoder_hidden_states"))
+    return states if isinstance(states, torch.Tensor) else None
+
+
+def _mask_for(x: torch.Tensor, own: torch.Tensor | None, cross: torch.Tensor | None,
+              encoder_states: torch.Tensor | None) -> torch.Tensor | None:
+    """The padding mask of a projection's input `x`: the encoder's (`cross`) when `x` is the encoder states a
+    decoder block attends to (cross-attention keys and values), else the stack's own tokens' (`own`)."""
+    return cross if encoder_states is not None and x is encoder_states else own
 
 
 def _innermost_submodel(model: nn.Module, stack_name: str) -> nn.Module | None:
