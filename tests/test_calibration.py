@@ -199,6 +199,17 @@ def test_decoder_tokens_are_not_masked_with_the_encoders_padding():
     assert statistics["decoder.block.layer.0.SelfAttention.q"].tokens == 2 * length - 3
 
 
+def test_calibration_inputs_that_are_not_finite_are_a_value_error():
+    """NaN or inf in the calibration batches (or a model that overflows on them) make the moments non-finite: a
+    ValueError naming the projection and the cause, not a LinAlgError from the Cholesky factorisation."""
+    model, inputs = build("vit")
+    pixels = inputs["pixel_values"].clone()
+    pixels[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="not finite.*NaN"):
+        lorsify(model, rank=2, init="svd", calibration_data=[pixels])
+    assert getattr(model.config, "lors_config", None) is None
+
+
 def test_cross_attention_keys_and_values_leave_out_the_encoders_padding():
     """The decoder's cross-attention keys and values read the encoder's states: the encoder's padding is left out
     of their moments (it was counted, and with a decoder as long as the encoder the decoder's mask cut real

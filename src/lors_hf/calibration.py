@@ -206,6 +206,13 @@ def collect_input_statistics(
                     "calibration batches is padding (attention_mask all zeros) or was routed elsewhere; give batches "
                     "with real tokens."
                 )
+            nonfinite = [k[1] for k in keys if not torch.isfinite(sums[k]["second"]).all()]
+            if nonfinite:
+                raise ValueError(
+                    f"calibration: the inputs of projection {group.name!r} are not finite (NaN or inf) in layers "
+                    f"{nonfinite}: the calibration batches hold NaN/inf values, or the model overflows on them in its "
+                    "dtype (float16); give finite inputs the model runs on (or convert the model in float32/bfloat16)."
+                )
             result[group.name] = InputStatistics(
                 second_moment=torch.stack([sums[k]["second"] / counts[k] for k in keys]),
                 mean=torch.stack([sums[k]["sum"] / counts[k] for k in keys]),
