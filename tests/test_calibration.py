@@ -210,6 +210,17 @@ def test_calibration_inputs_that_are_not_finite_are_a_value_error():
     assert getattr(model.config, "lors_config", None) is None
 
 
+@pytest.mark.parametrize("family", ["t5", "whisper"])
+def test_an_encoder_decoder_batch_without_decoder_inputs_names_the_fix(family):
+    """T5 failed with "You must specify exactly one of input_ids or inputs_embeds" (it had input_ids), Whisper with
+    "You cannot specify both decoder_input_ids and decoder_inputs_embeds": the error names the missing inputs."""
+    model, inputs = build(family)
+    batch = {k: v for k, v in inputs.items() if k != "decoder_input_ids"}
+    with pytest.raises(ValueError, match="no decoder inputs.*decoder_input_ids \\(or labels"):
+        lorsify(model, rank=2, init="svd", calibration_data=[batch])
+    assert getattr(model.config, "lors_config", None) is None
+
+
 def test_cross_attention_keys_and_values_leave_out_the_encoders_padding():
     """The decoder's cross-attention keys and values read the encoder's states: the encoder's padding is left out
     of their moments (it was counted, and with a decoder as long as the encoder the decoder's mask cut real

@@ -180,7 +180,7 @@ def collect_input_statistics(
                         f"calibration: {type(model).__name__} could not run calibration batch {batches}: {err} "
                         "(calibration_data must hold the model's own inputs: tensors of its main input "
                         f"{getattr(model, 'main_input_name', 'input_ids')!r} (integer input_ids of its vocabulary for a "
-                        "text model), or dicts of its keyword inputs)"
+                        f"text model), or dicts of its keyword inputs{_decoder_inputs_hint(model, inputs)})"
                     ) from err
                 batches += 1
     finally:
@@ -584,6 +584,18 @@ def decoder_inputs_come_from_labels(model: nn.Module | None, inputs: Mapping[str
     config = getattr(model, "config", None)
     return (bool(getattr(config, "is_encoder_decoder", False)) and inputs.get("labels") is not None
             and inputs.get("decoder_input_ids") is None and inputs.get("decoder_inputs_embeds") is None)
+
+
+def _decoder_inputs_hint(model: nn.Module, inputs: Mapping[str, Any]) -> str:
+    """For an encoder-decoder whose batch has no decoder inputs (nor labels to build them from), the fix."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return ""
+    if "decoder_input_ids" not in inspect.signature(model.forward).parameters:
+        return ""  # DETR: no decoder inputs to give
+    if any(inputs.get(key) is not None for key in ("decoder_input_ids", "decoder_inputs_embeds", "labels")):
+        return ""
+    return ("; this batch has no decoder inputs: an encoder-decoder's batches need decoder_input_ids (or labels, "
+            "from which it builds them), so that its decoder runs and is calibrated too")
 
 
 _TOKEN_INPUTS = ("input_ids", "inputs_embeds")  # the main inputs an ``attention_mask`` is about
