@@ -221,6 +221,21 @@ def test_an_encoder_decoder_batch_without_decoder_inputs_names_the_fix(family):
     assert getattr(model.config, "lors_config", None) is None
 
 
+def test_a_datasets_dataset_of_lists_names_the_fix_and_one_of_tensors_converts():
+    """A datasets.Dataset yields rows of Python lists unless formatted: a TypeError naming with_format('torch') (it
+    was the model's "'list' object has no attribute 'size'"); formatted, its rows are batches of one."""
+    datasets = pytest.importorskip("datasets")
+    model, _ = build("bert")
+    ids = torch.randint(1, 99, (3, 8), generator=torch.Generator().manual_seed(0))
+    dataset = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * 8] * 3})
+    with pytest.raises(TypeError, match="'input_ids' is a Python list.*with_format\\('torch'\\)"):
+        lorsify(copy.deepcopy(model), rank=2, init="svd", calibration_data=dataset)
+    expected = lorsify(copy.deepcopy(model), rank=2, init="svd", calibration_data=[{"input_ids": ids}])
+    converted = lorsify(copy.deepcopy(model), rank=2, init="svd", calibration_data=dataset.with_format("torch"))
+    batch = {"input_ids": ids}
+    torch.testing.assert_close(_outputs(converted, batch), _outputs(expected, batch), rtol=1e-4, atol=1e-5)
+
+
 def test_cross_attention_keys_and_values_leave_out_the_encoders_padding():
     """The decoder's cross-attention keys and values read the encoder's states: the encoder's padding is left out
     of their moments (it was counted, and with a decoder as long as the encoder the decoder's mask cut real

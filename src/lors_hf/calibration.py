@@ -674,6 +674,14 @@ def _model_inputs(batch: Any, device: torch.device, model: nn.Module | None = No
     elif isinstance(batch, Mapping):
         # labels only serve an encoder-decoder given no decoder inputs, which it builds from them
         keep_labels = decoder_inputs_come_from_labels(model, batch)
+        main = getattr(model, "main_input_name", None) or "input_ids"
+        for key, value in batch.items():
+            if isinstance(value, list | tuple) and (key == main or key.endswith(("_ids", "_mask"))):
+                raise TypeError(
+                    f"calibration batch: {key!r} is a Python {type(value).__name__}, not a tensor; give tensors (a "
+                    "tokenizer called with return_tensors='pt', a datasets.Dataset with .with_format('torch'), or a "
+                    "DataLoader whose collator pads and stacks)."
+                )
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
                   if k != "labels" or keep_labels}
     else:
