@@ -24,3 +24,32 @@ def test_smoke_run_writes_the_ratios_it_measured(tmp_path):
     assert "`python scripts/bench_speed.py --smoke" in section
     assert f"| {figures['train_ratio']:.3f} | <= 1.05 |" in section
     assert f"| {figures['decode_ratio']:.3f} | <= 1.10 |" in section
+
+
+def _bench_speed():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_speed", REPO / "scripts" / "bench_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cached_decode_timing_does_not_rebuild_the_weight_cache_each_round(monkeypatch):
+    """The `set_weight_cache` row times decoding from a built cache: the cache is built once (in the untimed
+    prefill), not dropped and rebuilt inside every timed round (which made the cached decode look 1.25x dense)."""
+    import argparse
+
+    from lors_hf.layer import LorsLinear
+
+    bench_speed = _bench_speed()
+    args = argparse.Namespace(layers=4, d_model=64, heads=2, vocab=64, batch_size=2, seq_len=16, prefill=4,
+                              decode_steps=2, reduction=0.6, rounds=3, device="cpu", bf16=False)
+    models = bench_speed.build_models(args)
+    layers = sum(isinstance(m, LorsLinear) for m in models["lors"].modules())
+    builds = []
+    original = LorsLinear.effective_weight
+    monkeypatch.setattr(LorsLinear, "effective_weight", lambda self: builds.append(self) or original(self))
+    times = bench_speed.time_decode_steps(bench_speed.with_cached_variant(models), args)
+    assert set(times) == {"dense", "lors", "lors_cached"}
+    assert len(builds) == layers  # once per layer, whatever the number of rounds
