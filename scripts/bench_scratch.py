@@ -289,6 +289,12 @@ def training_ids(data: CharData, args: argparse.Namespace) -> torch.Tensor:
     return data.train[:args.train_chars] if args.train_chars else data.train
 
 
+def validation_tokens(args: argparse.Namespace) -> int:
+    """Characters scored on the validation split: a quarter of ``--eval-tokens`` (the test split gets them all),
+    at least one window."""
+    return max(args.seq_len, args.eval_tokens // 4)
+
+
 def train_variant(spec: VariantSpec, seed: int, data: CharData, args: argparse.Namespace) -> RunResult:
     """Train one variant from scratch for ``args.steps`` steps and score it on validation and test."""
     device = torch.device(args.device)
@@ -304,8 +310,7 @@ def train_variant(spec: VariantSpec, seed: int, data: CharData, args: argparse.N
     train_ids = training_ids(data, args)
 
     def validation() -> float:
-        return evaluate_nll(model, data.validation, args.seq_len, max(args.seq_len, args.eval_tokens // 4),
-                            bf16=args.bf16)
+        return evaluate_nll(model, data.validation, args.seq_len, validation_tokens(args), bf16=args.bf16)
 
     def test() -> float:
         return evaluate_nll(model, data.test, args.seq_len, args.eval_tokens, bf16=args.bf16)
@@ -497,8 +502,9 @@ def render_markdown(results: list[RunResult], specs: list[VariantSpec], args: ar
         f"(betas 0.9/0.95, weight decay {args.weight_decay} on matrices), peak lr {args.lr} for every parameter "
         + lors_learning_rates(args)
         + f"{args.warmup_fraction:.0%} linear warmup then cosine to 10%, gradient clipping 1.0. "
-        f"Perplexity = exp(mean NLL per character) over the first {args.eval_tokens:,} characters of each held-out split "
-        f"(non-overlapping windows of {args.seq_len}). Train ppl = exp(mean training loss over the last 5% of steps, "
+        f"Perplexity = exp(mean NLL per character) over the first {args.eval_tokens:,} characters of the test split "
+        f"and the first {validation_tokens(args):,} of the validation split, in non-overlapping windows of "
+        f"{args.seq_len}. Train ppl = exp(mean training loss over the last 5% of steps, "
         f"{'dropout on, ' if args.dropout else ''}on the training batches): its gap to val/test ppl shows overfitting. "
         f"Seeds: {seeds}; spread = half the range over seeds.",
         "",

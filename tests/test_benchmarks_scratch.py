@@ -315,3 +315,11 @@ def test_a_smoke_run_refuses_to_write_over_the_real_results(script: str, results
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--smoke writes to a scratch file: give --results-file" in proc.stderr
     assert {path: path.read_bytes() for path in (REPO / "docs").iterdir() if path.is_file()} == before
+
+
+def test_scratch_setup_names_the_characters_each_split_is_scored_on(results: Path) -> None:
+    """Validation is scored on a quarter of --eval-tokens (smoke: 512 // 4 = 128), test on all of them; the setup
+    said 'the first 512 characters of each held-out split'."""
+    section = _section(results, "bench_scratch")
+    assert "over the first 512 characters of the test split and the first 128 of the validation split" in section
+    assert "characters of each held-out split" not in section
