@@ -317,3 +317,24 @@ def test_teacher_runs_under_the_students_mixed_precision(tmp_path):
                                   train_dataset=_token_dataset(99), teacher_model=teacher)
     trainer.train()
     assert seen == {"student": True, "teacher": True}
+
+
+def test_a_regression_head_is_refused_for_the_kl_term(tmp_path):
+    """One logit per position (num_labels=1): the softmax is always 1, so the KL term was 0 whatever the models
+    predicted (teacher 3.0, student -5.0 gave kl 0.0) and alpha_kl silently did nothing."""
+    student, teacher = {"logits": torch.tensor([[-5.0], [2.0]])}, {"logits": torch.tensor([[3.0], [-1.0]])}
+    with pytest.raises(ValueError, match="regression head.*alpha_kl=0"):
+        distillation_losses(student, teacher, use_hidden=False)
+    assert set(distillation_losses(student, teacher, use_hidden=False, use_kl=False)) == set()
+    teacher_model = tf.BertForSequenceClassification(tf.BertConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64, num_labels=1)).eval()
+    student_model = lorsify(copy.deepcopy(teacher_model), LorsConfig(rank=1, init="svd")).train()
+    batch = {"input_ids": torch.tensor([[1, 2, 3, 4]]), "attention_mask": torch.ones(1, 4, dtype=torch.long),
+             "labels": torch.tensor([0.5])}
+    trainer = DistillationTrainer(model=student_model, args=_args(tmp_path), teacher_model=teacher_model)
+    with pytest.raises(ValueError, match="regression head"):
+        trainer.compute_loss(student_model, dict(batch))
+    trainer = DistillationTrainer(model=student_model, args=_args(tmp_path), teacher_model=teacher_model,
+                                  alpha_kl=0.0, alpha_task=1.0)
+    assert math.isfinite(float(trainer.compute_loss(student_model, dict(batch)).detach()))

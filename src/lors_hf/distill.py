@@ -194,7 +194,8 @@ def distillation_losses(
     """The unweighted distillation terms ``{"kl": ..., "hidden": ...}`` (a term is absent when it cannot apply).
 
     ``kl``: ``T^2 * KL(teacher || student)`` of the temperature-scaled logits, averaged over positions; absent
-    with ``use_kl=False`` or when neither model returns logits (when only one does: a ValueError).
+    with ``use_kl=False`` or when neither model returns logits (when only one does, or for a regression head's
+    single logit, whose softmax KL is always 0: a ValueError).
     ``hidden``: mean over layers of the MSE between parameter-free-LayerNormed hidden states
     (``hidden_states`` past the embeddings when both models return them, else ``last_hidden_state``).
     Positions where the mask is 0 are left out: `attention_mask` for an encoder or decoder-only model,
@@ -227,6 +228,11 @@ def distillation_losses(
         if student_logits.shape != teacher_logits.shape:
             raise ValueError(f"distillation: student logits {tuple(student_logits.shape)} and teacher logits "
                              f"{tuple(teacher_logits.shape)} differ.")
+        if student_logits.dim() > 1 and student_logits.shape[-1] == 1:
+            raise ValueError(f"distillation: the logits {tuple(student_logits.shape)} hold one value per position (a "
+                             "regression head, num_labels=1), whose softmax is always 1, so the KL term would be 0 "
+                             "whatever the models predict: leave it out (DistillationTrainer's alpha_kl=0, "
+                             "distillation_losses' use_kl=False) and distil the hidden states and the task loss.")
         student_log_probs = F.log_softmax(_masked(student_logits, attention_mask).float() / temperature, dim=-1)
         teacher_log_probs = F.log_softmax(_masked(teacher_logits, attention_mask).float() / temperature, dim=-1)
         per_position = (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum(-1)
