@@ -338,3 +338,21 @@ def test_a_regression_head_is_refused_for_the_kl_term(tmp_path):
     trainer = DistillationTrainer(model=student_model, args=_args(tmp_path), teacher_model=teacher_model,
                                   alpha_kl=0.0, alpha_task=1.0)
     assert math.isfinite(float(trainer.compute_loss(student_model, dict(batch)).detach()))
+
+
+def test_a_multi_label_classifier_is_refused_for_the_kl_term(tmp_path):
+    """A multi-label head scores each label with a sigmoid; the softmax KL ignored that: a teacher sure of every
+    label (logits +5) and a student sure of none (-5) were at KL 0.0, so alpha_kl pulled nowhere."""
+    config = tf.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=64, num_labels=3,
+                           problem_type="multi_label_classification")
+    teacher = tf.BertForSequenceClassification(config).eval()
+    student = lorsify(copy.deepcopy(teacher), LorsConfig(rank=1, init="svd")).train()
+    batch = {"input_ids": torch.tensor([[1, 2, 3, 4]]), "attention_mask": torch.ones(1, 4, dtype=torch.long),
+             "labels": torch.tensor([[1.0, 0.0, 1.0]])}
+    trainer = DistillationTrainer(model=student, args=_args(tmp_path), teacher_model=teacher)
+    with pytest.raises(ValueError, match="multi-label classifier.*alpha_kl=0"):
+        trainer.compute_loss(student, dict(batch))
+    trainer = DistillationTrainer(model=student, args=_args(tmp_path), teacher_model=teacher, alpha_kl=0.0,
+                                  alpha_task=1.0)
+    assert math.isfinite(float(trainer.compute_loss(student, dict(batch)).detach()))

@@ -46,7 +46,8 @@ class DistillationTrainer(Trainer):
         teacher_model: the dense model to imitate; it is frozen, put in eval mode and moved to the
             student's device. Same tokenizer / inputs as the student.
         temperature: softmax temperature of the KL term (the KL is scaled by ``T^2``).
-        alpha_kl: weight of the KL divergence between teacher and student logits.
+        alpha_kl: weight of the KL divergence between teacher and student logits (softmax over classes or the
+            vocabulary: a regression or multi-label head needs ``alpha_kl=0``, else a ValueError).
         alpha_hidden: weight of the normalised MSE between the hidden states of student and teacher.
         alpha_task: weight of the student's own loss (``outputs.loss``; the batch needs ``labels``).
 
@@ -133,6 +134,12 @@ class DistillationTrainer(Trainer):
         if use_hidden:
             student_inputs["output_hidden_states"] = teacher_inputs["output_hidden_states"] = True
         student_outputs = model(**student_inputs)
+        config = getattr(self.accelerator.unwrap_model(model), "config", None)
+        if self.alpha_kl > 0 and getattr(config, "problem_type", None) == "multi_label_classification":
+            raise ValueError("DistillationTrainer: a multi-label classifier (problem_type='multi_label_classification') "
+                             "scores each label on its own (a sigmoid), but the KL term compares softmaxes over the "
+                             "labels, which ignore how likely each label is (logits all +5 and all -5 give KL 0): "
+                             "use alpha_kl=0 (hidden states and the task loss).")
         with torch.no_grad(), self.accelerator.autocast():  # the student's forward runs under it too
             self.teacher_model.eval()
             teacher_outputs = self.teacher_model(**teacher_inputs)
