@@ -3,7 +3,7 @@
 `DistillationTrainer` is a `transformers.Trainer` whose loss is
 
     alpha_kl * T^2 * KL(softmax(teacher / T) || softmax(student / T))       (models with logits)
-  + alpha_hidden * mean over layers of MSE(norm(student hidden), norm(teacher hidden))
+  + alpha_hidden * mean over layers of MSE(norm(student hidden), norm(teacher hidden))  (another depth: last only)
   + alpha_task * the student's own loss (needs labels)
 
 where ``norm`` is a LayerNorm without parameters over the hidden dimension, so every layer counts alike
@@ -204,7 +204,8 @@ def distillation_losses(
     with ``use_kl=False`` or when neither model returns logits (when only one does, or for a regression head's
     single logit, whose softmax KL is always 0: a ValueError).
     ``hidden``: mean over layers of the MSE between parameter-free-LayerNormed hidden states
-    (``hidden_states`` past the embeddings when both models return them, else ``last_hidden_state``).
+    (``hidden_states`` past the embeddings when both models return them, else ``last_hidden_state``; a teacher
+    of another depth: the last states only, no layer mapping).
     Positions where the mask is 0 are left out: `attention_mask` for an encoder or decoder-only model,
     `decoder_attention_mask` for the logits and decoder states of an encoder-decoder.
 
