@@ -238,6 +238,29 @@ def test_merged_gpt2_uses_conv1d_again_and_can_be_lorsified_anew():
     assert is_lorsified(model)
 
 
+class _Wrapper(nn.Module):
+    """A user's module around a transformers model (as DistributedDataParallel is): no ``config`` of its own."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+
+def test_merge_and_unload_and_get_lors_config_see_through_a_wrapper(tmp_path):
+    """On a wrapper, merge_and_unload merged every layer, then raised AttributeError at ``model.config``: the
+    inner model was left dense with its lors_config, which save_pretrained refused. get_lors_config said
+    None ("dense") of a wrapper is_lorsified called a LORS model."""
+    model, inputs = build("bert")
+    lorsify(model, rank=4, init="svd")
+    wrapper = _Wrapper(model)
+    assert get_lors_config(wrapper) == get_lors_config(model) is not None
+    lors_outputs = _outputs(model, inputs)
+    assert merge_and_unload(wrapper) is wrapper
+    assert not is_lorsified(model) and get_lors_config(model) is None and get_lors_config(wrapper) is None
+    torch.testing.assert_close(_outputs(model, inputs), lors_outputs, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path)  # raised: a lors_config but dense layers
+
+
 def test_merge_and_unload_refuses_a_dense_model():
     model, _ = build("bert")
     with pytest.raises(ValueError, match="no LORS layers"):

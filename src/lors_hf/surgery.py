@@ -54,6 +54,9 @@ def is_lorsified(model: nn.Module) -> bool:
 def get_lors_config(model: nn.Module | PretrainedConfig) -> LorsConfig | None:
     """The `LorsConfig` recorded on ``model.config`` (or on a model config itself); None for a dense model.
 
+    A module without a transformers config (a wrapper such as ``DistributedDataParallel``) is read through the
+    first transformers model inside it.
+
     For a checkpoint on disk, use `load_lors_config(path)`.
 
     Example:
@@ -66,7 +69,11 @@ def get_lors_config(model: nn.Module | PretrainedConfig) -> LorsConfig | None:
     if isinstance(model, PretrainedConfig):
         data = getattr(model, "lors_config", None)
     elif isinstance(model, nn.Module):
-        data = getattr(getattr(model, "config", None), "lors_config", None)
+        config = getattr(model, "config", None)
+        if not isinstance(config, PretrainedConfig):  # a wrapper (DDP, a user's module): its transformers model's
+            config = next((module.config for module in model.modules()
+                           if isinstance(getattr(module, "config", None), PretrainedConfig)), None)
+        data = getattr(config, "lors_config", None)
     else:
         raise TypeError(
             f"get_lors_config takes a model or its config, not {type(model).__name__} ({model!r:.80}); for a "
@@ -334,7 +341,9 @@ def merge_and_unload(model: PreTrainedModel) -> PreTrainedModel:
     """Write ``W_shared + B_i A_i`` back into stock ``nn.Linear`` / ``Conv1D`` modules, in place.
 
     Returns a plain transformers model (no LORS module, no ``lors_config``) with the same outputs,
-    which stock transformers saves and loads without lors_hf.
+    which stock transformers saves and loads without lors_hf. A wrapper around a LORS model (a user's module,
+    ``DistributedDataParallel``) works too: the configs of the transformers models inside lose their
+    ``lors_config``.
 
     Example:
         >>> from transformers import BertConfig, BertModel
@@ -347,6 +356,11 @@ def merge_and_unload(model: PreTrainedModel) -> PreTrainedModel:
     check_model(model, "merge_and_unload")
     if not is_lorsified(model):
         raise ValueError("merge_and_unload: this model has no LORS layers (lorsify it first).")
+    # the model and the transformers models inside it that hold LORS layers (``model.bert`` too, or the model
+    # in a wrapper): their configs lose ``lors_config``
+    holders = [module for module in model.modules()
+               if (module is model or isinstance(module, PreTrainedModel))
+               and any(isinstance(m, LorsLinear) for m in module.modules())]
     with torch.no_grad():
         for name, module in list(model.named_modules()):
             if not isinstance(module, LorsLinear):
@@ -374,8 +388,10 @@ def merge_and_unload(model: PreTrainedModel) -> PreTrainedModel:
     for module in list(model.modules()):
         if SHARED_CONTAINER in module._modules:
             del module._modules[SHARED_CONTAINER]
-    if hasattr(model.config, "lors_config"):
-        del model.config.lors_config
+    for module in holders:
+        config = getattr(module, "config", None)
+        if isinstance(config, PretrainedConfig) and hasattr(config, "lors_config"):
+            del config.lors_config
     return model
 
 
