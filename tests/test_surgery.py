@@ -261,6 +261,23 @@ def test_merge_and_unload_and_get_lors_config_see_through_a_wrapper(tmp_path):
     model.save_pretrained(tmp_path)  # raised: a lors_config but dense layers
 
 
+def test_lorsify_after_merge_converts_the_merged_weights():
+    """A model built from a config, lorsified ("scratch"), trained, merged and lorsified again with the default
+    init got "scratch" once more: every layer restarted as its stack's first, the training thrown away."""
+    model, inputs = build("bert")
+    lorsify(model, rank=4)
+    assert model.config.lors_config["init"] == "scratch"
+    with torch.no_grad():  # stands for training: the private parts move away from B = 0
+        for module in model.modules():
+            if isinstance(module, LorsLinear):
+                module.lors_B.normal_(0, 0.1)
+    merge_and_unload(model)
+    trained = _outputs(model, inputs)
+    lorsify(model, rank="full")
+    assert model.config.lors_config["init"] == "svd"
+    torch.testing.assert_close(_outputs(model, inputs), trained, rtol=1e-4, atol=1e-4)
+
+
 def test_merge_and_unload_refuses_a_dense_model():
     model, _ = build("bert")
     with pytest.raises(ValueError, match="no LORS layers"):

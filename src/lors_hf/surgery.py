@@ -343,7 +343,8 @@ def merge_and_unload(model: PreTrainedModel) -> PreTrainedModel:
     Returns a plain transformers model (no LORS module, no ``lors_config``) with the same outputs,
     which stock transformers saves and loads without lors_hf. A wrapper around a LORS model (a user's module,
     ``DistributedDataParallel``) works too: the configs of the transformers models inside lose their
-    ``lors_config``.
+    ``lors_config``. The merged weights count as loaded ones: a later `lorsify` with ``init="auto"`` converts
+    them (``"svd"``) rather than restarting every layer as its stack's first (``"scratch"``).
 
     Example:
         >>> from transformers import BertConfig, BertModel
@@ -357,7 +358,7 @@ def merge_and_unload(model: PreTrainedModel) -> PreTrainedModel:
     if not is_lorsified(model):
         raise ValueError("merge_and_unload: this model has no LORS layers (lorsify it first).")
     # the model and the transformers models inside it that hold LORS layers (``model.bert`` too, or the model
-    # in a wrapper): their configs lose ``lors_config``
+    # in a wrapper): their configs lose ``lors_config``, and their weights now hold what the LORS layers held
     holders = [module for module in model.modules()
                if (module is model or isinstance(module, PreTrainedModel))
                and any(isinstance(m, LorsLinear) for m in module.modules())]
@@ -392,6 +393,7 @@ def merge_and_unload(model: PreTrainedModel) -> PreTrainedModel:
         config = getattr(module, "config", None)
         if isinstance(config, PretrainedConfig) and hasattr(config, "lors_config"):
             del config.lors_config
+        setattr(module, WEIGHTS_LOADED, True)
     return model
 
 
