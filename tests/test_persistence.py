@@ -792,6 +792,17 @@ def test_model_card_of_a_dense_model_is_refused_with_a_clear_error(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_model_card_of_a_wrapper_is_a_type_error_and_a_new_folder_is_created(tmp_path):
+    """A wrapper (no config of its own) got an AttributeError at ``model.config``; a folder not made yet got
+    FileNotFoundError (save_pretrained creates its folder)."""
+    model = lorsify(build("bert")[0], rank=2)
+    wrapper = torch.nn.Sequential(model)
+    with pytest.raises(TypeError, match=r"write_model_card takes the transformers model.*Sequential"):
+        lors_hf.write_model_card(wrapper, tmp_path)
+    card = lors_hf.write_model_card(model, tmp_path / "new" / "folder")
+    assert card == tmp_path / "new" / "folder" / "README.md" and "LORS" in card.read_text()
+
+
 # ------------------------------------------------------------------------- another class, from_config
 
 

@@ -204,7 +204,12 @@ def write_model_card(
         >>> # write_model_card(model, "out/my-lors-model", repo_id="me/my-lors-model")
     """
     from .report import parameter_report
+    from .surgery import check_model
 
+    check_model(model, "write_model_card")
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"write_model_card takes the transformers model (its config names the class to load), got "
+                        f"a {type(model).__name__}; pass the model inside it (e.g. wrapper.module).")
     config = get_lors_config(model)
     if config is None or not is_lorsified(model):
         raise ValueError(
@@ -243,6 +248,7 @@ def write_model_card(
               f'model = {auto_class}.from_pretrained("{name}")',
               "dense = lors_hf.merge_and_unload(model)  # optional: a stock transformers model", "```", ""]
     text = "\n".join(lines)
+    path.parent.mkdir(parents=True, exist_ok=True)  # as save_pretrained does
     path.write_text(text + CARD_STAMP.format(digest=_card_digest(text)) + "\n", encoding="utf-8")
     return path
 
