@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from lors_hf import LorsConfig, lorsify, merge_and_unload, parameter_report
+from lors_hf import LorsConfig, ParameterReport, lorsify, merge_and_unload, parameter_report
 from lors_hf.discovery import plan_ranks
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -104,3 +104,10 @@ def test_a_checkpoint_path_instead_of_a_model_is_a_type_error_naming_from_pretra
     """Was an AttributeError: 'str' object has no attribute 'modules'."""
     with pytest.raises(TypeError, match=r"parameter_report takes a model .* got str .*from_pretrained\(path\)"):
         parameter_report(str(tmp_path))
+
+
+def test_a_report_built_by_hand_without_a_total_prints_and_converts():
+    """`ParameterReport()` (public, its fields default) raised AttributeError in str() and to_dict()."""
+    report = ParameterReport()
+    assert str(report).splitlines()[-1].startswith("all stacks")
+    assert report.to_dict()["model_total"] is None and report.to_dict()["stacks"] == []

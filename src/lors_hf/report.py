@@ -43,11 +43,12 @@ class ParameterReport:
             return {"name": r.name, "layers": r.layers, "dense": r.dense, "lors": r.lors,
                     "reduction": round(r.reduction, 6)}
         return {"stacks": [row(r) for r in self.stacks], "stacks_total": row(self.stacks_total),
-                "model_total": row(self.total)}
+                "model_total": None if self.total is None else row(self.total)}
 
     def __str__(self) -> str:
         lines = [f"{'stack':<34} {'layers':>6} {'dense':>13} {'LORS':>13} {'reduction':>9}"]
-        totals = [self.stacks_total, self.total]  # stacks_total builds a new row on each access
+        # stacks_total builds a new row on each access; `total` is None in a report not built by parameter_report
+        totals = [r for r in (self.stacks_total, self.total) if r is not None]
         for r in [*self.stacks, *totals]:
             if any(r is total for total in totals):
                 lines.append("-" * len(lines[0]))
