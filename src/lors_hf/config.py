@@ -52,8 +52,9 @@ class LorsConfig:
             ``"alternating"`` (``"svd"``, then alternating refinement of shared and private parts,
             `alternating_steps` rounds, minimising the weight reconstruction error). The default,
             ``"auto"``, is ``"svd"`` for a model whose weights were loaded (``from_pretrained``, the
-            model's ``load_state_dict``, or `merge_and_unload` of a LORS model) or that is converted with calibration data, and ``"scratch"`` for a
-            model built from a config (``from_config`` included); `lorsify` records the one it used.
+            model's ``load_state_dict``, or `merge_and_unload` of a LORS model) or that is converted with
+            calibration data, and ``"scratch"`` for a model built from a config (``from_config`` included);
+            `lorsify` records the one it used.
         alternating_steps: rounds of refinement for ``init="alternating"`` and for data-aware
             conversion with calibration data.
 
