@@ -859,3 +859,15 @@ def test_resaving_refreshes_our_model_card_and_keeps_a_users(tmp_path):
     (folder / "README.md").write_text("# my own card\n")
     small.save_pretrained(folder)
     assert (folder / "README.md").read_text() == "# my own card\n"
+
+
+def test_saving_a_model_whose_part_was_lorsified_names_the_fix(tmp_path):
+    """lorsify(model.bert) gives model.bert its own config with the plan; saving the whole classifier then
+    failed in write_model_card with "is not a LORS model ... lorsify it first", misleading."""
+    model = transformers.BertForSequenceClassification(build("bert")[0].config)
+    lorsify(model.bert, rank=2)
+    with pytest.raises(ValueError, match=r"has LORS layers but no lors_config \(`lorsify` ran on its part `bert`"):
+        model.save_pretrained(tmp_path / "whole")
+    assert not (tmp_path / "whole").exists() or list((tmp_path / "whole").iterdir()) == []
+    model.bert.save_pretrained(tmp_path / "part")  # the part saves and reloads
+    assert is_lorsified(transformers.BertModel.from_pretrained(tmp_path / "part"))

@@ -397,6 +397,8 @@ def _save_lors_pretrained(original, self: PreTrainedModel, save_directory, *args
                 card.unlink()
             return result
         return original(self, save_directory, **kwargs)
+    if getattr(self.config, "lors_config", None) is None:
+        raise _lors_layers_without_plan(self)
     if not kwargs.get("is_main_process", True):
         return original(self, save_directory, **kwargs)
     if os.path.isfile(save_directory):
@@ -419,6 +421,20 @@ def _save_lors_pretrained(original, self: PreTrainedModel, save_directory, *args
         self.push_to_hub(repo_id or target.name, token=kwargs.get("token"),
                          max_shard_size=kwargs.get("max_shard_size", "50GB"), **hub_options)
     return result
+
+
+def _lors_layers_without_plan(model: PreTrainedModel) -> ValueError:
+    """The error for saving a model with LORS layers but no ``lors_config`` of its own: `lorsify` ran on a part
+    of it (``model.bert``), whose config copy holds the plan, so the saved checkpoint would not load."""
+    part = next((name for name, module in model.named_modules() if module is not model
+                 and getattr(getattr(module, "config", None), "lors_config", None) is not None), None)
+    where = f" (`lorsify` ran on its part `{part}`, whose own config holds the plan)" if part else ""
+    return ValueError(
+        f"save_pretrained: this {type(model).__name__} has LORS layers but no lors_config{where}, so its checkpoint "
+        "would not load. Lorsify the model you save, e.g. lors_hf.lorsify(model, config) on the whole model (it "
+        f"finds the stacks inside{f' `{part}`' if part else ''}), or save {f'`{part}`' if part else 'that part'} "
+        "on its own."
+    )
 
 
 def ensure_branch(api: Any, repo_id: str, revision: str | None, token: str | None = None) -> None:
