@@ -301,4 +301,5 @@ def test_dense_push_makes_the_stock_requests_besides_reading_config_json(guarded
     assert hooked["error"].replace(guarded_hub.endpoint, "") == stock["error"].replace(stock_hub.endpoint, "")
     assert stock["error"] is not None and "/api/repos/create" in stock["error"]
     requests = [r for r in guarded_hub.requests if not r[1].endswith("/config.json")]
-    assert requests == expected
+    # as multisets: huggingface_hub uploads a commit's LFS files in parallel, in no fixed order
+    assert sorted(requests) == sorted(expected)
