@@ -120,11 +120,20 @@ def label_names(raw, label_column: str) -> list:
     feature = split.features[label_column]
     if isinstance(feature, datasets.ClassLabel):
         return list(feature.names)
+    for part in raw.values():
+        if not isinstance(part.features[label_column], datasets.Value):  # a list per row: pyarrow's unique failed
+            raise ScriptError(f"column {label_column!r} holds {part.features[label_column]}, not one label per row: "
+                              "this script trains single-label classification (multi-label data is not supported)")
     values = set()
     for part in raw.values():
         values.update(part.unique(label_column))
     if None in values:
         raise ScriptError(f"column {label_column!r} has empty labels")
+    # regression targets would each become a class of their own (a 9-class head for 9 scores), silently
+    fractional = sorted(v for v in values if isinstance(v, float) and not float(v).is_integer())
+    if fractional:
+        raise ScriptError(f"column {label_column!r} holds numbers that are not whole (e.g. {fractional[0]!r}): this "
+                          "script classifies, one class per distinct label; regression is not supported")
     return sorted(values)
 
 

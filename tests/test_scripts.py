@@ -958,3 +958,22 @@ def test_an_empty_text_cell_is_named(data, tiny_bert, tmp_path, capsys):
     args[args.index("--train_file") + 1] = str(broken)
     assert run_script("run_classification", *args) == 1
     assert "train data: row 1 has no value in column 'text'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("suffix", "labels", "message"), [
+    # each score became a class of its own, and the run "succeeded" (a 6-class head, accuracy 0)
+    (".csv", [0.5, 0.87, 1.24, 1.61, 1.98, 2.35], "holds numbers that are not whole (e.g. 0.5)"),
+    (".jsonl", [[0, 1], [1, 0], [1, 1], [0, 1], [1, 0], [1, 1]], "not one label per row"),  # a pyarrow traceback
+])
+def test_regression_and_multi_label_data_are_refused(data, tiny_bert, tmp_path, capsys, suffix, labels, message):
+    texts = [row["text"] for row in csv.DictReader((data / "rotten_tomatoes/train.csv").open(encoding="utf-8"))][:6]
+    train = tmp_path / f"train{suffix}"
+    if suffix == ".csv":
+        with train.open("w", newline="", encoding="utf-8") as handle:
+            csv.writer(handle).writerows([("text", "label"), *zip(texts, labels, strict=True)])
+    else:
+        train.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(texts, labels, strict=True)))
+    assert run_script("run_classification", "--model_name_or_path", str(tiny_bert), "--train_file", str(train),
+                      "--do_train", "--max_steps", "1", "--output_dir", str(tmp_path / "out"), *COMMON) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], lines
