@@ -92,7 +92,7 @@ class DataArguments:
     text_column: str = field(default="text", metadata={"help": "Text column of csv/json/Hub data."})
     block_size: int = field(default=128, metadata={"help": "Tokens per training sequence."})
     validation_split_percentage: int = field(
-        default=5, metadata={"help": "Without validation data: the share of the training data held out."}
+        default=5, metadata={"help": "Without validation data, when evaluating: the share of the training data held out."}
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training blocks."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on evaluation blocks."})
@@ -103,7 +103,9 @@ class DataArguments:
             raise ValueError(f"--validation_split_percentage must be in 1..99, got {self.validation_split_percentage}")
 
 
-def load_raw_datasets(data_args: DataArguments, seed: int):
+def load_raw_datasets(data_args: DataArguments, seed: int, evaluate: bool = True):
+    """The ``train`` / ``validation`` splits; without validation data, `evaluate` holds out
+    ``--validation_split_percentage`` of the training data (a run that does not evaluate keeps all of it)."""
     import datasets
 
     if data_args.dataset_name is None and data_args.train_file is None and data_args.validation_file is None:
@@ -123,7 +125,7 @@ def load_raw_datasets(data_args: DataArguments, seed: int):
                 raise ScriptError("--train_file and --validation_file must have the same format")
             kind = kinds.pop()
             raw = datasets.load_dataset(kind, data_files=files, **({"keep_linebreaks": True} if kind == "text" else {}))
-        if "validation" not in raw:
+        if "validation" not in raw and evaluate:
             if "train" not in raw:
                 raise ScriptError(f"the data has no train split (splits: {list(raw)})")
             held_out = max(1, len(raw["train"]) * data_args.validation_split_percentage // 100)
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                           "(perplexity is exp(eval_loss), written at the end): use --metric_for_best_model eval_loss")
     set_seed(training_args.seed)
 
-    raw = load_raw_datasets(data_args, training_args.seed)
+    raw = load_raw_datasets(data_args, training_args.seed, evaluate=training_args.do_eval)
     check_no_empty_cells(raw, [data_args.text_column])
     if training_args.do_train and "train" not in raw:
         raise ScriptError("--do_train needs --train_file (or a dataset with a train split)")
@@ -216,8 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         if name not in blocks:
             continue
         if len(blocks[name]) == 0:
-            raise ScriptError(f"the {name} text is shorter than one block of {block_size} tokens; "
-                              "give more text or a smaller --block_size")
+            held_out = name == "validation" and data_args.validation_file is None and data_args.dataset_name is None
+            raise ScriptError(f"the {name} text is shorter than one block of {block_size} tokens; give more text"
+                              + (" (a larger --validation_split_percentage or a --validation_file)" if held_out else "")
+                              + " or a smaller --block_size")
         if limit is not None:
             blocks[name] = blocks[name].select(range(min(limit, len(blocks[name]))))
 
@@ -241,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
 
     push_to_hub = defer_push_to_hub(training_args)
     trainer_kwargs = dict(model=model, args=training_args, train_dataset=blocks.get("train"),
-                          eval_dataset=blocks["validation"], processing_class=tokenizer,
+                          eval_dataset=blocks.get("validation"), processing_class=tokenizer,
                           data_collator=default_data_collator, compute_metrics=compute_metrics,
                           preprocess_logits_for_metrics=preprocess_logits_for_metrics,
                           optimizers=lors_optimizers(model, training_args, lors_args))

@@ -977,3 +977,19 @@ def test_regression_and_multi_label_data_are_refused(data, tiny_bert, tmp_path, 
                       "--do_train", "--max_steps", "1", "--output_dir", str(tmp_path / "out"), *COMMON) == 1
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_clm_without_evaluation_trains_on_all_of_its_text(data, tmp_path):
+    """Without --do_eval the script still held out --validation_split_percentage of the lines: the training
+    text lost them, and a held-out part shorter than one block refused a run that evaluates nothing."""
+    from lors_hf.training_args import resolve_model_path
+
+    lines = (data / "shakespeare/train.txt").read_text(encoding="utf-8").splitlines()[:19] + ["Ay."]
+    train = tmp_path / "train.txt"
+    train.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert run_script("run_clm", *TINY_GPT2, "--train_file", str(train), "--block_size", "8", "--lors_rank", "2",
+                      "--do_train", "--max_steps", "1", "--output_dir", str(out), *COMMON) == 0
+    tokenizer = tf.AutoTokenizer.from_pretrained(resolve_model_path("bundled:smollm2"))
+    tokens = sum(len(tokenizer(line + "\n")["input_ids"]) for line in lines)
+    assert read_json(out / "train_results.json")["train_samples"] == tokens // 8
