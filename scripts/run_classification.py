@@ -177,8 +177,15 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_args.tokenizer_name or model_args.model_name_or_path))
         model = AutoModelForSequenceClassification.from_pretrained(
             model_path, num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()},
-            ignore_mismatched_sizes=True,
+            ignore_mismatched_sizes=True, output_loading_info=True,
         )
+    model, loading = model
+    untrained = sorted({*loading["missing_keys"], *(k[0] if isinstance(k, tuple) else k
+                                                    for k in loading["mismatched_keys"])})
+    if untrained and not training_args.do_train:  # it scored a random head (chance accuracy) with status 0
+        raise ScriptError(f"--do_eval without --do_train would score weights the checkpoint does not hold, newly "
+                          f"initialised ({', '.join(untrained)}): its head was not trained on the data's labels "
+                          f"{[str(name) for name in names]}. Add --do_train, or give a model fine-tuned on them")
     if tokenizer.pad_token is None:  # a decoder's tokenizer (Llama, GPT-2): pad with its end-of-text token
         if tokenizer.eos_token is None:
             raise ScriptError("the tokenizer has no padding token and no end-of-text token to pad with; give "

@@ -993,3 +993,22 @@ def test_clm_without_evaluation_trains_on_all_of_its_text(data, tmp_path):
     tokenizer = tf.AutoTokenizer.from_pretrained(resolve_model_path("bundled:smollm2"))
     tokens = sum(len(tokenizer(line + "\n")["input_ids"]) for line in lines)
     assert read_json(out / "train_results.json")["train_samples"] == tokens // 8
+
+
+def test_evaluating_without_training_refuses_a_new_head(data, tiny_bert, tmp_path, capsys):
+    """--do_eval alone on a checkpoint whose head does not know a label of the data reinitialised the head
+    (three classes for a two-class checkpoint) and scored it: chance accuracy, status 0."""
+    first = tmp_path / "first"
+    assert run_script("run_classification", *classification_args(data, tiny_bert, first, "--lors_rank", "2",
+                                                                     "--do_train", "--max_steps", "1")) == 0
+    rows = list(csv.DictReader((data / "rotten_tomatoes/test.csv").open(encoding="utf-8")))[:12]
+    validation = tmp_path / "validation.csv"
+    with validation.open("w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([("text", "label"), *((row["text"], i % 3) for i, row in enumerate(rows))])
+    args = classification_args(data, first, tmp_path / "eval", "--do_eval")
+    args[args.index("--validation_file") + 1] = str(validation)
+    capsys.readouterr()
+    assert run_script("run_classification", *args) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "newly initialised (classifier.bias, classifier.weight)" in lines[0], lines
+    assert run_script("run_classification", *args, "--do_train", "--max_steps", "1") == 0  # training it is fine
