@@ -12,7 +12,7 @@ import copy
 import re
 import warnings
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -337,7 +337,10 @@ def _initialise(dense: list[nn.Module], lors: list[LorsLinear], ranks: list[int]
             layer.bias.copy_(dense_layer.bias)
 
 
-def merge_and_unload(model: PreTrainedModel) -> PreTrainedModel:
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+
+def merge_and_unload(model: ModelT) -> ModelT:
     """Write ``W_shared + B_i A_i`` back into stock ``nn.Linear`` / ``Conv1D`` modules, in place.
 
     Returns a plain transformers model (no LORS module, no ``lors_config``) with the same outputs,
