@@ -110,7 +110,12 @@ class DataArguments:
 
 
 def read_coco(annotation_file: str, image_dir: str | None, option: str) -> tuple[list[dict], dict[int, str]]:
-    """Records ``{image_id, image, width, height, boxes (xywh), category_ids}`` and ``{category_id: name}``."""
+    """Records ``{image_id, image, width, height, boxes (xywh), category_ids}`` and ``{category_id: name}``.
+
+    Crowd annotations (``iscrowd``) are left out. A ScriptError names the first malformed entry: a missing
+    field, an image or category id given twice, an annotation of an image the file does not list, a ``bbox``
+    that is not four finite numbers with width and height >= 0, an image file not found.
+    """
     check_file(annotation_file, option, (".json",))
     try:
         coco = json.loads(Path(annotation_file).read_text(encoding="utf-8"))
@@ -119,20 +124,46 @@ def read_coco(annotation_file: str, image_dir: str | None, option: str) -> tuple
         raise ScriptError(f"{option} {annotation_file}: not a COCO detection file ({type(err).__name__}: {err})") from None
     root = Path(annotation_file).parent
     folder = Path(image_dir) if image_dir else (root / "images" if (root / "images").is_dir() else root)
-    by_image: dict[int, list[dict]] = {}
-    for annotation in annotations:
-        if not annotation.get("iscrowd", 0):
-            by_image.setdefault(annotation["image_id"], []).append(annotation)
+    entry = "the file"
+    try:
+        names: dict[int, str] = {}
+        for index, category in enumerate(categories):
+            entry = f"categories[{index}]"
+            category_id = int(category["id"])
+            if category_id in names:
+                raise ValueError(f"category id {category_id} is listed twice")
+            names[category_id] = str(category.get("name", category_id))
+        image_ids: set[int] = set()
+        for index, image in enumerate(images):
+            entry = f"images[{index}]"
+            image_id, _ = int(image["id"]), str(image["file_name"])
+            if image_id in image_ids:
+                raise ValueError(f"image id {image_id} is listed twice")
+            image_ids.add(image_id)
+        by_image: dict[int, list[tuple[list[float], int]]] = {}
+        for index, annotation in enumerate(annotations):
+            entry = f"annotations[{index}]"
+            image_id, category_id = int(annotation["image_id"]), int(annotation["category_id"])
+            box = [float(v) for v in annotation["bbox"]]
+            if image_id not in image_ids:
+                raise ValueError(f"image_id {image_id} is not in 'images'")
+            if len(box) != 4 or not all(np.isfinite(box)) or box[2] < 0 or box[3] < 0:
+                raise ValueError(f"bbox {annotation['bbox']} is not [x, y, width, height] with width, height >= 0")
+            if not annotation.get("iscrowd", 0):
+                by_image.setdefault(image_id, []).append((box, category_id))
+    except (KeyError, TypeError, ValueError) as err:
+        reason = f"no field {err}" if isinstance(err, KeyError) else str(err)
+        raise ScriptError(f"{option} {annotation_file}: {entry}: {reason}") from None
     records = []
     for image in images:
-        path = folder / image["file_name"]
+        path = folder / str(image["file_name"])
         if not path.is_file():
             raise ScriptError(f"{option} {annotation_file}: image {path} not found (set --image_dir)")
-        found = by_image.get(image["id"], [])
+        found = by_image.get(int(image["id"]), [])
         records.append({"image_id": int(image["id"]), "image": str(path), "width": image.get("width"),
-                        "height": image.get("height"), "boxes": [list(map(float, a["bbox"])) for a in found],
-                        "category_ids": [int(a["category_id"]) for a in found]})
-    return records, {int(c["id"]): str(c.get("name", c["id"])) for c in categories}
+                        "height": image.get("height"), "boxes": [box for box, _ in found],
+                        "category_ids": [category_id for _, category_id in found]})
+    return records, names
 
 
 def records_from_hub(split: Any) -> tuple[list[dict], dict[int, str]]:
@@ -373,6 +404,10 @@ def main(argv: list[str] | None = None) -> int:
                                    ("validation", "--validation_annotation_file", data_args.validation_annotation_file)):
             if path is not None:
                 splits[name], found = read_coco(path, data_args.image_dir, option)
+                renamed = [c for c in found if c in categories and categories[c] != found[c]]
+                if renamed:
+                    raise ScriptError(f"category id {renamed[0]} is {categories[renamed[0]]!r} in "
+                                      f"--train_annotation_file but {found[renamed[0]]!r} in {option}")
                 categories.update(found)
     if not splits:
         raise ScriptError("give --train_annotation_file / --validation_annotation_file (COCO json) or --dataset_name")

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -397,6 +398,56 @@ def test_detection_boxes_and_map_are_right(data):
                       "scores": [0.9] * len(r["boxes"]), "labels": r["category_ids"]} for r in records],
         references=[{"image_id": r["image_id"], "boxes": r["boxes"], "labels": r["category_ids"]} for r in records])
     assert shifted["map"] < 0.2 and shifted["map_50"] < 0.2
+
+
+
+def write_coco(folder: Path, edit=None, name: str = "train.json", sizes=((40, 30), (50, 20))) -> str:
+    """A small COCO file (categories 3 "a", 7 "b", 12 "c"; one box per image) with its images; `edit` changes it."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    coco = {"images": [], "annotations": [], "categories": [{"id": 3, "name": "a"}, {"id": 7, "name": "b"},
+                                                             {"id": 12, "name": "c"}]}
+    for index, (width, height) in enumerate(sizes):
+        Image.new("RGB", (width, height), (index * 60, 80, 120)).save(folder / f"{index}.png")
+        coco["images"].append({"id": 10 + index, "file_name": f"{index}.png", "width": width, "height": height})
+        coco["annotations"].append({"id": index + 1, "image_id": 10 + index, "category_id": (3, 12)[index % 2],
+                                    "bbox": [2.0, 3.0, 10.0, 8.0], "iscrowd": 0})
+    if edit is not None:
+        edit(coco)
+    (folder / name).write_text(json.dumps(coco), encoding="utf-8")
+    return str(folder / name)
+
+
+@pytest.mark.parametrize("mistake, edit", [
+    ("no field 'bbox'", lambda coco: coco["annotations"][0].pop("bbox")),
+    ("no field 'file_name'", lambda coco: coco["images"][1].pop("file_name")),
+    ("image id 10 is listed twice", lambda coco: coco["images"].append(dict(coco["images"][0]))),
+    ("image_id 99 is not in 'images'", lambda coco: coco["annotations"][1].update(image_id=99)),
+    (r"is not \[x, y, width, height\]", lambda coco: coco["annotations"][0].update(bbox=[1, 2, 3])),
+    (r"is not \[x, y, width, height\]", lambda coco: coco["annotations"][0].update(bbox=[1, 2, -3, 4])),
+    ("category id 7 is listed twice", lambda coco: coco["categories"].append({"id": 7, "name": "d"})),
+])
+def test_detection_rejects_a_malformed_coco_file_in_one_line(tmp_path, capsys, mistake, edit):
+    """Each mistake was a KeyError / ValueError traceback (a repeated image id only after training, from the
+    mAP), or went unseen: an annotation of an unlisted image dropped, a negative width, a category id's
+    later name kept."""
+    train = write_coco(tmp_path, edit)
+    assert run_script("run_detection", "--train_annotation_file", train, "--do_train",
+                      "--output_dir", str(tmp_path / "out"), *COMMON) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"error: --train_annotation_file {train}: ")
+    assert re.search(mistake, error)
+
+
+def test_detection_rejects_a_category_renamed_between_files(tmp_path, capsys):
+    """The validation file's name for a category id silently replaced the training file's in id2label."""
+    train = write_coco(tmp_path)
+    val = write_coco(tmp_path, lambda coco: coco["categories"][0].update(name="z"), name="val.json")
+    assert run_script("run_detection", "--train_annotation_file", train, "--validation_annotation_file", val,
+                      "--do_train", "--do_eval", "--output_dir", str(tmp_path / "out"), *COMMON) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: category id 3 is 'a' in --train_annotation_file but 'z' in --validation_annotation_file")
 
 
 # ---------------------------------------------------------------------------------------- DDP and Hub
