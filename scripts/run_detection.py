@@ -190,7 +190,10 @@ def records_from_hub(split: Any) -> tuple[list[dict], dict[int, str]]:
 
 
 class DetectionDataset(torch.utils.data.Dataset):
-    """COCO records as DETR inputs: a normalised square image and ``labels`` {class_labels, boxes (cxcywh, 0-1)}."""
+    """COCO records as DETR inputs: a normalised square image and ``labels`` {class_labels, boxes (cxcywh, 0-1)}.
+
+    Boxes are clipped to the image; those with no area inside it are left out (of training and of the mAP).
+    """
 
     def __init__(self, records: list[dict], label_of_category: dict[int, int], image_size: int) -> None:
         self.records, self.label_of_category, self.image_size = records, label_of_category, image_size
@@ -211,9 +214,14 @@ class DetectionDataset(torch.utils.data.Dataset):
         pixel_values = (torch.from_numpy(pixels).permute(2, 0, 1) / 255.0 - self.mean) / self.std
         boxes = torch.tensor(record["boxes"], dtype=torch.float32).reshape(-1, 4)
         scale = torch.tensor([width, height, width, height], dtype=torch.float32)
-        xywh = boxes / scale
-        cxcywh = torch.cat([xywh[:, :2] + xywh[:, 2:] / 2, xywh[:, 2:]], dim=1).clamp(0.0, 1.0)
-        labels = torch.tensor([self.label_of_category[c] for c in record["category_ids"]], dtype=torch.long)
+        # clipped to the image as corners (clamping the centre moved a box that crossed the right or bottom
+        # edge); boxes left with no area are dropped, as DETR's COCO loader does: no detection can match them
+        corners = (torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], dim=1) / scale).clamp(0.0, 1.0)
+        keep = ((corners[:, 2:] > corners[:, :2]).all(dim=1)).tolist()
+        corners = corners[torch.tensor(keep, dtype=torch.bool)].reshape(-1, 4)
+        cxcywh = torch.cat([(corners[:, :2] + corners[:, 2:]) / 2, corners[:, 2:] - corners[:, :2]], dim=1)
+        labels = torch.tensor([self.label_of_category[c] for c, k in zip(record["category_ids"], keep, strict=True) if k],
+                              dtype=torch.long)
         return {"pixel_values": pixel_values,
                 "labels": {"class_labels": labels, "boxes": cxcywh, "image_id": torch.tensor([record["image_id"]]),
                            "orig_size": torch.tensor([height, width])}}

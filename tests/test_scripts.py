@@ -450,6 +450,33 @@ def test_detection_rejects_a_category_renamed_between_files(tmp_path, capsys):
         "error: category id 3 is 'a' in --train_annotation_file but 'z' in --validation_annotation_file")
 
 
+
+def test_detection_clips_boxes_to_the_image_and_drops_empty_ones(tmp_path):
+    """A box crossing the right / bottom edge was moved (its centre clamped, not its corners), and a box of
+    no area was kept: no detection matches it, so even the ground truth as predictions scored mAP < 1."""
+    detection = load_script("run_detection")
+
+    def edit(coco):
+        coco["annotations"][0]["bbox"] = [35.0, 25.0, 20.0, 20.0]  # image 0 is 40 x 30
+        coco["annotations"].append({"id": 9, "image_id": 11, "category_id": 7, "bbox": [5.0, 5.0, 0.0, 4.0]})
+        coco["annotations"].append({"id": 10, "image_id": 11, "category_id": 3, "bbox": [60.0, 5.0, 3.0, 4.0]})
+
+    records, categories = detection.read_coco(write_coco(tmp_path, edit), None, "--train_annotation_file")
+    dataset = detection.DetectionDataset(records, {c: i for i, c in enumerate(sorted(categories))}, image_size=32)
+    targets = [dataset[i]["labels"] for i in range(2)]
+    assert detection._reference_boxes(targets[0]) == [pytest.approx([35.0, 25.0, 5.0, 5.0])]
+    assert detection._reference_boxes(targets[1]) == [pytest.approx([2.0, 3.0, 10.0, 8.0])]
+    assert targets[1]["class_labels"].tolist() == [2]
+    metric = lors_hf.metrics.load_metric("coco_map")
+    for record, target in zip(records, targets, strict=True):
+        boxes = detection._reference_boxes(target)
+        labels = [sorted(categories)[k] for k in target["class_labels"].tolist()]
+        metric.add(prediction={"image_id": record["image_id"], "boxes": boxes, "scores": [0.9] * len(boxes),
+                               "labels": labels},
+                   reference={"image_id": record["image_id"], "boxes": boxes, "labels": labels})
+    assert metric.compute()["map"] == pytest.approx(1.0)
+
+
 # ---------------------------------------------------------------------------------------- DDP and Hub
 
 
