@@ -208,7 +208,10 @@ class DetectionDataset(torch.utils.data.Dataset):
 
         record = self.records[index]
         image = record["image"]
-        image = (Image.open(image) if isinstance(image, str) else image).convert("RGB")
+        image = Image.open(image) if isinstance(image, str) else image
+        if image.mode.startswith("I;16") or image.mode == "I":  # 16-bit grey: convert("RGB") clips it at 255
+            image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
+        image = image.convert("RGB")
         width, height = image.size
         pixels = np.asarray(image.resize((self.image_size, self.image_size), Image.BILINEAR), dtype=np.float32)
         pixel_values = (torch.from_numpy(pixels).permute(2, 0, 1) / 255.0 - self.mean) / self.std

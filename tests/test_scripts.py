@@ -477,6 +477,23 @@ def test_detection_clips_boxes_to_the_image_and_drops_empty_ones(tmp_path):
     assert metric.compute()["map"] == pytest.approx(1.0)
 
 
+
+def test_detection_reads_16_bit_grey_images_like_8_bit_ones(tmp_path):
+    """A 16-bit greyscale PNG was clipped at 255 by convert("RGB"): nearly every pixel came out white."""
+    import numpy as np
+    from PIL import Image
+
+    detection = load_script("run_detection")
+    records, categories = detection.read_coco(write_coco(tmp_path), None, "--train_annotation_file")
+    grey = np.linspace(0, 255, 40 * 30).reshape(30, 40).astype(np.uint8)
+    Image.fromarray(grey).save(tmp_path / "0.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "1.png")
+    records[1]["image"] = str(tmp_path / "1.png")
+    assert Image.open(tmp_path / "1.png").mode.startswith("I")
+    dataset = detection.DetectionDataset(records, {c: i for i, c in enumerate(sorted(categories))}, image_size=32)
+    torch.testing.assert_close(dataset[1]["pixel_values"], dataset[0]["pixel_values"])
+
+
 # ---------------------------------------------------------------------------------------- DDP and Hub
 
 
