@@ -154,6 +154,8 @@ def read_coco(annotation_file: str, image_dir: str | None, option: str) -> tuple
     except (KeyError, TypeError, ValueError) as err:
         reason = f"no field {err}" if isinstance(err, KeyError) else str(err)
         raise ScriptError(f"{option} {annotation_file}: {entry}: {reason}") from None
+    if not images:
+        raise ScriptError(f"{option} {annotation_file}: lists no images")
     records = []
     for image in images:
         path = folder / str(image["file_name"])
