@@ -114,8 +114,10 @@ def read_coco(annotation_file: str, image_dir: str | None, option: str) -> tuple
 
     Crowd annotations (``iscrowd``) are left out. A ScriptError names the first malformed entry: a missing
     field, an image or category id given twice, an annotation of an image the file does not list, a ``bbox``
-    that is not four finite numbers with width and height >= 0, an image file not found.
+    that is not four finite numbers with width and height >= 0, an image file not found or not an image.
     """
+    from PIL import Image
+
     check_file(annotation_file, option, (".json",))
     try:
         coco = json.loads(Path(annotation_file).read_text(encoding="utf-8"))
@@ -161,6 +163,11 @@ def read_coco(annotation_file: str, image_dir: str | None, option: str) -> tuple
         path = folder / str(image["file_name"])
         if not path.is_file():
             raise ScriptError(f"{option} {annotation_file}: image {path} not found (set --image_dir)")
+        try:  # the header only: a file PIL cannot read failed in the data loader, mid-training or after it
+            with Image.open(path):
+                pass
+        except OSError as err:
+            raise ScriptError(f"{option} {annotation_file}: image {path} cannot be read ({err})") from None
         found = by_image.get(int(image["id"]), [])
         records.append({"image_id": int(image["id"]), "image": str(path), "width": image.get("width"),
                         "height": image.get("height"), "boxes": [box for box, _ in found],

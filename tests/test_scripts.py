@@ -428,12 +428,15 @@ def write_coco(folder: Path, edit=None, name: str = "train.json", sizes=((40, 30
     (r"is not \[x, y, width, height\]", lambda coco: coco["annotations"][0].update(bbox=[1, 2, -3, 4])),
     ("category id 7 is listed twice", lambda coco: coco["categories"].append({"id": 7, "name": "d"})),
     ("lists no images", lambda coco: coco.update(images=[], annotations=[])),
+    ("notes.txt cannot be read", lambda coco: coco["images"][1].update(file_name="notes.txt")),
 ])
 def test_detection_rejects_a_malformed_coco_file_in_one_line(tmp_path, capsys, mistake, edit):
     """Each mistake was a KeyError / ValueError traceback (a repeated image id only after training, from the
-    mAP; no images at all from the sampler or, for evaluation, the metric), or went unseen: an annotation of an unlisted image dropped, a negative width, a category id's
+    mAP; no images at all from the sampler or, for evaluation, the metric; a file PIL cannot read from the
+    data loader), or went unseen: an annotation of an unlisted image dropped, a negative width, a category id's
     later name kept."""
     train = write_coco(tmp_path, edit)
+    (tmp_path / "notes.txt").write_text("not an image", encoding="utf-8")
     assert run_script("run_detection", "--train_annotation_file", train, "--do_train",
                       "--output_dir", str(tmp_path / "out"), *COMMON) == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]
