@@ -456,14 +456,16 @@ def _push_lors_to_hub(original, self: PreTrainedModel, repo_id: str, *args: Any,
     api = HfApi()
     token, revision = kwargs.get("token"), kwargs.get("revision")
     lors = is_lorsified(self)
-    # a dense model: stock push, unless it replaces a LORS one. Stock push creates the repository itself (creating
-    # it here too cost one more request per push); only a name without its namespace is resolved here first
-    checked = not lors and re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id) is not None
-    if checked and not _hub_repo_is_lors(api, repo_id, revision, token):
-        return original(self, repo_id, **kwargs)
-    repo_id = api.create_repo(repo_id, private=kwargs.get("private"), token=token, exist_ok=True).repo_id
-    if not lors and not checked and not _hub_repo_is_lors(api, repo_id, revision, token):
-        return original(self, repo_id, **kwargs)
+
+    def create_repo() -> str:
+        return api.create_repo(repo_id, private=kwargs.get("private"), token=token, exist_ok=True).repo_id
+
+    if not lors:  # a dense model: stock push (which creates the repository itself), unless it replaces a LORS one
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id) is None:
+            repo_id = create_repo()  # a name without its namespace: resolved first, to read its config.json
+        if not _hub_repo_is_lors(api, repo_id, revision, token):
+            return original(self, repo_id, **kwargs)
+    repo_id = create_repo()
     ensure_branch(api, repo_id, revision, token)
     # the previous push's weight files that this one does not rewrite: a single model.safetensors left next to
     # new shards would be what from_pretrained loads (it prefers it to the shards' index)
@@ -472,7 +474,7 @@ def _push_lors_to_hub(original, self: PreTrainedModel, repo_id: str, *args: Any,
         self.save_pretrained(folder, max_shard_size=kwargs.get("max_shard_size") or "50GB")
         tags = kwargs.get("tags")
         tags = [tags] if isinstance(tags, str) else tags
-        if _download_model_card(api, repo_id, revision, token, hub_card) and has_users_readme(hub_card):
+        if _download_from_hub(api, repo_id, MODEL_CARD, revision, token, hub_card) and has_users_readme(hub_card):
             _keep_users_card(Path(hub_card) / MODEL_CARD, Path(folder) / MODEL_CARD, tags)  # as stock push does
         elif lors:
             write_model_card(self, folder, repo_id=repo_id, tags=tags)
@@ -490,6 +492,18 @@ def _hub_repo_is_lors(api: Any, repo_id: str, revision: str | None, token: Any) 
     """Whether `repo_id` at `revision` holds a LORS checkpoint (its config.json has a lors_config)."""
     import json
 
+    with tempfile.TemporaryDirectory() as folder:
+        path = _download_from_hub(api, repo_id, "config.json", revision, token, folder)
+        try:
+            return path is not None and json.loads(path.read_text(encoding="utf-8")).get("lors_config") is not None
+        except (ValueError, AttributeError):
+            return False
+
+
+def _download_from_hub(api: Any, repo_id: str, filename: str, revision: str | None, token: Any,
+                       folder: str) -> Path | None:
+    """Download `filename` of `repo_id` at `revision` into `folder`; None when the repository, the revision or the
+    file does not exist, or the token is refused (401: the stock push that follows fails with its own error)."""
     from huggingface_hub.errors import (
         EntryNotFoundError,
         HfHubHTTPError,
@@ -497,30 +511,14 @@ def _hub_repo_is_lors(api: Any, repo_id: str, revision: str | None, token: Any) 
         RevisionNotFoundError,
     )
 
-    with tempfile.TemporaryDirectory() as folder:
-        try:
-            path = api.hf_hub_download(repo_id, "config.json", revision=revision, token=token, local_dir=folder)
-        except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
-            return False
-        except HfHubHTTPError as err:
-            if getattr(err.response, "status_code", None) != 401:
-                raise
-            return False  # an invalid token: the stock push then fails with its own error, as without lors_hf
-        try:
-            return json.loads(Path(path).read_text(encoding="utf-8")).get("lors_config") is not None
-        except (ValueError, AttributeError):
-            return False
-
-
-def _download_model_card(api: Any, repo_id: str, revision: str | None, token: Any, folder: str) -> bool:
-    """Download `repo_id`'s README.md at `revision` into `folder`; False when the repository has none."""
-    from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
-
     try:
-        api.hf_hub_download(repo_id, MODEL_CARD, revision=revision, token=token, local_dir=folder)
-    except (EntryNotFoundError, RevisionNotFoundError):
-        return False
-    return True
+        return Path(api.hf_hub_download(repo_id, filename, revision=revision, token=token, local_dir=folder))
+    except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
+        return None
+    except HfHubHTTPError as err:
+        if getattr(err.response, "status_code", None) != 401:
+            raise
+        return None
 
 
 def _keep_users_card(source: Path, target: Path, tags: Sequence[str] | None) -> None:
