@@ -16,7 +16,7 @@ auxiliary decoder losses).
 
 Usage:
     HF_HUB_OFFLINE=1 python scripts/bench_detr.py                      # CPU default (~30 min, 2 runs at once)
-    HF_HUB_OFFLINE=1 python scripts/bench_detr.py --preset gpu --device cuda --bf16   # ~6 min on an H100
+    HF_HUB_OFFLINE=1 python scripts/bench_detr.py --preset gpu --device cuda --bf16   # ~5 min on an H200
     HF_HUB_OFFLINE=1 python scripts/bench_detr.py --lr 1.5e-4 --variants dense        # one model, own section
     HF_HUB_OFFLINE=1 python scripts/bench_detr.py --lors-lr 4e-4 --seed 1             # LORS at another lr
     HF_HUB_OFFLINE=1 python scripts/bench_detr.py --smoke --results-file /tmp/r.md    # seconds
@@ -66,10 +66,11 @@ PRESETS: dict[str, dict] = {
     # Peak lrs: each model's best on seed 0 by val AP (dense collapsed at 3e-4; docs/RESULTS.md has the sweep).
     "cpu": {"steps": 6000, "batch_size": 16, "num_train": 10000, "num_val": 500, "num_test": 1000,
             "lrs": {"dense": 2.2e-4, "lors": 3e-4}, "jobs": 2},
-    # One H100/H200, bf16: 0.09-0.13 s per step of 64 for dense, ~10% more for LORS (measured on two H200s:
-    # launch- and matcher-bound, not FLOP-bound), data generation ~20 s -> about 6 minutes for both variants.
-    "gpu": {"steps": 1100, "batch_size": 64, "num_train": 10000, "num_val": 1000, "num_test": 1000,
-            "lrs": {"dense": 3e-4, "lors": 3e-4}, "jobs": 1},
+    # One H200, bf16, both variants at once: 0.09-0.13 s per step of 64 for dense alone, ~10% more for LORS
+    # (launch- and matcher-bound, not FLOP-bound) -> about 5 minutes. Against the CPU preset: 4x the batch,
+    # 2x the training images, 1.3x the images seen (128k), 2x the validation images; the CPU preset's lrs.
+    "gpu": {"steps": 2000, "batch_size": 64, "num_train": 20000, "num_val": 1000, "num_test": 1000,
+            "lrs": {"dense": 2.2e-4, "lors": 3e-4}, "jobs": 2},
     "smoke": {"steps": 3, "batch_size": 4, "num_train": 16, "num_val": 8, "num_test": 8,
               "lrs": {"dense": 3e-4, "lors": 3e-4}, "jobs": 1},
 }

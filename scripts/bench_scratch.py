@@ -25,6 +25,8 @@ Usage:
     # data-limited: 15 epochs of the first 100k characters, test ppl also at each run's best validation step
     HF_HUB_OFFLINE=1 python scripts/bench_scratch.py --preset long --steps 1500 --lr 4e-3 --b-lr-ratio 8 \
         --stack-lr-ratio 0.5 --train-chars 100000 --eval-every 100
+    # the issue's model at 200x the default budget, on a GPU (bash scripts/device/run_gpu.sh all)
+    HF_HUB_OFFLINE=1 python scripts/bench_scratch.py --preset large --b-lr-ratio 8 --dropout 0.1 --device cuda --bf16
     HF_HUB_OFFLINE=1 python scripts/bench_scratch.py --smoke --results-file /tmp/r.md   # seconds
 """
 
@@ -65,6 +67,8 @@ PRESETS: dict[str, dict[str, int]] = {
     "default": {"layers": 8, "d_model": 256, "seq_len": 128, "batch_size": 8, "steps": 150, "jobs": 1},
     # 3.07M tokens in 3,000 steps: a narrower model so that 20x the steps fit in ~45 min with 2 runs at once.
     "long": {"layers": 8, "d_model": 128, "seq_len": 64, "batch_size": 16, "steps": 3000, "jobs": 2},
+    # 32.8M tokens (7.3 epochs) in 1,000 steps of 128 x 256: the issue's model on one GPU, 5 runs at once.
+    "large": {"layers": 8, "d_model": 256, "seq_len": 256, "batch_size": 128, "steps": 1000, "jobs": 5},
 }
 """Model shape and budget of each ``--preset`` (explicit flags override them). A preset other than
 ``default`` writes its own RESULTS.md section, ``bench_scratch_<preset>``."""

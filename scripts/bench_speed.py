@@ -43,9 +43,9 @@ def build_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
     config = GPT2Config(n_layer=args.layers, n_embd=args.d_model, n_head=args.heads, n_positions=args.seq_len + 64,
                         vocab_size=args.vocab, bos_token_id=0, eos_token_id=0)
-    dense = GPT2LMHeadModel(config)
+    dense = GPT2LMHeadModel(config).to(args.device)  # converted where it runs: a GPU does the SVDs in seconds
     lors = lorsify(copy.deepcopy(dense), LorsConfig(target_reduction=args.reduction, init="svd"))
-    return {"dense": dense.to(args.device), "lors": lors.to(args.device)}
+    return {"dense": dense, "lors": lors}
 
 
 def with_cached_variant(models: dict) -> dict:
