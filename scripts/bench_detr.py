@@ -16,7 +16,7 @@ auxiliary decoder losses).
 
 Usage:
     HF_HUB_OFFLINE=1 python scripts/bench_detr.py                      # CPU default (~30 min, 2 runs at once)
-    HF_HUB_OFFLINE=1 python scripts/bench_detr.py --preset gpu --device cuda --bf16   # ~5 min on an H200
+    HF_HUB_OFFLINE=1 python scripts/bench_detr.py --preset gpu --device cuda --bf16   # ~8.5 min on an H200
     HF_HUB_OFFLINE=1 python scripts/bench_detr.py --lr 1.5e-4 --variants dense        # one model, own section
     HF_HUB_OFFLINE=1 python scripts/bench_detr.py --lors-lr 4e-4 --seed 1             # LORS at another lr
     HF_HUB_OFFLINE=1 python scripts/bench_detr.py --smoke --results-file /tmp/r.md    # seconds
@@ -60,16 +60,20 @@ from lors_hf.discovery import plan_ranks
 SECTION = "bench_detr"  # "bench_detr_gpu" for a --device cuda run, so CPU and GPU figures coexist
 STACKS = ("encoder", "decoder")
 VARIANTS = ("dense", "lors")
+BUDGET_SUFFIXES = (("steps", "steps"), ("batch_size", "batch"), ("num_train", "train"), ("num_val", "val"),
+                   ("num_test", "test"))
+"""(argument, section suffix) of the budget and data sizes: a value other than the preset's names its own section."""
 
 PRESETS: dict[str, dict] = {
     # 2 CPU cores, both variants at once with 1 thread each: ~0.27 s per step of 16 images -> about 30 minutes.
     # Peak lrs: each model's best on seed 0 by val AP (dense collapsed at 3e-4; docs/RESULTS.md has the sweep).
     "cpu": {"steps": 6000, "batch_size": 16, "num_train": 10000, "num_val": 500, "num_test": 1000,
             "lrs": {"dense": 2.2e-4, "lors": 3e-4}, "jobs": 2},
-    # One H200, bf16, both variants at once: 0.09-0.13 s per step of 64 for dense alone, ~10% more for LORS
-    # (launch- and matcher-bound, not FLOP-bound) -> about 5 minutes. Against the CPU preset: 4x the batch,
-    # 2x the training images, 1.3x the images seen (128k), 2x the validation images; the CPU preset's lrs.
-    "gpu": {"steps": 2000, "batch_size": 64, "num_train": 20000, "num_val": 1000, "num_test": 1000,
+    # One H200, bf16, both variants at once: 0.264 s (dense) and 0.278 s (LORS) per step of 64 in a 400-step
+    # timing probe (GPU ~90% busy: two at once are no faster than one after the other), data ~40 s -> about
+    # 8.5 minutes, the most that fits one 15-minute device lease. Against the CPU preset: the same 96k images
+    # seen, in batches 4x larger, from 2x the training images; 2x the validation images; the CPU preset's lrs.
+    "gpu": {"steps": 1500, "batch_size": 64, "num_train": 20000, "num_val": 1000, "num_test": 1000,
             "lrs": {"dense": 2.2e-4, "lors": 3e-4}, "jobs": 2},
     "smoke": {"steps": 3, "batch_size": 4, "num_train": 16, "num_val": 8, "num_test": 8,
               "lrs": {"dense": 3e-4, "lors": 3e-4}, "jobs": 1},
@@ -453,10 +457,14 @@ def lr_words(args: argparse.Namespace) -> str:
 
 
 def section_name(args: argparse.Namespace) -> str:
-    """The run's RESULTS.md section: ``bench_detr``, suffixed ``_lr<value(s)>`` for learning rates other than the
-    preset's, ``_frozen_bn`` for ``--backbone-norm frozen``, ``_seed<N>`` for a seed other than 0, the variant's name
-    for a run of one variant and ``_gpu`` on CUDA, so such runs keep their own."""
-    section = SECTION + lr_suffix(args)
+    """The run's RESULTS.md section: ``bench_detr``, suffixed ``_steps<N>``, ``_batch<N>``, ``_train<N>``,
+    ``_val<N>``, ``_test<N>`` for a budget or data size other than the preset's, ``_lr<value(s)>`` for learning
+    rates other than the preset's, ``_frozen_bn`` for ``--backbone-norm frozen``, ``_seed<N>`` for a seed other
+    than 0, the variant's name for a run of one variant and ``_gpu`` on CUDA, so such runs keep their own."""
+    preset = PRESETS[args.preset]
+    section = SECTION + "".join(f"_{name}{getattr(args, key)}" for key, name in BUDGET_SUFFIXES
+                                if getattr(args, key) != preset[key])
+    section += lr_suffix(args)
     section += "_frozen_bn" if args.backbone_norm == "frozen" else ""
     section += f"_seed{args.seed}" if args.seed != 0 else ""
     section += "".join(f"_{variant}" for variant in args.variants) if len(args.variants) < len(VARIANTS) else ""

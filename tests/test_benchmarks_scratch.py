@@ -273,6 +273,19 @@ def test_detr_other_learning_rate_or_seed_writes_its_own_section(results: Path, 
     assert rows["dense"]["final loss"] != _columns(_section(results, "bench_detr"))["dense"]["final loss"]
 
 
+def test_detr_other_budget_writes_its_own_section(results: Path, tmp_path: Path) -> None:
+    """--steps and --num-test away from the preset's write ``bench_detr_steps<N>_test<N>`` (a shorter run must not
+    replace the preset's figures), and the section says the budget it ran."""
+    budget_file = tmp_path / "RESULTS.md"
+    _run("bench_detr.py", "--steps", "2", "--num-test", "0", "--results-file", str(budget_file),
+         "--data-dir", str(tmp_path / "data"))
+    text = budget_file.read_text(encoding="utf-8")
+    assert "<!-- bench_detr:start -->" not in text
+    section = _section(budget_file, "bench_detr_steps2_test0")
+    assert "2 steps" in section
+    assert _columns(section)["dense"]["final loss"] != _columns(_section(results, "bench_detr"))["dense"]["final loss"]
+
+
 def test_detr_per_variant_learning_rate_changes_only_that_variant(results: Path, tmp_path: Path) -> None:
     """--lors-lr trains LORS at its own peak lr into ``bench_detr_dense-lr<v>_lors-lr<v>``: the dense figures must be
     the default run's, the LORS ones others."""
