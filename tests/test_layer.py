@@ -193,6 +193,53 @@ def test_materialised_training_path_under_bf16_autocast_matches_plain_autograd()
         torch.testing.assert_close(ours, reference, rtol=2e-2, atol=2e-2)
 
 
+def _saved_activation_bytes(run, parameters) -> int:
+    """Bytes of the tensors autograd keeps for backward while `run()` builds the graph, `parameters` excluded,
+    each storage counted once."""
+    parameters = {p.untyped_storage().data_ptr() for p in parameters}
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(storages.values())
+
+
+def test_materialised_path_under_autocast_keeps_its_input_in_the_compute_dtype():
+    """Under bf16 autocast backward must keep the bf16 input, as F.linear under autocast does: keeping the float32
+    input (a LayerNorm's output in a transformer) held twice the activation bytes of the dense layer."""
+    layer = _layer(out_features=16, in_features=32, rank=2)
+    layer.materialize_above = 0
+    x = torch.randn(64, 32, requires_grad=True)
+    dense = nn.Linear(32, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = _saved_activation_bytes(lambda: layer(x), [*layer.parameters(), layer.shared.weight])
+        reference = _saved_activation_bytes(lambda: dense(x), dense.parameters())
+    assert ours == x.numel() * 2  # the bf16 input and nothing else
+    assert ours <= reference  # the dense layer keeps the same input (and its bf16 weight)
+
+
+def test_lors_gpt2_under_autocast_keeps_no_more_activations_than_dense():
+    """The model-level view of the test above: a lorsified GPT-2 trained under bf16 autocast keeps no more for
+    backward than the dense one (it kept more before, the float32 inputs of c_attn and c_fc)."""
+    dense = build("gpt2")[0]
+    lors = lorsify(build("gpt2")[0], rank=2)
+    for module in lors.modules():
+        if isinstance(module, LorsLinear):
+            module.materialize_above = 0  # the training path, as for long sequences
+    ids = torch.randint(0, 99, (8, 64), generator=torch.Generator().manual_seed(0))  # activations outweigh weights
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        saved = {name: _saved_activation_bytes(lambda model=model: model(input_ids=ids, labels=ids).loss,
+                                               model.parameters())
+                 for name, model in (("dense", dense), ("lors", lors))}
+    assert saved["lors"] <= saved["dense"], saved
+
+
 def test_default_threshold_picks_factored_path_for_few_tokens_and_materialises_for_many(monkeypatch):
     layer = _layer(out_features=64, in_features=64, rank=2)
     assert 1 < layer.materialize_above < 1000
