@@ -25,7 +25,7 @@ Usage:
     # data-limited: 15 epochs of the first 100k characters, test ppl also at each run's best validation step
     HF_HUB_OFFLINE=1 python scripts/bench_scratch.py --preset long --steps 1500 --lr 4e-3 --b-lr-ratio 8 \
         --stack-lr-ratio 0.5 --train-chars 100000 --eval-every 100
-    # the issue's model at 200x the default budget, on a GPU (bash scripts/device/run_gpu.sh all)
+    # the issue's model at 213x the default budget, on a GPU (bash scripts/device/run_gpu.sh speed-scratch)
     HF_HUB_OFFLINE=1 python scripts/bench_scratch.py --preset large --b-lr-ratio 8 --dropout 0.1 --device cuda --bf16
     HF_HUB_OFFLINE=1 python scripts/bench_scratch.py --smoke --results-file /tmp/r.md   # seconds
 """
