@@ -356,3 +356,28 @@ def test_a_multi_label_classifier_is_refused_for_the_kl_term(tmp_path):
     trainer = DistillationTrainer(model=student, args=_args(tmp_path), teacher_model=teacher, alpha_kl=0.0,
                                   alpha_task=1.0)
     assert math.isfinite(float(trainer.compute_loss(student, dict(batch)).detach()))
+
+
+def test_the_distill_averages_of_a_second_train_call_hold_only_its_own_steps(tmp_path, monkeypatch):
+    """The terms summed after the last logging step of one train() (steps 11-15 with logging_steps=10) were never
+    logged and were folded into the first log of the next train(): 15 batches averaged under a log of 10."""
+    import lors_hf.distill as distill_module
+
+    student, teacher = _student_and_teacher("llama")
+    trainer = DistillationTrainer(model=student, args=_args(tmp_path, steps=15), train_dataset=_token_dataset(99),
+                                  teacher_model=teacher)
+    trainer.train()
+    seen = []
+    original = distill_module.distillation_losses
+
+    def recording(*args, **kwargs):
+        terms = original(*args, **kwargs)
+        seen.append({name: float(value.detach()) for name, value in terms.items()})
+        return terms
+
+    monkeypatch.setattr(distill_module, "distillation_losses", recording)
+    trainer.train()
+    first = next(entry for entry in trainer.state.log_history if "distill_kl" in entry)
+    assert first["step"] == 10 and len(seen) == 15
+    for name in ("kl", "hidden"):
+        assert first[f"distill_{name}"] == pytest.approx(sum(s[name] for s in seen[:10]) / 10, abs=2e-6)

@@ -52,7 +52,7 @@ class DistillationTrainer(Trainer):
         alpha_task: weight of the student's own loss (``outputs.loss``; the batch needs ``labels``).
 
     The logged training ``loss`` is the weighted sum; ``distill_kl``, ``distill_hidden`` and ``distill_task``
-    (the unweighted terms, averaged since the last log) are logged next to it. ``evaluate()`` reports the
+    (the unweighted terms, averaged since the last log of this ``train()``) are logged next to it. ``evaluate()`` reports the
     student's own loss (``eval_loss``), like a plain Trainer.
 
     Every term is a mean over one batch's positions, so under ``gradient_accumulation_steps`` each accumulated
@@ -180,6 +180,12 @@ class DistillationTrainer(Trainer):
             return self.compute_loss_func(outputs, labels, num_items_in_batch=None)
         causal = self.accelerator.unwrap_model(model)._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
         return self.label_smoother(outputs, labels, shift_labels=causal)
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        # The terms of the steps after a run's last log are not logged (like the Trainer's own ``loss`` of those
+        # steps); they must not be averaged into the first log of a later run.
+        self._distill_sums, self._distill_count = {}, 0
+        return super().train(*args, **kwargs)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self._distill_count and "loss" in logs:
