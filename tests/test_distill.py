@@ -381,3 +381,22 @@ def test_the_distill_averages_of_a_second_train_call_hold_only_its_own_steps(tmp
     assert first["step"] == 10 and len(seen) == 15
     for name in ("kl", "hidden"):
         assert first[f"distill_{name}"] == pytest.approx(sum(s[name] for s in seen[:10]) / 10, abs=2e-6)
+
+
+def test_the_teacher_follows_the_student_when_the_trainer_places_it_in_train(tmp_path, monkeypatch):
+    """With bf16_full_eval the Trainer leaves the student where it is in __init__ and moves it to args.device only
+    in train(); the teacher, moved once in __init__ to the student's device then, stayed behind (on a GPU: the
+    student and the inputs on cuda, the teacher on the CPU). It must be moved after the student, to its device."""
+    student, teacher = _student_and_teacher("llama")
+    trainer = DistillationTrainer(model=student, args=_args(tmp_path, steps=1, bf16_full_eval=True),
+                                  train_dataset=_token_dataset(99), teacher_model=teacher)
+    assert not trainer.place_model_on_device
+    moves = []
+    for name, module in (("student", student), ("teacher", teacher)):
+        def to(*args, _name=name, _to=module.to, **kwargs):
+            moves.append((_name, args, kwargs))
+            return _to(*args, **kwargs)
+        monkeypatch.setattr(module, "to", to)
+    trainer.train()
+    # the Trainer moves the student (accelerate's prepare moves it again, to the same device); the teacher follows
+    assert moves[0][0] == "student" and moves[1] == ("teacher", *moves[0][1:])

@@ -44,7 +44,8 @@ class DistillationTrainer(Trainer):
     Args:
         *args, **kwargs: as for `transformers.Trainer` (``model`` is the student).
         teacher_model: the dense model to imitate; it is frozen, put in eval mode and moved to the
-            student's device. Same tokenizer / inputs as the student.
+            student's device (again whenever the Trainer places the student, e.g. in ``train()``). Same
+            tokenizer / inputs as the student.
         temperature: softmax temperature of the KL term (the KL is scaled by ``T^2``).
         alpha_kl: weight of the KL divergence between teacher and student logits (softmax over classes or the
             vocabulary: a regression or multi-label head needs ``alpha_kl=0``, else a ValueError).
@@ -108,6 +109,15 @@ class DistillationTrainer(Trainer):
         self._divide_for_accumulation = not hasattr(Trainer, "loss_is_scaled_for_ga")
         self._distill_sums: dict[str, float] = {}
         self._distill_count = 0
+
+    def _move_model_to_device(self, model: nn.Module, device: torch.device) -> None:
+        # The Trainer places the student here: in __init__, or only in train() (a model_init's model; with
+        # fp16/bf16_full_eval): the teacher follows, else it stays where it was in __init__ (the CPU, say).
+        super()._move_model_to_device(model, device)
+        teacher = getattr(self, "teacher_model", None)  # None while Trainer.__init__ places the student
+        if teacher is not None and getattr(model, "hf_device_map", None) is None and (
+                getattr(teacher, "hf_device_map", None) is None):
+            teacher.to(device)
 
     def compute_loss(
         self,
