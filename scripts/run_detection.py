@@ -110,11 +110,14 @@ class DataArguments:
 
 
 def read_coco(annotation_file: str, image_dir: str | None, option: str) -> tuple[list[dict], dict[int, str]]:
-    """Records ``{image_id, image, width, height, boxes (xywh), category_ids}`` and ``{category_id: name}``.
+    """Records ``{image_id, image, width, height, boxes (xywh), category_ids, crowd_boxes, crowd_category_ids}``
+    and ``{category_id: name}``.
 
-    Crowd annotations (``iscrowd``) are left out. A ScriptError names the first malformed entry: a missing
-    field, an image or category id given twice, an annotation of an image the file does not list, a ``bbox``
-    that is not four finite numbers with width and height >= 0, an image file not found or not an image.
+    Crowd annotations (``iscrowd``) are no training targets (as in DETR's COCO loader): they are kept apart, for
+    the mAP, which ignores detections of crowd regions as pycocotools does. A ScriptError names the first
+    malformed entry: a missing field, an image or category id given twice, an annotation of an image the file
+    does not list, a ``bbox`` that is not four finite numbers with width and height >= 0, an image file not found
+    or not an image.
     """
     from PIL import Image
 
@@ -143,6 +146,7 @@ def read_coco(annotation_file: str, image_dir: str | None, option: str) -> tuple
                 raise ValueError(f"image id {image_id} is listed twice")
             image_ids.add(image_id)
         by_image: dict[int, list[tuple[list[float], int]]] = {}
+        crowds: dict[int, list[tuple[list[float], int]]] = {}
         for index, annotation in enumerate(annotations):
             entry = f"annotations[{index}]"
             image_id, category_id = int(annotation["image_id"]), int(annotation["category_id"])
@@ -151,8 +155,7 @@ def read_coco(annotation_file: str, image_dir: str | None, option: str) -> tuple
                 raise ValueError(f"image_id {image_id} is not in 'images'")
             if len(box) != 4 or not all(np.isfinite(box)) or box[2] < 0 or box[3] < 0:
                 raise ValueError(f"bbox {annotation['bbox']} is not [x, y, width, height] with width, height >= 0")
-            if not annotation.get("iscrowd", 0):
-                by_image.setdefault(image_id, []).append((box, category_id))
+            (crowds if annotation.get("iscrowd", 0) else by_image).setdefault(image_id, []).append((box, category_id))
     except (KeyError, TypeError, ValueError) as err:
         reason = f"no field {err}" if isinstance(err, KeyError) else str(err)
         raise ScriptError(f"{option} {annotation_file}: {entry}: {reason}") from None
@@ -168,10 +171,12 @@ def read_coco(annotation_file: str, image_dir: str | None, option: str) -> tuple
                 pass
         except OSError as err:
             raise ScriptError(f"{option} {annotation_file}: image {path} cannot be read ({err})") from None
-        found = by_image.get(int(image["id"]), [])
+        found, crowd = by_image.get(int(image["id"]), []), crowds.get(int(image["id"]), [])
         records.append({"image_id": int(image["id"]), "image": str(path), "width": image.get("width"),
                         "height": image.get("height"), "boxes": [box for box, _ in found],
-                        "category_ids": [category_id for _, category_id in found]})
+                        "category_ids": [category_id for _, category_id in found],
+                        "crowd_boxes": [box for box, _ in crowd],
+                        "crowd_category_ids": [category_id for _, category_id in crowd]})
     return records, names
 
 
@@ -202,6 +207,8 @@ class DetectionDataset(torch.utils.data.Dataset):
     """COCO records as DETR inputs: a normalised square image and ``labels`` {class_labels, boxes (cxcywh, 0-1)}.
 
     Boxes are clipped to the image; those with no area inside it are left out (of training and of the mAP).
+    A record's crowd regions go, clipped alike, to ``crowd_labels`` / ``crowd_boxes``: the mAP's alone (DETR's
+    loss reads class_labels and boxes).
     """
 
     def __init__(self, records: list[dict], label_of_category: dict[int, int], image_size: int) -> None:
@@ -224,7 +231,18 @@ class DetectionDataset(torch.utils.data.Dataset):
         width, height = image.size
         pixels = np.asarray(image.resize((self.image_size, self.image_size), Image.BILINEAR), dtype=np.float32)
         pixel_values = (torch.from_numpy(pixels).permute(2, 0, 1) / 255.0 - self.mean) / self.std
-        boxes = torch.tensor(record["boxes"], dtype=torch.float32).reshape(-1, 4)
+        labels, cxcywh = self._targets(record["boxes"], record["category_ids"], width, height)
+        crowd_labels, crowd_boxes = self._targets(record.get("crowd_boxes", []), record.get("crowd_category_ids", []),
+                                                  width, height)
+        return {"pixel_values": pixel_values,
+                "labels": {"class_labels": labels, "boxes": cxcywh, "image_id": torch.tensor([record["image_id"]]),
+                           "orig_size": torch.tensor([height, width]), "crowd_labels": crowd_labels,
+                           "crowd_boxes": crowd_boxes}}
+
+    def _targets(self, boxes: list, category_ids: list[int], width: int, height: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(labels, boxes as relative cxcywh) of xywh pixel `boxes`."""
+        boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
         scale = torch.tensor([width, height, width, height], dtype=torch.float32)
         # clipped to the image as corners (clamping the centre moved a box that crossed the right or bottom
         # edge); boxes left with no area are dropped, as DETR's COCO loader does: no detection can match them
@@ -232,11 +250,9 @@ class DetectionDataset(torch.utils.data.Dataset):
         keep = ((corners[:, 2:] > corners[:, :2]).all(dim=1)).tolist()
         corners = corners[torch.tensor(keep, dtype=torch.bool)].reshape(-1, 4)
         cxcywh = torch.cat([(corners[:, :2] + corners[:, 2:]) / 2, corners[:, 2:] - corners[:, :2]], dim=1)
-        labels = torch.tensor([self.label_of_category[c] for c, k in zip(record["category_ids"], keep, strict=True) if k],
+        labels = torch.tensor([self.label_of_category[c] for c, k in zip(category_ids, keep, strict=True) if k],
                               dtype=torch.long)
-        return {"pixel_values": pixel_values,
-                "labels": {"class_labels": labels, "boxes": cxcywh, "image_id": torch.tensor([record["image_id"]]),
-                           "orig_size": torch.tensor([height, width])}}
+        return labels, cxcywh
 
 
 def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -348,6 +364,7 @@ def detection_metrics(model: DetrForObjectDetection, dataset: DetectionDataset, 
     was_training = model.training
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    crowd_regions: list[dict[str, Any]] = []
     for batch in loader:
         outputs = model(pixel_values=batch["pixel_values"].to(device), pixel_mask=batch["pixel_mask"].to(device))
         probabilities = outputs.logits.softmax(-1)[..., :-1]  # the last class is "no object"
@@ -362,8 +379,13 @@ def detection_metrics(model: DetrForObjectDetection, dataset: DetectionDataset, 
                 reference={"image_id": int(target["image_id"]), "boxes": _reference_boxes(target),
                            "labels": [category_of_label[int(k)] for k in target["class_labels"]]},
             )
+            if len(target["crowd_labels"]):  # ignored regions, as pycocotools' iscrowd
+                crowd_regions.append({
+                    "image_id": int(target["image_id"]),
+                    "boxes": _reference_boxes({"boxes": target["crowd_boxes"], "orig_size": target["orig_size"]}),
+                    "labels": [category_of_label[int(k)] for k in target["crowd_labels"]]})
     model.train(was_training)
-    return {f"{prefix}_{k}": v for k, v in metric.compute().items()}
+    return {f"{prefix}_{k}": v for k, v in metric.compute(crowd_regions=crowd_regions).items()}
 
 
 def _reference_boxes(target: dict[str, torch.Tensor]) -> list[list[float]]:
@@ -441,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
         if name in splits and limit is not None:
             splits[name] = splits[name][:limit]
     category_ids = sorted(categories)
-    unknown = {c for records in splits.values() for r in records for c in r["category_ids"]} - set(category_ids)
+    unknown = {c for records in splits.values() for r in records
+               for c in (*r["category_ids"], *r.get("crowd_category_ids", []))} - set(category_ids)
     if unknown:
         raise ScriptError(f"annotations use category ids {sorted(unknown)} missing from 'categories'")
     id2label, label_of_category, category_of_label = label_mapping(categories, model_args.model_name_or_path)

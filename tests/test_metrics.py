@@ -39,6 +39,25 @@ def test_malformed_input_is_a_value_error_naming_the_image(predictions, referenc
         _compute(predictions, references)
 
 
+def test_crowd_regions_are_ignored_as_pycocotools_ignores_iscrowd():
+    """A detection of a crowd region is neither a hit nor a false positive; a crowd region is no box to find."""
+    crowd_box = [200.0, 200.0, 100.0, 100.0]
+    references = [{"image_id": 1, "boxes": [LARGE_BOX], "labels": [0]}]
+    predictions = [{"image_id": 1, "boxes": [crowd_box, LARGE_BOX], "scores": [0.9, 0.8], "labels": [0, 0]}]
+    crowd = [{"image_id": 1, "boxes": [crowd_box], "labels": [0]}]
+    assert _compute(predictions, references)["map"] == pytest.approx(0.5)  # the crowd detection: a false positive
+    metric = load_metric("coco_map")
+    assert metric.compute(predictions=predictions, references=references, crowd_regions=crowd)["map"] == (
+        pytest.approx(1.0))
+    only_crowd = load_metric("coco_map").compute(
+        predictions=[{"image_id": 1, "boxes": [], "scores": [], "labels": []}],
+        references=[{"image_id": 1, "boxes": [], "labels": []}], crowd_regions=crowd)
+    assert set(only_crowd.values()) == {-1.0}  # no box to find, as COCOeval says
+    with pytest.raises(ValueError, match="a crowd region has image_id 2, which no reference has"):
+        load_metric("coco_map").compute(predictions=predictions, references=references,
+                                        crowd_regions=[{"image_id": 2, "boxes": [crowd_box], "labels": [0]}])
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"predictions": [0.9, 0.2, 0.6], "references": [1, 0, 1]}, "predictions must be integer .* argmax"),  # was 0.333
     ({"predictions": [1, 0, 1], "references": [1.0, 0.5, 1.0]}, "references must be integer"),

@@ -1111,3 +1111,45 @@ def test_evaluating_without_training_refuses_a_new_head(data, tiny_bert, tmp_pat
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "newly initialised (classifier.bias, classifier.weight)" in lines[0], lines
     assert run_script("run_classification", *args, "--do_train", "--max_steps", "1") == 0  # training it is fine
+
+
+def test_detection_map_ignores_detections_of_crowd_regions_as_pycocotools_does(tmp_path):
+    """Crowd annotations (iscrowd=1) were dropped from the mAP's ground truth, so a detection of a crowd region
+    counted as a false positive; pycocotools matches it to the crowd region and ignores it. Here a confident
+    detection of image 10's crowd region outranks the detection of its real box: mAP 0.75, pycocotools 1.0."""
+    detection = load_script("run_detection")
+
+    def edit(coco):
+        coco["annotations"].append({"id": 9, "image_id": 10, "category_id": 3, "bbox": [20.0, 12.0, 15.0, 12.0],
+                                    "iscrowd": 1})
+
+    records, categories = detection.read_coco(write_coco(tmp_path, edit), None, "--validation_annotation_file")
+    assert [len(r["boxes"]) for r in records] == [1, 1]  # the crowd region is no training target
+    label_of_category = {c: i for i, c in enumerate(sorted(categories))}
+    category_of_label = {i: c for c, i in label_of_category.items()}
+    dataset = detection.DetectionDataset(records, label_of_category, image_size=32)
+
+    def relative_cxcywh(box, record):
+        x, y, w, h = box
+        return [(x + w / 2) / record["width"], (y + h / 2) / record["height"], w / record["width"],
+                h / record["height"]]
+
+    class Detector(torch.nn.Module):  # image 10: the crowd region (score 0.9), then its box; image 11: its box
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.image = 0
+
+        def forward(self, pixel_values, pixel_mask):
+            record = records[self.image]
+            self.image += 1
+            label = label_of_category[record["category_ids"][0]]
+            boxes = [relative_cxcywh(record["boxes"][0], record)] * 2
+            if self.image == 1:
+                boxes[0] = relative_cxcywh([20.0, 12.0, 15.0, 12.0], record)
+            logits = torch.full((1, 2, len(categories) + 1), -10.0)
+            logits[0, 0, label], logits[0, 1, label] = 4.0, 2.0
+            return type("Outputs", (), {"logits": logits, "pred_boxes": torch.tensor([boxes])})()
+
+    scores = detection.detection_metrics(Detector(), dataset, category_of_label, batch_size=1)
+    assert scores["eval_map"] == pytest.approx(1.0)

@@ -21,10 +21,14 @@ Args:
     predictions (`list` of `dict`): one per image: ``image_id`` (int), ``boxes`` (list of
         ``[x, y, width, height]`` in pixels), ``scores`` (list of float), ``labels`` (list of int).
     references (`list` of `dict`): one per image, same order: ``image_id``, ``boxes``, ``labels``.
+    crowd_regions (`list` of `dict`, optional, to ``compute``): COCO's ``iscrowd`` annotations, as
+        ``image_id``, ``boxes``, ``labels`` (any number per image of the references): as in pycocotools, a crowd
+        region is no box to find, and a detection matching it is ignored (neither a hit nor a false positive).
 
 Returns:
     map, map_50, map_75, map_small, map_medium, map_large, mar_1, mar_10, mar_100 (`float`): the twelve
-    numbers COCOeval prints, minus the size-split recalls; -1.0 where no ground truth box qualifies.
+    numbers COCOeval prints, minus the size-split recalls; -1.0 where no ground truth box (crowd regions
+    aside) qualifies.
 
 Examples:
     >>> import lors_hf.metrics
@@ -49,7 +53,7 @@ _STAT_NAMES = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large"
 _SIZE_RANGES = {"map_small": (0, 32**2), "map_medium": (32**2, 96**2), "map_large": (96**2, 1e10)}  # COCOeval's areas
 
 
-def _check_inputs(predictions: list[dict], references: list[dict]) -> None:
+def _check_inputs(predictions: list[dict], references: list[dict], crowd_regions: list[dict]) -> None:
     """A ValueError naming the image and the field for input COCOeval would fail on, or silently merge."""
     seen = set()
     for reference in references:
@@ -58,11 +62,12 @@ def _check_inputs(predictions: list[dict], references: list[dict]) -> None:
             raise ValueError(f"coco_map: two references have image_id {image}; give each image once")
         seen.add(image)
     for kind, items, fields in (("reference", references, ("boxes", "labels")),
-                                ("prediction", predictions, ("boxes", "scores", "labels"))):
+                                ("prediction", predictions, ("boxes", "scores", "labels")),
+                                ("crowd region", crowd_regions, ("boxes", "labels"))):
         for item in items:
             image = int(item["image_id"])
-            if kind == "prediction" and image not in seen:
-                raise ValueError(f"coco_map: a prediction has image_id {image}, which no reference has")
+            if kind != "reference" and image not in seen:
+                raise ValueError(f"coco_map: a {kind} has image_id {image}, which no reference has")
             lengths = {name: len(item[name]) for name in fields}
             if len(set(lengths.values())) > 1:
                 raise ValueError(f"coco_map: the {kind} of image {image} has {lengths}: one entry per box in each")
@@ -98,30 +103,32 @@ class CocoMap(evaluate.Metric):
             reference_urls=["https://cocodataset.org/#detection-eval"],
         )
 
-    def _compute(self, predictions, references):
+    def _compute(self, predictions, references, crowd_regions=None):
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
 
         if len(predictions) != len(references):
             raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
-        _check_inputs(predictions, references)
-        images, annotations, detections, categories = [], [], [], set()
-        for reference in references:
-            images.append({"id": int(reference["image_id"])})
-            for box, label in zip(reference["boxes"], reference["labels"], strict=True):
-                categories.add(int(label))
-                annotations.append({"id": len(annotations) + 1, "image_id": int(reference["image_id"]),
-                                    "category_id": int(label), "bbox": [float(v) for v in box],
-                                    "area": float(box[2] * box[3]), "iscrowd": 0})
+        crowd_regions = list(crowd_regions or [])
+        _check_inputs(predictions, references, crowd_regions)
+        annotations, detections, categories = [], [], set()
+        images = [{"id": int(reference["image_id"])} for reference in references]
+        for crowd, items in ((0, references), (1, crowd_regions)):
+            for item in items:
+                for box, label in zip(item["boxes"], item["labels"], strict=True):
+                    categories.add(int(label))
+                    annotations.append({"id": len(annotations) + 1, "image_id": int(item["image_id"]),
+                                        "category_id": int(label), "bbox": [float(v) for v in box],
+                                        "area": float(box[2] * box[3]), "iscrowd": crowd})
         for prediction in predictions:
             for box, score, label in zip(prediction["boxes"], prediction["scores"], prediction["labels"], strict=True):
                 categories.add(int(label))
                 detections.append({"image_id": int(prediction["image_id"]), "category_id": int(label),
                                    "bbox": [float(v) for v in box], "score": float(score)})
-        if not annotations:
+        if not any(not annotation["iscrowd"] for annotation in annotations):  # crowd regions are no boxes to find
             return dict.fromkeys(_STAT_NAMES, -1.0)
         if not detections:  # 0 where a ground truth box qualifies, -1 in the size buckets none falls into
-            areas = [annotation["area"] for annotation in annotations]
+            areas = [annotation["area"] for annotation in annotations if not annotation["iscrowd"]]
 
             def has_boxes(name: str) -> bool:
                 low, high = _SIZE_RANGES.get(name, (0.0, float("inf")))
