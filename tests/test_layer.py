@@ -224,6 +224,20 @@ def test_materialised_path_under_autocast_keeps_its_input_in_the_compute_dtype()
     assert ours <= reference  # the dense layer keeps the same input (and its bf16 weight)
 
 
+def test_factored_path_under_autocast_keeps_one_copy_of_its_input():
+    """On the factored path (few tokens: small-batch fine-tuning) autocast cast a float32 input once for each of its
+    two matmuls (x S^T and x A^T), and backward kept both bf16 copies: twice the dense layer's input bytes."""
+    layer = _layer(out_features=16, in_features=32, rank=2)
+    layer.materialize_above = math.inf
+    x = torch.randn(64, 32, requires_grad=True)
+    dense = nn.Linear(32, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = _saved_activation_bytes(lambda: layer(x), [*layer.parameters(), layer.shared.weight])
+        reference = _saved_activation_bytes(lambda: dense(x), dense.parameters())  # bf16 input and weight
+    low_rank = (layer.lors_A.numel() + layer.lors_B.numel() + x.shape[0] * layer.rank) * 2  # bf16 A, B and x A^T
+    assert ours == reference + low_rank  # was 9664 bytes: a second bf16 copy of x (4096) more
+
+
 def test_lors_gpt2_under_autocast_keeps_no_more_activations_than_dense():
     """The model-level view of the test above: a lorsified GPT-2 trained under bf16 autocast keeps no more for
     backward than the dense one (it kept more before, the float32 inputs of c_attn and c_fc)."""

@@ -264,12 +264,13 @@ class LorsLinear(nn.Module):
             return F.linear(x, shared, self.bias)
         if self._use_cache() and (cached := self._cached_weight()) is not None:
             return F.linear(x, cached, self.bias)
+        if torch.is_autocast_enabled(x.device.type):
+            # cast here, once, as autocast does for F.linear, so that backward keeps one input in the compute dtype:
+            # cast inside the materialised function, a float32 input (a LayerNorm's output) was kept at twice the
+            # bytes; on the factored path autocast cast it for each of its two matmuls, and both copies were kept
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         tokens = x.numel() // self.in_features
         if tokens > self.materialize_above:
-            if torch.is_autocast_enabled(x.device.type):
-                # cast here, as autocast does for F.linear, so that backward keeps the input in the compute dtype:
-                # cast inside the function, a float32 input (a LayerNorm's output) was kept at twice the bytes
-                x = x.to(torch.get_autocast_dtype(x.device.type))
             function = _MaterializedLorsLinear if torch.compiler.is_compiling() else _MaterializedLorsLinearWithJvp
             return function.apply(x, shared, self.lors_A, self.lors_B, self.bias)
         # x S^T + b, then (x A^T) B^T added in the same matmul call (addmm): three kernels, no extra add.
