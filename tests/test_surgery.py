@@ -228,6 +228,21 @@ def test_merge_and_unload_restores_a_stock_model_with_the_same_outputs(family):
     torch.testing.assert_close(_outputs(model, inputs), lors_outputs, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_merge_and_unload_under_autocast_keeps_the_parameters_dtype(family):
+    """Merged inside an autocast block (a training loop's), the layers came out in bf16 inside a float32 model: its
+    next forward pass failed in torch ("mat1 and mat2 must have the same dtype"), and the weights had lost their
+    float32 precision. The LORS layer's ``weight`` under autocast is float32 too, as an nn.Linear's."""
+    model, inputs = build(family)
+    lorsify(model, rank=2, init="svd")
+    lors_outputs = _outputs(model, inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert all(layer.weight.dtype == torch.float32 for layer in _lors_layers(model))
+        merge_and_unload(model)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    torch.testing.assert_close(_outputs(model, inputs), lors_outputs, rtol=1e-5, atol=1e-5)
+
+
 def test_merged_gpt2_uses_conv1d_again_and_can_be_lorsified_anew():
     model, inputs = build("gpt2")
     lorsify(model, rank=3, init="svd")

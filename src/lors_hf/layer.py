@@ -196,10 +196,16 @@ class LorsLinear(nn.Module):
         return self.lors_B @ self.lors_A
 
     def effective_weight(self) -> torch.Tensor:
-        """``W_shared + B @ A`` in the ``(out, in)`` convention of ``nn.Linear``."""
+        """``W_shared + B @ A`` in the ``(out, in)`` convention of ``nn.Linear``, in the parameters' dtype even under
+        autocast (as an ``nn.Linear``'s weight): built in autocast's bf16, `merge_and_unload` inside an autocast
+        block wrote bf16 layers into a float32 model, whose next forward pass failed on the mixed dtypes."""
         shared = self.shared.weight
         if self.rank == 0:
             return shared
+        device = shared.device.type
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                return torch.addmm(shared, self.lors_B, self.lors_A)
         return torch.addmm(shared, self.lors_B, self.lors_A)
 
     @property
