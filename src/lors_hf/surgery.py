@@ -8,6 +8,7 @@ The flow: `LorsConfig` -> `discovery.plan_ranks` (stacks, groups, ranks) -> `bui
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import warnings
@@ -169,19 +170,20 @@ def lorsify(
         for stack in stacks for group in stack.groups
     }
     try:
-        if calibration_data is not None:
-            from .calibration import DEFAULT_DAMPING, convert_with_calibration
+        with _without_autocast(model):  # an enclosing autocast would fit (and calibrate) in bf16
+            if calibration_data is not None:
+                from .calibration import DEFAULT_DAMPING, convert_with_calibration
 
-            damping = DEFAULT_DAMPING if calibration_damping is None else calibration_damping
-            convert_with_calibration(model, stacks, config, calibration_data, damping=damping, kept_dense=kept_dense)
-        else:
-            build_lors_layers(model, stacks)
-            with torch.no_grad():
-                for stack in stacks:
-                    for group in stack.groups:
-                        dense = dense_layers[(stack.name, group.relative_name)]
-                        lors = [stack.blocks[i].get_submodule(group.relative_name) for i in group.layer_indices]
-                        _initialise(dense=dense, lors=lors, ranks=group.ranks, config=config)
+                damping = DEFAULT_DAMPING if calibration_damping is None else calibration_damping
+                convert_with_calibration(model, stacks, config, calibration_data, damping=damping, kept_dense=kept_dense)
+            else:
+                build_lors_layers(model, stacks)
+                with torch.no_grad():
+                    for stack in stacks:
+                        for group in stack.groups:
+                            dense = dense_layers[(stack.name, group.relative_name)]
+                            lors = [stack.blocks[i].get_submodule(group.relative_name) for i in group.layer_indices]
+                            _initialise(dense=dense, lors=lors, ranks=group.ranks, config=config)
     except BaseException:
         _restore_dense_layers(model, stacks, dense_layers)  # never leave a half-converted model behind
         raise
@@ -189,6 +191,17 @@ def lorsify(
     _own_config(model)
     model.config.lors_config = resolved_config(config, stacks, tuple(sorted(group.name for group in kept_dense))).to_dict()
     return model
+
+
+def _without_autocast(model: nn.Module) -> contextlib.ExitStack:
+    """Autocast off, on the model's devices and the CPU, wherever an enclosing block turned it on: a conversion
+    inside one fitted in bf16 (the factors, the input moments, the calibration passes) and the model was lossy
+    even at full rank."""
+    stack = contextlib.ExitStack()
+    for device in {parameter.device.type for parameter in model.parameters()} | {"cpu"}:
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            stack.enter_context(torch.autocast(device, enabled=False))
+    return stack
 
 
 def _refuse_offloaded_weights(model: nn.Module, stacks: list[Stack], config: LorsConfig) -> None:
