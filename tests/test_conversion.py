@@ -34,6 +34,17 @@ def test_decompose_at_full_rank_is_exact():
     assert reconstruction_error(weights, shared, factors) < 1e-10
 
 
+def test_decompose_inside_an_autocast_block_still_returns_exact_float32_factors():
+    """The docstring promises float32: under autocast the SVD's products came back in bf16 and a full-rank split
+    was no longer exact."""
+    weights = torch.randn(3, 6, 5, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        shared, factors = decompose(weights, [5, 5, 5])
+    assert shared.dtype == torch.float32 and all(b.dtype == a.dtype == torch.float32 for b, a in factors)
+    for i, (b, a) in enumerate(factors):
+        torch.testing.assert_close(shared + b @ a, weights[i], atol=1e-5, rtol=1e-5)
+
+
 def test_decompose_returns_the_requested_ranks_and_rank_zero_is_the_mean():
     weights = _weights()
     shared, factors = decompose(weights, [0, 1, 3, 8])

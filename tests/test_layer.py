@@ -210,6 +210,16 @@ def _saved_activation_bytes(run, parameters) -> int:
     return sum(storages.values())
 
 
+@pytest.mark.parametrize("tokens", [1, 64])  # the factored and the materialised path
+def test_forward_on_the_meta_device_gives_the_shape(tokens):
+    """Shape inference with meta tensors: asking whether autocast is on raised for meta ("unknown device type"),
+    a RuntimeError from torch before any shape was computed."""
+    layer = _layer(out_features=16, in_features=32, rank=2).to("meta")
+    layer.shared.to("meta")  # owned by the model, not the layer
+    layer.materialize_above = 8
+    assert layer(torch.empty(tokens, 32, device="meta")).shape == (tokens, 16)
+
+
 def test_materialised_path_under_autocast_keeps_its_input_in_the_compute_dtype():
     """Under bf16 autocast backward must keep the bf16 input, as F.linear under autocast does: keeping the float32
     input (a LayerNorm's output in a transformer) held twice the activation bytes of the dense layer."""

@@ -69,6 +69,10 @@ def decompose(
         >>> bool(torch.allclose(shared + factors[0][0] @ factors[0][1], w[0], atol=1e-5))
         True
     """
+    device = weights.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        with torch.autocast(device, enabled=False):  # float32 factors inside an autocast block too (bf16 before)
+            return decompose(weights, ranks, steps, input_covariances, damping)
     weights = weights.detach().float()
     count = weights.shape[0]
     if len(ranks) != count:

@@ -53,8 +53,8 @@ class DistillationTrainer(Trainer):
         alpha_task: weight of the student's own loss (``outputs.loss``; the batch needs ``labels``).
 
     The logged training ``loss`` is the weighted sum; ``distill_kl``, ``distill_hidden`` and ``distill_task``
-    (the unweighted terms, averaged since the last log of this ``train()``) are logged next to it. ``evaluate()`` reports the
-    student's own loss (``eval_loss``), like a plain Trainer.
+    (the unweighted terms, averaged since the last log of this ``train()``) are logged next to it.
+    ``evaluate()`` reports the student's own loss (``eval_loss``), like a plain Trainer.
 
     Every term is a mean over one batch's positions, so under ``gradient_accumulation_steps`` each accumulated
     batch weighs the same whatever its number of real (unpadded) tokens: with padded batches of unequal length

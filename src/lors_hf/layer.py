@@ -42,11 +42,17 @@ class SharedWeight(nn.Module):
         return f"out_features={self.weight.shape[0]}, in_features={self.weight.shape[1]}"
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """Autocast's dtype when it is on for `device_type`, else None (also for devices without autocast, such as
+    meta, where ``torch.is_autocast_enabled`` raises)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype ``F.linear`` would compute in here: autocast's when it is on, else the weight's."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return weight.dtype
+    return _autocast_dtype(x.device.type) or weight.dtype
 
 
 class _MaterializedLorsLinear(torch.autograd.Function):
@@ -66,8 +72,8 @@ class _MaterializedLorsLinear(torch.autograd.Function):
     @staticmethod
     def forward(x, shared, lors_A, lors_B, bias):
         dtype = _compute_dtype(x, shared)
-        autocast = torch.is_autocast_enabled(x.device.type)
-        with torch.autocast(x.device.type, enabled=False):
+        autocast = _autocast_dtype(x.device.type) is not None
+        with torch.autocast(x.device.type, enabled=False) if autocast else nullcontext():
             weight = torch.addmm(shared.to(dtype), lors_B.to(dtype), lors_A.to(dtype))
             # only autocast casts the input: without it an input of another dtype fails as for nn.Linear
             return F.linear(x.to(dtype) if autocast else x, weight, None if bias is None else bias.to(dtype))
@@ -203,7 +209,7 @@ class LorsLinear(nn.Module):
         if self.rank == 0:
             return shared
         device = shared.device.type
-        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        if _autocast_dtype(device) is not None:
             with torch.autocast(device, enabled=False):
                 return torch.addmm(shared, self.lors_B, self.lors_A)
         return torch.addmm(shared, self.lors_B, self.lors_A)
@@ -270,11 +276,11 @@ class LorsLinear(nn.Module):
             return F.linear(x, shared, self.bias)
         if self._use_cache() and (cached := self._cached_weight()) is not None:
             return F.linear(x, cached, self.bias)
-        if torch.is_autocast_enabled(x.device.type):
+        if (autocast_dtype := _autocast_dtype(x.device.type)) is not None:
             # cast here, once, as autocast does for F.linear, so that backward keeps one input in the compute dtype:
             # cast inside the materialised function, a float32 input (a LayerNorm's output) was kept at twice the
             # bytes; on the factored path autocast cast it for each of its two matmuls, and both copies were kept
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+            x = x.to(autocast_dtype)
         tokens = x.numel() // self.in_features
         if tokens > self.materialize_above:
             function = _MaterializedLorsLinear if torch.compiler.is_compiling() else _MaterializedLorsLinearWithJvp
