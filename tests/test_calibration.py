@@ -420,3 +420,24 @@ def test_a_failed_conversion_gives_the_projections_kept_dense_their_weights_back
     assert calls[-1] == 1
     torch.testing.assert_close(model.state_dict(), dense.state_dict(), rtol=0, atol=0)
     assert getattr(model.config, "lors_config", None) is None
+
+
+def test_the_sequential_rounds_dense_twin_shares_the_weights_it_does_not_refit(monkeypatch):
+    """The dense twin the sequential round runs beside the converted model holds no second copy of the weights
+    (a full deepcopy did: as much memory as the model again); only the projections kept dense, which the round
+    refits in place, are copied."""
+    from lors_hf import calibration
+
+    model, inputs = build("llama", layers=3)
+    storage = {name: parameter.data_ptr() for name, parameter in model.named_parameters()}
+    references = []
+    sequential_round = calibration._sequential_round
+
+    def spy(converted, reference, *args, **kwargs):
+        references.append(reference)
+        return sequential_round(converted, reference, *args, **kwargs)
+
+    monkeypatch.setattr(calibration, "_sequential_round", spy)
+    lorsify(model, LorsConfig(rank={"v_proj": "dense", ".*": 2}, init="svd"), calibration_data=_batches(inputs))
+    copied = {name for name, parameter in references[0].named_parameters() if parameter.data_ptr() != storage[name]}
+    assert copied == {f"model.layers.{index}.self_attn.v_proj.weight" for index in range(3)}
