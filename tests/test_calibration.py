@@ -441,3 +441,29 @@ def test_the_sequential_rounds_dense_twin_shares_the_weights_it_does_not_refit(m
     lorsify(model, LorsConfig(rank={"v_proj": "dense", ".*": 2}, init="svd"), calibration_data=_batches(inputs))
     copied = {name for name, parameter in references[0].named_parameters() if parameter.data_ptr() != storage[name]}
     assert copied == {f"model.layers.{index}.self_attn.v_proj.weight" for index in range(3)}
+
+
+def test_data_aware_conversion_keeps_no_copy_of_the_converted_projections_dense_weights(monkeypatch):
+    """The dense weights the refit targets are the swapped-out dense layers' own tensors (a stacked copy of every
+    group was kept before: the stacks' weights once more); those of the projections kept dense, which the refit
+    writes to, are copies."""
+    from lors_hf import calibration
+
+    model, inputs = build("gpt2", layers=3)  # Conv1D: (in, out) storage
+    storage = {name: parameter.data_ptr() for name, parameter in model.named_parameters()}
+    seen = {}
+    refit = calibration._refit_layers
+
+    def spy(*args, **kwargs):
+        seen.update(args[4])
+        return refit(*args, **kwargs)
+
+    monkeypatch.setattr(calibration, "_refit_layers", spy)
+    lorsify(model, LorsConfig(rank={"c_attn": "dense", ".*": 2}, init="svd"), calibration_data=_batches(inputs))
+    for group, (weights, biases) in seen.items():
+        name = group.removeprefix("transformer.h.")
+        for index in range(3):
+            shared = {weights[index].data_ptr() == storage[f"transformer.h.{index}.{name}.weight"],
+                      biases[index].data_ptr() == storage[f"transformer.h.{index}.{name}.bias"]}
+            assert shared == {name != "attn.c_attn"}, (group, index)
+    assert len(seen) == 4

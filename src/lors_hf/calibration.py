@@ -321,17 +321,18 @@ def convert_with_calibration(
     kept_dense = list(kept_dense)
     reference = _dense_reference(model, kept_dense) if rounds > 1 else None
     statistics = collect_input_statistics(model, stacks, batches)
-    dense = {group.name: _dense_copy(model, group) for stack in stacks for group in stack.groups}
+    # the planned projections' dense modules are swapped out, never written to: their tensors, not copies
+    dense = {group.name: _dense_weights(model, group, copy=False) for stack in stacks for group in stack.groups}
     kept_by_stack: dict[str, list[ProjectionGroup]] = {}
     for group in kept_dense:
         kept_by_stack.setdefault(group.stack_name, []).append(group)
-        dense[group.name] = _dense_copy(model, group)
+        dense[group.name] = _dense_weights(model, group, copy=True)
     build_lors_layers(model, stacks)
     steps = config.alternating_steps if config.init == "alternating" else 0
     with torch.no_grad():
         for stack in stacks:
             for group in stack.groups:
-                weights, biases = dense[group.name]
+                weights, biases = torch.stack(dense[group.name][0]), dense[group.name][1]
                 layers = [stack.blocks[i].get_submodule(group.relative_name) for i in group.layer_indices]
                 centred = all(layer.bias is not None for layer in layers)
                 targets, covariances = calibrated_targets(weights, statistics[group.name], centred, damping)
@@ -377,11 +378,18 @@ def _dense_reference(model: nn.Module, kept_dense: list[ProjectionGroup]) -> nn.
     return copy.deepcopy(model, memo)
 
 
-def _dense_copy(model: nn.Module, group: ProjectionGroup) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-    """Copies of the dense weights ``(N, out, in)`` and biases of `group`'s layers, before any change."""
+def _dense_weights(model: nn.Module, group: ProjectionGroup, copy: bool
+                   ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """The dense weights ``(out, in)`` and biases of `group`'s layers as they are now: copies with `copy` (for
+    layers refitted in place), else the tensors themselves (a stacked copy of every group's weights was kept
+    before: SmolLM2-135M fp32, 400 MiB)."""
     layers = [model.get_submodule(group.module_name(i)) for i in group.layer_indices]
-    return (torch.stack([dense_weight(layer).detach().clone() for layer in layers]),
-            [None if layer.bias is None else layer.bias.detach().clone() for layer in layers])
+
+    def own(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach().clone() if copy else tensor.detach()
+
+    return ([own(dense_weight(layer)) for layer in layers],
+            [None if layer.bias is None else own(layer.bias) for layer in layers])
 
 
 def _set_layer(layer, b: torch.Tensor, a: torch.Tensor, bias: torch.Tensor | None, weight: torch.Tensor,
@@ -446,7 +454,7 @@ def _run_block(block: nn.Module, hidden: torch.Tensor, rest_args: tuple, rest_kw
 
 
 def _sequential_round(model: nn.Module, reference: nn.Module, stack: Stack,
-                      dense: dict[str, tuple[torch.Tensor, list[torch.Tensor | None]]],
+                      dense: dict[str, tuple[list[torch.Tensor], list[torch.Tensor | None]]],
                       batches: list[Any], damping: float) -> None:
     """Refit the private parts of `stack`'s blocks one after the other on the converted model's activations."""
     reference_blocks = reference.get_submodule(stack.name)
@@ -482,7 +490,7 @@ def _sequential_round(model: nn.Module, reference: nn.Module, stack: Stack,
 
 
 def _refit_layers(block: nn.Module, groups: list, index: int, statistics: dict[str, InputStatistics],
-                  dense: dict[str, tuple[torch.Tensor, list[torch.Tensor | None]]], damping: float) -> None:
+                  dense: dict[str, tuple[list[torch.Tensor], list[torch.Tensor | None]]], damping: float) -> None:
     """Refit block `index`'s layer in each of `groups`: a LORS layer's private part and bias (the shared weight
     is kept), a layer kept dense its whole weight and bias."""
     for group in groups:
@@ -490,16 +498,16 @@ def _refit_layers(block: nn.Module, groups: list, index: int, statistics: dict[s
         weights, biases = dense[group.name]
         layer = block.get_submodule(group.relative_name)
         centred = layer.bias is not None
-        targets, covariance = calibrated_targets(weights[position:position + 1], statistics[group.name], centred,
-                                                 damping)
+        weight = weights[position].contiguous()  # a Conv1D's (out, in) view: the same rounding as a stacked copy
+        targets, covariance = calibrated_targets(weight[None], statistics[group.name], centred, damping)
         if not isinstance(layer, LorsLinear):  # kept dense: the full-rank fit is the target itself
             bias = biases[position]
             if centred:
-                bias = corrected_bias(bias, weights[position], targets[0], statistics[group.name], 0)
+                bias = corrected_bias(bias, weight, targets[0], statistics[group.name], 0)
             _set_dense_layer(layer, targets[0], bias)
             continue
         (b, a), = fit_private(targets, layer.shared.weight, [group.ranks[position]], covariance)
-        _set_layer(layer, b, a, biases[position], weights[position], statistics[group.name], 0, centred)
+        _set_layer(layer, b, a, biases[position], weight, statistics[group.name], 0, centred)
 
 
 def _set_dense_layer(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
