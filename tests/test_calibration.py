@@ -467,3 +467,31 @@ def test_data_aware_conversion_keeps_no_copy_of_the_converted_projections_dense_
                       biases[index].data_ptr() == storage[f"transformer.h.{index}.{name}.bias"]}
             assert shared == {name != "attn.c_attn"}, (group, index)
     assert len(seen) == 4
+
+
+def test_the_first_round_lets_each_groups_statistics_go_once_fitted(monkeypatch):
+    """The input moments (in x in floats per layer and group: 0.5 GB for SmolLM2-135M, 28 GB for a 7B model) are
+    let go group by group as the first round fits them, not all held to the end of the conversion: when the
+    last group is fitted, its moments alone are left."""
+    import weakref
+
+    from lors_hf import calibration
+
+    model, inputs = build("llama", layers=3)
+    collected, alive = [], []
+    collect, targets = calibration.collect_input_statistics, calibration.calibrated_targets
+
+    def collect_spy(*args, **kwargs):
+        statistics = collect(*args, **kwargs)
+        collected.extend(weakref.ref(moments) for moments in statistics.values())
+        return statistics
+
+    def targets_spy(*args, **kwargs):
+        alive.append(sum(ref() is not None for ref in collected))
+        return targets(*args, **kwargs)
+
+    monkeypatch.setattr(calibration, "collect_input_statistics", collect_spy)
+    monkeypatch.setattr(calibration, "calibrated_targets", targets_spy)
+    lorsify(model, LorsConfig(rank=2, init="svd"), calibration_data=_batches(inputs))
+    assert len(collected) == 7
+    assert alive[:7] == [7, 6, 5, 4, 3, 2, 1] and set(alive[7:]) == {0}

@@ -213,12 +213,21 @@ def collect_input_statistics(
                     f"{nonfinite}: the calibration batches hold NaN/inf values, or the model overflows on them in its "
                     "dtype (float16); give finite inputs the model runs on (or convert the model in float32/bfloat16)."
                 )
-            result[group.name] = InputStatistics(
-                second_moment=torch.stack([sums[k]["second"] / counts[k] for k in keys]),
-                mean=torch.stack([sums[k]["sum"] / counts[k] for k in keys]),
-                tokens=counts[keys[0]],
-            )
+            result[group.name] = InputStatistics(second_moment=_stacked_means(sums, counts, keys, "second"),
+                                                 mean=_stacked_means(sums, counts, keys, "sum"), tokens=counts[keys[0]])
     return result
+
+
+def _stacked_means(sums: dict[Any, dict[str, torch.Tensor]], counts: dict[Any, int], keys: list, name: str
+                   ) -> torch.Tensor:
+    """``sums[key][name] / counts[key]`` stacked over `keys`, each sum let go once written (the sums of all
+    groups and their stacked means were held at once: twice the statistics at the end of the pass)."""
+    first = sums[keys[0]][name]
+    stacked = first.new_empty((len(keys), *first.shape))
+    del first
+    for row, key in zip(stacked, keys, strict=True):
+        torch.div(sums[key].pop(name), counts[key], out=row)
+    return stacked
 
 
 def collect_input_covariances(
@@ -332,16 +341,8 @@ def convert_with_calibration(
     with torch.no_grad():
         for stack in stacks:
             for group in stack.groups:
-                weights, biases = torch.stack(dense[group.name][0]), dense[group.name][1]
-                layers = [stack.blocks[i].get_submodule(group.relative_name) for i in group.layer_indices]
-                centred = all(layer.bias is not None for layer in layers)
-                targets, covariances = calibrated_targets(weights, statistics[group.name], centred, damping)
-                shared, factors = decompose(targets, group.ranks, steps=steps, input_covariances=covariances,
-                                            damping=0.0)
-                layers[0].shared.weight.copy_(shared)
-                for position, (layer, (b, a)) in enumerate(zip(layers, factors, strict=True)):
-                    _set_layer(layer, b, a, biases[position], weights[position], statistics[group.name], position,
-                               centred)
+                # each group's moments (in^2 floats per layer) and temporaries are let go once it is fitted
+                _first_round_fit(stack, group, dense[group.name], statistics.pop(group.name), steps, damping)
     try:
         for _ in range(rounds - 1):
             for stack in stacks:
@@ -363,6 +364,19 @@ def convert_with_calibration(
         raise
     finally:
         del reference
+
+
+def _first_round_fit(stack: Stack, group: ProjectionGroup, dense: tuple[list[torch.Tensor], list[torch.Tensor | None]],
+                     moments: InputStatistics, steps: int, damping: float) -> None:
+    """Fit `group`'s shared weight and private parts to the dense model's activations (round 1)."""
+    weights, biases = torch.stack(dense[0]), dense[1]
+    layers = [stack.blocks[i].get_submodule(group.relative_name) for i in group.layer_indices]
+    centred = all(layer.bias is not None for layer in layers)
+    targets, covariances = calibrated_targets(weights, moments, centred, damping)
+    shared, factors = decompose(targets, group.ranks, steps=steps, input_covariances=covariances, damping=0.0)
+    layers[0].shared.weight.copy_(shared)
+    for position, (layer, (b, a)) in enumerate(zip(layers, factors, strict=True)):
+        _set_layer(layer, b, a, biases[position], weights[position], moments, position, centred)
 
 
 def _dense_reference(model: nn.Module, kept_dense: list[ProjectionGroup]) -> nn.Module:
