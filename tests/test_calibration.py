@@ -495,3 +495,21 @@ def test_the_first_round_lets_each_groups_statistics_go_once_fitted(monkeypatch)
     lorsify(model, LorsConfig(rank=2, init="svd"), calibration_data=_batches(inputs))
     assert len(collected) == 7
     assert alive[:7] == [7, 6, 5, 4, 3, 2, 1] and set(alive[7:]) == {0}
+
+
+def test_calibrated_targets_work_in_float64_one_layer_at_a_time():
+    """calibrated_targets' float64 covariances, cross moments and targets are worked out one layer at a time (for
+    all layers at once they came to several times the float32 moments: SmolLM2-135M's down_proj, 30 x 1536^2)."""
+    from test_conversion import _LargestFloat64
+
+    from lors_hf.calibration import InputStatistics, calibrated_targets
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(5, 40, 8, generator=generator) + 1.0
+    moments = InputStatistics(second_moment=inputs.mT @ inputs / 40, mean=inputs.mean(1),
+                              cross_moment=0.9 * inputs.mT @ inputs / 40, reference_mean=0.9 * inputs.mean(1))
+    weights = torch.randn(5, 6, 8, generator=generator)
+    with _LargestFloat64() as mode:
+        targets, covariances = calibrated_targets(weights, moments, centred=True, damping=0.1)
+    assert mode.numel <= 8 * 8  # one layer's (in, in)
+    assert targets.shape == (5, 6, 8) and covariances.shape == (5, 8, 8) and covariances.dtype == torch.float32

@@ -258,29 +258,37 @@ def calibrated_targets(
         targets (N, out, in) and damped covariances (N, in, in), both float32.
     """
     weights = weights.detach().float()
-    covariance = statistics.second_moment.double()
-    scale = covariance.diagonal(dim1=-2, dim2=-1).mean(-1)
-    if centred:
-        covariance = covariance - statistics.mean.double()[:, :, None] * statistics.mean.double()[:, None, :]
-        # The centred covariance of one or two tokens is rounding noise (one image's 10 DETR queries nearly so):
-        # a ridge sized from it let that noise through, and even rank "full" came out wrong (GPT-2 logits 0.78
-        # off on one token). On MiniLM's real calibration data the floor does not bind (the centred scale is at
-        # least 0.47 of the uncentred one; the conversions came out bit-identical); other models with biases
-        # and inputs of a large mean (GPT-2's) were not measured.
-        scale = torch.maximum(covariance.diagonal(dim1=-2, dim2=-1).mean(-1), CENTRED_SCALE_FLOOR * scale)
-    eye = torch.eye(covariance.shape[-1], dtype=covariance.dtype, device=covariance.device)
-    scale = scale.clamp_min(1e-12)
-    covariance = positive_definite(covariance + damping * scale[:, None, None] * eye)
-    if statistics.cross_moment is None:
-        return weights, covariance.float()
-    cross = statistics.cross_moment.double()
-    if centred:
-        cross = cross - statistics.reference_mean.double()[:, :, None] * statistics.mean.double()[:, None, :]
-    # The same damping on D as on C: with few tokens the target shrinks towards W (as if x = x'), not towards 0.
-    cross = cross + damping * scale[:, None, None] * eye
-    # T = W D C^-1  <=>  C T^T = D^T W^T  (C symmetric)
-    targets = torch.linalg.solve(covariance, cross.mT @ weights.double().mT).mT
-    return targets.float(), covariance.float()
+    count, size = statistics.second_moment.shape[0], statistics.second_moment.shape[-1]
+    # float64 one layer at a time: for all at once its copies came to several times the float32 moments
+    covariances = torch.empty(statistics.second_moment.shape, device=statistics.second_moment.device,
+                              dtype=torch.float32)
+    targets = weights if statistics.cross_moment is None else torch.empty_like(weights)
+    eye = torch.eye(size, dtype=torch.float64, device=statistics.second_moment.device)
+    for i in range(count):
+        covariance = statistics.second_moment[i].double()
+        scale = covariance.diagonal().mean()
+        if centred:
+            mean = statistics.mean[i].double()
+            covariance = covariance - mean[:, None] * mean[None, :]
+            # The centred covariance of one or two tokens is rounding noise (one image's 10 DETR queries nearly
+            # so): a ridge sized from it let that noise through, and even rank "full" came out wrong (GPT-2 logits
+            # 0.78 off on one token). On MiniLM's real calibration data the floor does not bind (the centred scale
+            # is at least 0.47 of the uncentred one; the conversions came out bit-identical); other models with
+            # biases and inputs of a large mean (GPT-2's) were not measured.
+            scale = torch.maximum(covariance.diagonal().mean(), CENTRED_SCALE_FLOOR * scale)
+        scale = scale.clamp_min(1e-12)
+        covariance = positive_definite((covariance + damping * scale * eye)[None])[0]
+        covariances[i] = covariance
+        if statistics.cross_moment is None:
+            continue
+        cross = statistics.cross_moment[i].double()
+        if centred:
+            cross = cross - statistics.reference_mean[i].double()[:, None] * statistics.mean[i].double()[None, :]
+        # The same damping on D as on C: with few tokens the target shrinks towards W (as if x = x'), not towards 0.
+        cross = cross + damping * scale * eye
+        # T = W D C^-1  <=>  C T^T = D^T W^T  (C symmetric)
+        targets[i] = torch.linalg.solve(covariance, cross.mT @ weights[i].double().mT).mT
+    return targets, covariances
 
 
 def corrected_bias(
