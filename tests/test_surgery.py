@@ -674,3 +674,27 @@ def test_lorsify_refuses_weights_a_device_map_offloaded(tmp_path):
     with torch.device("meta"):
         empty = type(model)(model.config)
     assert is_lorsified(lorsify(empty, rank=2, init="svd"))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])  # Conv1D and nn.Linear
+def test_merge_and_unload_runs_no_random_initialisation_it_would_overwrite(family, monkeypatch):
+    """The merged layers were built with their random init (kaiming / normal), then overwritten: 0.5 s per
+    4096 x 11008 layer on 2 cores, about a minute for a 7B model. Now their memory is left uninitialised."""
+    model, inputs = build(family)
+    lorsify(model, rank=2)
+    with torch.no_grad():
+        expected = main_output(model(**inputs))
+    initialised = []
+    for name in ("kaiming_uniform_", "uniform_", "normal_"):
+        original = getattr(torch.nn.init, name)
+
+        def recording(tensor, *args, _original=original, _name=name, **kwargs):
+            if tensor.device.type != "meta":
+                initialised.append((_name, tuple(tensor.shape)))
+            return _original(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.init, name, recording)
+    merge_and_unload(model)
+    assert initialised == []
+    with torch.no_grad():
+        torch.testing.assert_close(main_output(model(**inputs)), expected, rtol=1e-5, atol=1e-5)
