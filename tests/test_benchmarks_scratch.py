@@ -258,15 +258,19 @@ def test_detr_backbone_norm_is_trainable_by_default(results: Path, tmp_path: Pat
     assert frozen["dense"]["final loss"] != batch["dense"]["final loss"]
 
 
+def _detr_run_in_own_section(tmp_path: Path, section: str, *args: str) -> str:
+    """Run bench_detr --smoke with `args` into a fresh results file; the preset's section must stay unwritten, and
+    `section` is returned."""
+    results_file = tmp_path / "RESULTS.md"
+    _run("bench_detr.py", *args, "--results-file", str(results_file), "--data-dir", str(tmp_path / "data"))
+    assert "<!-- bench_detr:start -->" not in results_file.read_text(encoding="utf-8")
+    return _section(results_file, section)
+
+
 def test_detr_other_learning_rate_or_seed_writes_its_own_section(results: Path, tmp_path: Path) -> None:
     """A peak lr other than the preset's and a seed other than 0 write ``bench_detr_lr<value>_seed<N>`` and leave
     the preset's section alone."""
-    lr_file = tmp_path / "RESULTS.md"
-    _run("bench_detr.py", "--lr", "1e-4", "--seed", "1", "--results-file", str(lr_file),
-         "--data-dir", str(tmp_path / "data"))
-    text = lr_file.read_text(encoding="utf-8")
-    assert "<!-- bench_detr:start -->" not in text
-    section = _section(lr_file, "bench_detr_lr0.0001_seed1")
+    section = _detr_run_in_own_section(tmp_path, "bench_detr_lr0.0001_seed1", "--lr", "1e-4", "--seed", "1")
     assert "at peak lr 0.0001, seed 1" in section
     rows = _columns(section)
     assert rows["dense"]["peak lr"] == rows["lors"]["peak lr"] == "0.0001"
@@ -276,12 +280,7 @@ def test_detr_other_learning_rate_or_seed_writes_its_own_section(results: Path, 
 def test_detr_other_budget_writes_its_own_section(results: Path, tmp_path: Path) -> None:
     """--steps and --num-test away from the preset's write ``bench_detr_steps<N>_test<N>`` (a shorter run must not
     replace the preset's figures), and the section says the budget it ran."""
-    budget_file = tmp_path / "RESULTS.md"
-    _run("bench_detr.py", "--steps", "2", "--num-test", "0", "--results-file", str(budget_file),
-         "--data-dir", str(tmp_path / "data"))
-    text = budget_file.read_text(encoding="utf-8")
-    assert "<!-- bench_detr:start -->" not in text
-    section = _section(budget_file, "bench_detr_steps2_test0")
+    section = _detr_run_in_own_section(tmp_path, "bench_detr_steps2_test0", "--steps", "2", "--num-test", "0")
     assert "2 steps" in section
     assert _columns(section)["dense"]["final loss"] != _columns(_section(results, "bench_detr"))["dense"]["final loss"]
 
