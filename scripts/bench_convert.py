@@ -757,8 +757,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny random models and tiny slices (CI)")
     parser.add_argument("--out", default=None,
                         help="folder of the plot and the JSON (default docs/, with --smoke the results file's folder)")
-    parser.add_argument("--results-file", default=None, help="markdown file to update (default docs/RESULTS.md; "
-                        "required with --smoke)")
+    parser.add_argument("--results-file", default=None, help="markdown file to update (default RESULTS.md in "
+                        "--out, else docs/RESULTS.md; required with --smoke)")
     parser.add_argument("--from-json", default=None, help="only rewrite the report from saved results")
     parser.add_argument("--recover-steps", type=int, default=480,
                         help="planned steps of the SmolLM2 distillation (the LR decays over them)")
@@ -794,6 +794,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for value in [*args.reductions, *args.recover_reductions]:
         if not 0 < value < 1:
             parser.error(f"reductions must lie in (0, 1), got {value}")
+    if args.results_file is None and args.out is not None:
+        # the report goes with the figures and the plot it shows: `--out /tmp/x` updated docs/RESULTS.md,
+        # with a plot link into /tmp/x
+        args.results_file = str(Path(args.out) / RESULTS_FILE.name)
     return args
 
 

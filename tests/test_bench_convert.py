@@ -262,6 +262,16 @@ def test_the_report_compares_functional_errors_and_names_a_recovery_from_an_earl
     assert "earlier run's conversion" not in bench.markdown(results, "c", None)
 
 
+def test_out_folder_gets_the_report_unless_a_results_file_is_named(tmp_path):
+    """`--out DIR` without `--results-file` updated docs/RESULTS.md (with a plot link into DIR): the report now
+    goes to DIR/RESULTS.md; `--out docs`, the documented runs, still updates docs/RESULTS.md."""
+    bench = _load_script()
+    assert Path(bench.parse_args(["--out", str(tmp_path)]).results_file) == tmp_path / "RESULTS.md"
+    assert Path(bench.parse_args(["--out", "docs"]).results_file) == Path("docs") / "RESULTS.md"
+    assert bench.parse_args(["--out", str(tmp_path), "--results-file", "r.md"]).results_file == "r.md"
+    assert bench.parse_args([]).results_file is None  # main's default: docs/RESULTS.md
+
+
 def test_smoke_refuses_to_write_docs_results(capsys):
     bench = _load_script()
     with pytest.raises(SystemExit):
