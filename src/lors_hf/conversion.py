@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .layer import autocast_off
+
 POSITIVE_DEFINITE_FLOOR = 1e-3
 """Smallest eigenvalue, relative to the largest, that `positive_definite` lifts a failing covariance to."""
 
@@ -69,10 +71,13 @@ def decompose(
         >>> bool(torch.allclose(shared + factors[0][0] @ factors[0][1], w[0], atol=1e-5))
         True
     """
-    device = weights.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        with torch.autocast(device, enabled=False):  # float32 factors inside an autocast block too (bf16 before)
-            return decompose(weights, ranks, steps, input_covariances, damping)
+    with autocast_off(weights.device.type):  # float32 factors inside a caller's autocast block too
+        return _decompose(weights, ranks, steps, input_covariances, damping)
+
+
+def _decompose(weights: torch.Tensor, ranks: list[int], steps: int, input_covariances: torch.Tensor | None,
+               damping: float) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """`decompose` with autocast off."""
     weights = weights.detach().float()
     count = weights.shape[0]
     if len(ranks) != count:

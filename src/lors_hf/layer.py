@@ -50,9 +50,10 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
-def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The dtype ``F.linear`` would compute in here: autocast's when it is on, else the weight's."""
-    return _autocast_dtype(x.device.type) or weight.dtype
+def autocast_off(device_type: str):
+    """A context with autocast off for `device_type` where it is on (else, meta included, one that does nothing):
+    for results in the parameters' dtype inside a caller's autocast block."""
+    return torch.autocast(device_type, enabled=False) if _autocast_dtype(device_type) is not None else nullcontext()
 
 
 class _MaterializedLorsLinear(torch.autograd.Function):
@@ -71,8 +72,8 @@ class _MaterializedLorsLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(x, shared, lors_A, lors_B, bias):
-        dtype = _compute_dtype(x, shared)
-        autocast = _autocast_dtype(x.device.type) is not None
+        autocast_dtype = _autocast_dtype(x.device.type)  # the dtype F.linear would compute in here
+        dtype, autocast = autocast_dtype or shared.dtype, autocast_dtype is not None
         with torch.autocast(x.device.type, enabled=False) if autocast else nullcontext():
             weight = torch.addmm(shared.to(dtype), lors_B.to(dtype), lors_A.to(dtype))
             # only autocast casts the input: without it an input of another dtype fails as for nn.Linear
@@ -208,11 +209,8 @@ class LorsLinear(nn.Module):
         shared = self.shared.weight
         if self.rank == 0:
             return shared
-        device = shared.device.type
-        if _autocast_dtype(device) is not None:
-            with torch.autocast(device, enabled=False):
-                return torch.addmm(shared, self.lors_B, self.lors_A)
-        return torch.addmm(shared, self.lors_B, self.lors_A)
+        with autocast_off(shared.device.type):
+            return torch.addmm(shared, self.lors_B, self.lors_A)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -252,12 +250,9 @@ class LorsLinear(nn.Module):
         key = (shared.data_ptr(), shared._version, self.lors_A.data_ptr(), self.lors_A._version,
                self.lors_B.data_ptr(), self.lors_B._version, shared.dtype, _optimizer_steps)
         if self._cached is None or self._cached[0] != key or _written_into(*self._cached[1:]):
-            device = shared.device.type
-            # In the parameters' dtype even under autocast (which then casts it per call, as for a dense
-            # weight): a bf16 copy built under autocast would break a later float32 forward pass.
-            off = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext()
-            with off:
-                weight = self.effective_weight()
+            # effective_weight is in the parameters' dtype even under autocast (which then casts it per call, as
+            # for a dense weight): a bf16 copy built under autocast would break a later float32 forward pass
+            weight = self.effective_weight()
             self._cached = (key, weight, None if weight.is_inference() else weight._version)
         return self._cached[1]
 

@@ -23,7 +23,7 @@ from transformers.pytorch_utils import Conv1D
 from .config import LorsConfig
 from .conversion import decompose
 from .discovery import Stack, dense_weight, find_groups, plan_ranks
-from .layer import LorsLinear, SharedWeight
+from .layer import LorsLinear, SharedWeight, autocast_off
 
 SHARED_CONTAINER = "lors_shared"
 """Attribute, on the module holding a stack, of the ``nn.ModuleDict`` that owns the shared weights."""
@@ -199,8 +199,7 @@ def _without_autocast(model: nn.Module) -> contextlib.ExitStack:
     even at full rank."""
     stack = contextlib.ExitStack()
     for device in {parameter.device.type for parameter in model.parameters()} | {"cpu"}:
-        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-            stack.enter_context(torch.autocast(device, enabled=False))
+        stack.enter_context(autocast_off(device))
     return stack
 
 
