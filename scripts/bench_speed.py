@@ -124,13 +124,13 @@ def cpu_peak_memory(args: argparse.Namespace) -> dict:
     """Peak RSS growth of one training step per variant, each in a fresh subprocess (CPU has no allocator stats)."""
     import subprocess
 
-    peaks = {}
+    peaks: dict[str, dict[str, float]] = {}
     for name in ("dense", "lors"):
         cmd = [sys.executable, __file__, "--_memory-probe", name, "--layers", str(args.layers), "--d-model",
                str(args.d_model), "--heads", str(args.heads), "--batch-size", str(args.batch_size), "--seq-len",
                str(args.seq_len), "--reduction", str(args.reduction), "--vocab", str(args.vocab)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        peaks[name] = json.loads(out.strip().splitlines()[-1])["peak_mib"]
+        peaks[name] = json.loads(out.strip().splitlines()[-1])
     return peaks
 
 
@@ -142,22 +142,49 @@ def _rss_mib(field: str) -> float:
 
 
 def memory_probe(args: argparse.Namespace) -> None:
-    """Peak RSS above the resting model during 2 training steps (Linux: peak reset via clear_refs)."""
+    """Peak RSS above the resting model during 2 training steps (Linux: peak reset via clear_refs), then the
+    peak of live tensors during a third step (`tensor_peak_mib`)."""
     models = build_models(args)
     model = models.pop(args._memory_probe)
     del models
     batch = torch.randint(0, args.vocab, (args.batch_size, args.seq_len))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def train_step() -> None:
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
     import gc
 
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (peak RSS) to the current RSS
     before = _rss_mib("VmRSS")
     for _ in range(2):
-        model(input_ids=batch, labels=batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    print(json.dumps({"peak_mib": _rss_mib("VmHWM") - before}))
+        train_step()
+    rss_peak = _rss_mib("VmHWM") - before
+    print(json.dumps({"peak_mib": rss_peak, "tensor_peak_mib": tensor_peak_mib(train_step),
+                      "parameters": sum(p.numel() for p in model.parameters())}))
+
+
+def tensor_peak_mib(step) -> float:
+    """The largest total of live CPU tensors during `step()` (weights, gradients, AdamW state, activations,
+    temporaries), from torch.profiler's memory timeline: what the model holds, whatever the allocator keeps.
+
+    RSS is the allocator's view: glibc keeps freed blocks mapped, so the peak RSS growth of the default 8 x 512
+    model came out at 1981 MiB dense against 1984 MiB for LORS (section bench_speed_cpu of docs/RESULTS.md, before
+    this measure), whose weights, gradients and AdamW state take 15.1M x 16 bytes less."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "timeline.json"
+        prof.export_memory_timeline(str(path), device="cpu")
+        _times, sizes = json.loads(path.read_text())  # per event: bytes of each category of tensor
+    return max(sum(row) for row in sizes) / 2**20
 
 
 def _ratio(value: float | None) -> str:
@@ -202,8 +229,11 @@ def main() -> None:
     report = parameter_report(models["lors"]).stacks_total
     train, peak = time_train_steps(models, args)
     decode = time_decode_steps(with_cached_variant(models), args)
+    tensor_peak = None
     if args.device == "cpu" and not args.smoke:
-        peak = cpu_peak_memory(args)
+        probes = cpu_peak_memory(args)
+        peak = {name: probe["peak_mib"] for name, probe in probes.items()}
+        tensor_peak = {name: probe["tensor_peak_mib"] for name, probe in probes.items()}
     peak = {name: peak.get(name, 0.0) for name in models}
     figures = {
         "model": f"GPT-2 {args.layers} layers, d={args.d_model}, vocab {args.vocab}",
@@ -213,6 +243,8 @@ def main() -> None:
         "decode_step_s": decode, "decode_ratio": decode["lors"] / decode["dense"],
         "decode_ratio_cached": decode["lors_cached"] / decode["dense"],
         "peak_train_memory_mib": peak, "memory_ratio": peak["lors"] / peak["dense"] if peak.get("dense") else None,
+        "peak_tensor_memory_mib": tensor_peak,
+        "tensor_memory_ratio": tensor_peak["lors"] / tensor_peak["dense"] if tensor_peak else None,
         "device": machine_description(), "bf16": args.bf16,
     }
     print(json.dumps(figures, indent=2))
@@ -234,6 +266,10 @@ Medians of {args.rounds} alternating rounds.
 | decode step, LORS with `set_weight_cache` (dense-size weights), ms | {decode['dense']*1e3:.2f} | {decode['lors_cached']*1e3:.2f} | {figures['decode_ratio_cached']:.3f} | - |
 | training memory ({mem_kind}), MiB | {peak['dense']:.0f} | {peak['lors']:.0f} | {_ratio(figures['memory_ratio'])} | - |
 """
+    if tensor_peak:
+        markdown += (f"| training memory (peak of live tensors in a third step: weights, gradients, AdamW state, "
+                     f"activations; torch.profiler), MiB | {tensor_peak['dense']:.0f} | {tensor_peak['lors']:.0f} | "
+                     f"{_ratio(figures['tensor_memory_ratio'])} | - |\n")
     section = "bench_speed_" + args.device + ("_bf16" if args.bf16 else "") + (f"_{args.tag}" if args.tag else "")
     path = update_section(section, markdown, args.results_file)
     print(f"wrote section {section} of {path}")
