@@ -141,3 +141,38 @@ def test_data_aware_decompose_works_in_float64_one_layer_at_a_time():
         shared, factors = decompose(weights, [3] * 6, steps=2, input_covariances=covariances, damping=0.1)
     assert mode.numel <= 8 * 10  # one layer's (in, in) or (in, out), not all six layers'
     torch.testing.assert_close(shared, expected[0], rtol=0, atol=0)
+
+
+def _damped_covariances_one_by_one(covariances, damping):
+    """`_damped_covariances` as it was: each layer damped, made positive definite, factorised, copied."""
+    from lors_hf.conversion import positive_definite
+
+    damped, chol, total = [], [], 0
+    for covariance in covariances.double():
+        scale = covariance.diagonal().mean().clamp_min(1e-12)
+        eye = torch.eye(covariance.shape[-1], dtype=torch.float64)
+        covariance = positive_definite((covariance + damping * scale * eye)[None])[0]
+        damped.append(covariance.float())
+        chol.append(torch.linalg.cholesky(covariance).float())
+        total = total + covariance
+    return torch.stack(damped), torch.stack(chol), total
+
+
+@pytest.mark.parametrize("damping, lifted", [(0.0, False), (0.0, True), (0.1, False)])
+def test_damped_covariances_at_damping_0_take_positive_definite_float32_covariances_as_they_are(damping, lifted):
+    """Data-aware conversion hands `decompose` covariances damped and made positive definite already (float32),
+    with damping 0: they are its damped covariances as they are, not a copy (float32 -> float64 -> float32 is
+    exact), and each is factorised once. A layer that needs lifting (or damping > 0) gets a copy; the input is
+    never written to. The results are those of one layer after the other as before, to the bit."""
+    from lors_hf.conversion import _damped_covariances
+
+    covariances = _covariances(count=3)
+    if lifted:  # rank 1: not positive definite
+        vector = torch.randn(8, generator=torch.Generator().manual_seed(3))
+        covariances[1] = vector[:, None] * vector[None, :]
+    before = covariances.clone()
+    damped, chol, total = _damped_covariances(covariances, damping)
+    assert (damped is covariances) == (damping == 0 and not lifted)
+    assert torch.equal(covariances, before)
+    for got, expected in zip((damped, chol, total), _damped_covariances_one_by_one(before, damping), strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -119,8 +119,16 @@ def fit_private(
         >>> bool(torch.allclose(b @ a, w[0], atol=1e-5))
         True
     """
-    chol = None if input_covariances is None else torch.linalg.cholesky(positive_definite(input_covariances)).float()
+    chol = None if input_covariances is None else _positive_definite_cholesky(input_covariances).float()
     return _best_residuals(targets.detach().float(), shared.detach().float(), ranks, chol)
+
+
+def _positive_definite_cholesky(covariances: torch.Tensor) -> torch.Tensor:
+    """``torch.linalg.cholesky(positive_definite(covariances))`` (float64), with one factorisation, not two, of
+    covariances that are positive definite already."""
+    covariances = covariances.double()
+    factors, info = torch.linalg.cholesky_ex(covariances)
+    return factors if not info.ne(0).any() else torch.linalg.cholesky(positive_definite(covariances))
 
 
 def reconstruction_error(
@@ -147,18 +155,32 @@ def reconstruction_error(
 def _damped_covariances(covariances: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The damped, positive definite covariances ``C_i`` (float32), their Cholesky factors (float32) and
     ``sum_i C_i`` (float64), worked out in float64 one layer at a time: for all layers at once the float64
-    copies came to about eight times the float32 covariances (SmolLM2-135M's down_proj: 30 x 1536^2, 2.2 GB)."""
+    copies came to about eight times the float32 covariances (SmolLM2-135M's down_proj, 30 x 1536^2, 2.2 GB).
+
+    With ``damping == 0`` a contiguous float32 `covariances` whose layers are all positive definite already
+    is returned as ``C_i`` itself, not copied (float32 -> float64 -> float32 is exact; a ``-0.0`` entry stays
+    ``-0.0``): data-aware conversion passes covariances damped by `calibrated_targets`. It is never written to:
+    a layer that needs lifting gets a copy of the whole first."""
     count, size = covariances.shape[0], covariances.shape[-1]
-    damped = torch.empty(covariances.shape, device=covariances.device, dtype=torch.float32)
-    chol = torch.empty_like(damped).mT  # column-major, as torch.linalg.cholesky returns a batch: the same rounding
+    alias = damping == 0 and covariances.dtype == torch.float32 and covariances.is_contiguous()
+    damped = covariances if alias else torch.empty(covariances.shape, device=covariances.device, dtype=torch.float32)
+    # column-major, as torch.linalg.cholesky returns a batch: the same rounding
+    chol = torch.empty(covariances.shape, device=covariances.device, dtype=torch.float32).mT
     total = torch.zeros(size, size, device=covariances.device, dtype=torch.float64)
     eye = torch.eye(size, device=covariances.device, dtype=torch.float64)
     for i in range(count):
         covariance = covariances[i].double()
         scale = covariance.diagonal().mean().clamp_min(1e-12)
-        covariance = positive_definite((covariance + damping * scale * eye)[None])[0]
-        chol[i] = torch.linalg.cholesky(covariance)
-        damped[i] = covariance
+        covariance = covariance + damping * scale * eye
+        factor, info = torch.linalg.cholesky_ex(covariance)  # positive_definite's test and the factor at once
+        if info != 0:
+            covariance = positive_definite(covariance[None])[0]
+            factor = torch.linalg.cholesky(covariance)
+            if damped is covariances:
+                damped = covariances.clone()
+        chol[i] = factor
+        if damped is not covariances:
+            damped[i] = covariance
         total += covariance
     return damped, chol, total
 
