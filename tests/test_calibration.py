@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 from tiny_models import build
+from torch import nn
 
 from lors_hf import LorsConfig, lorsify
 from lors_hf.calibration import collect_input_statistics, convert_with_calibration
@@ -513,3 +514,95 @@ def test_calibrated_targets_work_in_float64_one_layer_at_a_time():
         targets, covariances = calibrated_targets(weights, moments, centred=True, damping=0.1)
     assert mode.numel <= 8 * 8  # one layer's (in, in)
     assert targets.shape == (5, 6, 8) and covariances.shape == (5, 8, 8) and covariances.dtype == torch.float32
+
+
+def _statistics_one_group_at_a_time(model, stacks, batches):
+    """`collect_input_statistics` for each group on its own: no group to share the moments with."""
+    import dataclasses
+
+    return {group.name: collect_input_statistics(model, [dataclasses.replace(stack, groups=[group])], batches)[group.name]
+            for stack in stacks for group in stack.groups}
+
+
+def _assert_same_statistics(statistics, expected):
+    assert statistics.keys() == expected.keys()
+    for name, stats in statistics.items():
+        torch.testing.assert_close(stats.second_moment, expected[name].second_moment, rtol=0, atol=0)
+        torch.testing.assert_close(stats.mean, expected[name].mean, rtol=0, atol=0)
+        assert stats.tokens == expected[name].tokens
+
+
+def test_projections_that_read_the_same_input_share_one_copy_of_its_moments():
+    """q, k and v (gate and up) read the very same tensor: its moments are summed once and stacked once, one
+    tensor for them all (each group held its own copy: 3x the attention's, 2x the MLP's input moments), the very
+    moments each group gets on its own, padding left out."""
+    model, inputs = build("llama", layers=3)
+    stacks = plan_ranks(model, LorsConfig(rank=2))
+    batches = _batches(inputs, count=3)
+    for batch in batches:
+        batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+        batch["attention_mask"][1, -3:] = 0
+    statistics = collect_input_statistics(model, stacks, batches)
+    q, k, v, o, gate, up, down = (statistics[f"model.layers.{name}"] for name in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+        "mlp.up_proj", "mlp.down_proj"))
+    assert q.second_moment is k.second_moment is v.second_moment and q.mean is k.mean is v.mean
+    assert gate.second_moment is up.second_moment and gate.mean is up.mean
+    assert len({id(stats.second_moment) for stats in (q, o, gate, down)}) == 4
+    assert q.tokens == 3 * (2 * 12 - 3)
+    _assert_same_statistics(statistics, _statistics_one_group_at_a_time(model, stacks, batches))
+
+
+class _Readers(nn.Module):
+    """A block whose projections a, b and c read one tensor, or not, as the batch says; d and e always read one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d, self.e = (nn.Linear(4, 4) for _ in range(5))
+
+    def forward(self, x: torch.Tensor, how: str) -> torch.Tensor:
+        reads = {"shared": "abc", "apart": "ab_c", "skip": "ac", "swap": "bac", "twice": "abbc"}[how]
+        outputs, tensor = [], x
+        for name in reads:
+            if name == "_":  # c reads another tensor than a and b
+                tensor = x.flip(-1)
+                continue
+            outputs.append(getattr(self, name)(tensor))
+        y = 2 * x
+        outputs += [self.d(y), self.e(y)]
+        return x + 0.1 * torch.tanh(sum(outputs))
+
+
+class _ReadersModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_Readers() for _ in range(2))
+
+    def forward(self, x: torch.Tensor, how: tuple[str, str]) -> torch.Tensor:
+        for block, block_how in zip(self.blocks, how, strict=True):
+            x = block(x, block_how)
+        return x
+
+
+@pytest.mark.parametrize("hows", [("apart", "shared", "shared"), ("shared", "apart", "shared"),
+                                  ("skip", "shared", "shared"), ("shared", "skip", "shared"), ("skip", "swap", "swap"),
+                                  ("swap", "shared", "shared"), ("shared", "swap", "shared"),
+                                  ("twice", "shared", "shared"), ("shared", "twice", "shared")])
+def test_projections_that_stop_reading_the_same_input_get_moments_of_their_own(hows):
+    """Projections share one sum of moments as long as they read the very same tensor, together; when in some
+    batch (the first or a later one) one of them is skipped, fed another tensor, or run twice, each gets its own
+    sum from then on: the moments are still each group's own, exactly. The order they read it in does not matter
+    (swap). Block 0 and d/e keep sharing."""
+    from lors_hf.discovery import ProjectionGroup, Stack
+
+    torch.manual_seed(0)
+    model = _ReadersModel()
+    groups = [ProjectionGroup("blocks", name, [0, 1], 4, 4, [2, 2]) for name in "abcde"]
+    stacks = [Stack("blocks", model.blocks, groups)]
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"x": torch.randn(2, 5, 4, generator=generator), "how": ("shared", how)} for how in hows]
+    statistics = collect_input_statistics(model, stacks, batches)
+    _assert_same_statistics(statistics, _statistics_one_group_at_a_time(model, stacks, batches))
+    assert statistics["blocks.d"].second_moment is statistics["blocks.e"].second_moment
+    assert len({id(statistics[f"blocks.{name}"].second_moment) for name in "abc"}) == (1 if set(hows) == {"shared", "swap"} else 3)
+

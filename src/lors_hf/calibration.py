@@ -37,6 +37,7 @@ import inspect
 import math
 import numbers
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -127,7 +128,9 @@ def collect_input_statistics(
 
     Returns:
         ``{group.name: InputStatistics}`` (no cross moments), layers in the order of ``group.layer_indices``.
-        Padding positions (``attention_mask == 0``) are left out.
+        Padding positions (``attention_mask == 0``) are left out. Groups whose layers read the very same input
+        tensors in every batch (q/k/v, gate/up) get the same ``second_moment`` and ``mean`` tensors: one copy,
+        not one each (SmolLM2-135M: 523 MB -> 403 MB; a 7B Llama: 28 GB -> 22 GB); don't write to them in place.
 
     Example:
         >>> # statistics = collect_input_statistics(model, plan_ranks(model, config), [batch1, batch2])
@@ -135,11 +138,17 @@ def collect_input_statistics(
     if isinstance(calibration_data, torch.Tensor | Mapping):
         calibration_data = [calibration_data]
     device = next(model.parameters()).device
-    sums: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+    sums: dict[tuple[str, int], _SharedSums] = {}  # the layers that read the same inputs share one
     counts: dict[tuple[str, int], int] = {}
     masks: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}  # per stack, for the batch running now
     encoder_states: dict[str, torch.Tensor | None] = {}  # per stack, what its block running now attends to
     last = _LastInput()
+    readers: list[tuple[str, int]] = []  # the layers that read `last.tensor`, in a row
+
+    def add_run() -> None:  # the moments of `last.tensor` to the sums of the layers that read it
+        if readers:
+            _add_run(sums, counts, readers, last.value)
+            readers.clear()
 
     def block_hook(stack_name: str):
         def hook(block: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -152,11 +161,10 @@ def collect_input_statistics(
                 x = _flatten(args[0].detach(), _mask_for(args[0], *masks[stack_name], encoder_states.get(stack_name)))
                 return {"second": x.T @ x, "sum": x.sum(0), "count": x.shape[0]}
 
-            found = last.moments(args[0], moments)
-            total = sums.setdefault(key, {})
-            _accumulate(total, "second", found["second"])
-            _accumulate(total, "sum", found["sum"])
-            counts[key] = counts.get(key, 0) + found["count"]
+            if args[0] is not last.tensor:
+                add_run()
+            last.moments(args[0], moments)
+            readers.append(key)
         return hook
 
     hooks = [model.get_submodule(group.module_name(index)).register_forward_pre_hook(
@@ -175,6 +183,7 @@ def collect_input_statistics(
                               for stack in stacks})
                 try:
                     model(**inputs)
+                    add_run()
                 except (RuntimeError, IndexError, ValueError, TypeError, AttributeError, KeyError) as err:
                     raise ValueError(
                         f"calibration: {type(model).__name__} could not run calibration batch {batches}: {err} "
@@ -189,44 +198,61 @@ def collect_input_statistics(
         model.train(was_training)
     if batches == 0:
         raise ValueError("calibration_data is empty: give at least one batch of real inputs.")
+    groups = [group for stack in stacks for group in stack.groups]
+    finite: dict[int, bool] = {}
+    for group in groups:
+        keys = [(group.name, index) for index in group.layer_indices]
+        missing = [k for k in keys if k not in sums]
+        if missing:
+            raise ValueError(
+                f"calibration: projection {group.name!r} saw no input for layers {[k[1] for k in missing]}; "
+                "does the calibration batch exercise the whole model (e.g. decoder inputs for encoder-decoders)?"
+            )
+        empty = [k[1] for k in keys if counts[k] == 0]
+        if empty:
+            raise ValueError(
+                f"calibration: projection {group.name!r} saw 0 tokens in layers {empty}: every position of the "
+                "calibration batches is padding (attention_mask all zeros) or was routed elsewhere; give batches "
+                "with real tokens."
+            )
+        nonfinite = [k[1] for k in keys if not finite.setdefault(
+            id(sums[k]), bool(torch.isfinite(sums[k].values["second"]).all()))]
+        if nonfinite:
+            raise ValueError(
+                f"calibration: the inputs of projection {group.name!r} are not finite (NaN or inf) in layers "
+                f"{nonfinite}: the calibration batches hold NaN/inf values, or the model overflows on them in its "
+                "dtype (float16); give finite inputs the model runs on (or convert the model in float32/bfloat16)."
+            )
+    # Groups whose layers read the same inputs (q/k/v, gate/up) share one stacked tensor, too.
+    rows = {group.name: [(sums[(group.name, index)], counts[(group.name, index)]) for index in group.layer_indices]
+            for group in groups}
+    signatures = {name: tuple((id(store), count) for store, count in layers) for name, layers in rows.items()}
+    unread = Counter((id(store), name) for signature in set(signatures.values()) for store, _ in signature
+                     for name in ("second", "sum"))  # rows still to read each sum
+    stacked: dict[tuple, InputStatistics] = {}
     result: dict[str, InputStatistics] = {}
-    for stack in stacks:
-        for group in stack.groups:
-            keys = [(group.name, index) for index in group.layer_indices]
-            missing = [k for k in keys if k not in sums]
-            if missing:
-                raise ValueError(
-                    f"calibration: projection {group.name!r} saw no input for layers {[k[1] for k in missing]}; "
-                    "does the calibration batch exercise the whole model (e.g. decoder inputs for encoder-decoders)?"
-                )
-            empty = [k[1] for k in keys if counts[k] == 0]
-            if empty:
-                raise ValueError(
-                    f"calibration: projection {group.name!r} saw 0 tokens in layers {empty}: every position of the "
-                    "calibration batches is padding (attention_mask all zeros) or was routed elsewhere; give batches "
-                    "with real tokens."
-                )
-            nonfinite = [k[1] for k in keys if not torch.isfinite(sums[k]["second"]).all()]
-            if nonfinite:
-                raise ValueError(
-                    f"calibration: the inputs of projection {group.name!r} are not finite (NaN or inf) in layers "
-                    f"{nonfinite}: the calibration batches hold NaN/inf values, or the model overflows on them in its "
-                    "dtype (float16); give finite inputs the model runs on (or convert the model in float32/bfloat16)."
-                )
-            result[group.name] = InputStatistics(second_moment=_stacked_means(sums, counts, keys, "second"),
-                                                 mean=_stacked_means(sums, counts, keys, "sum"), tokens=counts[keys[0]])
+    for group in groups:
+        signature = signatures[group.name]
+        if signature not in stacked:
+            layers = rows[group.name]
+            stacked[signature] = InputStatistics(second_moment=_stacked_means(layers, "second", unread),
+                                                 mean=_stacked_means(layers, "sum", unread), tokens=layers[0][1])
+        shared = stacked[signature]
+        result[group.name] = InputStatistics(second_moment=shared.second_moment, mean=shared.mean,
+                                             tokens=shared.tokens)
     return result
 
 
-def _stacked_means(sums: dict[Any, dict[str, torch.Tensor]], counts: dict[Any, int], keys: list, name: str
-                   ) -> torch.Tensor:
-    """``sums[key][name] / counts[key]`` stacked over `keys`, each sum let go once written (the sums of all
-    groups and their stacked means were held at once: twice the statistics at the end of the pass)."""
-    first = sums[keys[0]][name]
-    stacked = first.new_empty((len(keys), *first.shape))
+def _stacked_means(layers: list[tuple[_SharedSums, int]], name: str, unread: Counter) -> torch.Tensor:
+    """``store.values[name] / count`` stacked over `layers`, each sum let go once its last row is written
+    (`unread`: how many rows of all the stacked tensors are still to read it) (the sums of all groups and their
+    stacked means were held at once: twice the statistics at the end of the pass)."""
+    first = layers[0][0].values[name]
+    stacked = first.new_empty((len(layers), *first.shape))
     del first
-    for row, key in zip(stacked, keys, strict=True):
-        torch.div(sums[key].pop(name), counts[key], out=row)
+    for row, (store, count) in zip(stacked, layers, strict=True):
+        unread[id(store), name] -= 1
+        torch.div(store.values[name] if unread[id(store), name] else store.values.pop(name), count, out=row)
     return stacked
 
 
@@ -604,6 +630,48 @@ def _paired_block_statistics(block, dense_block, groups, index, lors_hidden, den
         second_moment=(total["second"] / counts[name])[None], mean=(total["sum"] / counts[name])[None],
         cross_moment=(total["cross"] / counts[name])[None], reference_mean=(total["reference_sum"] / counts[name])[None],
         tokens=counts[name]) for name, total in sums.items()}, stages
+
+
+class _SharedSums:
+    """Running sums of the input moments (``"second"``: ``sum x x^T``, ``"sum"``: ``sum x``) of the layers `keys`,
+    which read the very same tensors in every batch so far (q, k and v of a block; gate and up): one ``(in, in)``
+    sum for them all, not one each. The sums are replaced, never written to in place (stores split apart by
+    `_add_run` hold the same tensors)."""
+
+    def __init__(self, keys: list, values: dict[str, torch.Tensor] | None = None) -> None:
+        self.keys = keys
+        self.values = {} if values is None else values
+
+
+def _add_run(sums: dict[Any, _SharedSums], counts: dict[Any, int], keys: list, found: dict[str, Any]) -> None:
+    """Add the moments `found` of one input tensor to the sums of the `keys` that read it, in a row.
+
+    Keys that first read a tensor together share one `_SharedSums` for as long as they go on reading one tensor
+    together (in any order). When in some batch one of them is skipped, fed another tensor or run twice, or joins
+    other keys, each of them gets a sum of its own: the shared one so far (its own too: they all got the same
+    moments). So each key's sums are the very ones it would have on its own: the same additions, in the same order.
+    """
+    distinct = len(set(keys)) == len(keys)
+    first = sums.get(keys[0])
+    if distinct and not any(key in sums for key in keys):
+        store = _SharedSums(list(keys))
+        sums.update(dict.fromkeys(keys, store))
+        stores = [store]
+    elif distinct and first is not None and set(first.keys) == set(keys):
+        stores = [first]
+    else:
+        for key in keys:
+            shared = sums.get(key)
+            if shared is not None and len(shared.keys) > 1:
+                for other in shared.keys[1:]:
+                    sums[other] = _SharedSums([other], dict(shared.values))
+                shared.keys = shared.keys[:1]
+        stores = [sums.setdefault(key, _SharedSums([key])) for key in keys]  # a key read twice adds twice
+    for store in stores:
+        _accumulate(store.values, "second", found["second"])
+        _accumulate(store.values, "sum", found["sum"])
+    for key in keys:
+        counts[key] = counts.get(key, 0) + found["count"]
 
 
 class _LastInput:
