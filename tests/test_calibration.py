@@ -606,3 +606,30 @@ def test_projections_that_stop_reading_the_same_input_get_moments_of_their_own(h
     assert statistics["blocks.d"].second_moment is statistics["blocks.e"].second_moment
     assert len({id(statistics[f"blocks.{name}"].second_moment) for name in "abc"}) == (1 if set(hows) == {"shared", "swap"} else 3)
 
+
+def test_the_first_round_writes_the_damped_covariances_over_moments_no_other_group_reads():
+    """Round 1 writes a group's damped covariances over its input moments when no group fitted later shares them
+    (v after q and k, up after gate) and `decompose` takes them as they are: the same model as with copies."""
+    from lors_hf import calibration
+
+    model, inputs = build("llama", layers=3)
+    config = LorsConfig(rank=2, init="alternating")
+    batches = _batches(inputs)
+    overwritten = []
+    first_round_fit = calibration._first_round_fit
+
+    def spy(stack, group, dense, moments, steps, damping, overwrite=False):
+        overwritten.append(overwrite)
+        return first_round_fit(stack, group, dense, moments, steps, damping, overwrite)
+
+    def copies(stack, group, dense, moments, steps, damping, overwrite=False):
+        return first_round_fit(stack, group, dense, moments, steps, damping, False)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(calibration, "_first_round_fit", spy)
+        converted = lorsify(copy.deepcopy(model), config, calibration_data=batches)
+    assert overwritten == [False, False, True, True, False, True, True]  # q k v o gate up down
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(calibration, "_first_round_fit", copies)
+        expected = lorsify(copy.deepcopy(model), config, calibration_data=batches)
+    torch.testing.assert_close(converted.state_dict(), expected.state_dict(), rtol=0, atol=0)

@@ -269,7 +269,8 @@ def collect_input_covariances(
 
 
 def calibrated_targets(
-    weights: torch.Tensor, statistics: InputStatistics, centred: bool, damping: float = DEFAULT_DAMPING
+    weights: torch.Tensor, statistics: InputStatistics, centred: bool, damping: float = DEFAULT_DAMPING,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(targets, covariances)`` such that the output error equals ``||(T_i - W'_i) L_i||^2 + const``.
 
@@ -279,6 +280,8 @@ def calibrated_targets(
         centred: use centred moments (for layers whose bias absorbs the mean error, see `corrected_bias`).
         damping: added to the covariances' diagonal, as a fraction of their mean diagonal (centred: of at least
             `CENTRED_SCALE_FLOOR` times the uncentred one's).
+        out: a float32 (N, in, in) tensor to write the damped covariances into, e.g. ``statistics.second_moment``
+            itself when nothing reads it any more (layer i is read before it is written); default a new one.
 
     Returns:
         targets (N, out, in) and damped covariances (N, in, in), both float32.
@@ -286,8 +289,8 @@ def calibrated_targets(
     weights = weights.detach().float()
     count, size = statistics.second_moment.shape[0], statistics.second_moment.shape[-1]
     # float64 one layer at a time: for all at once its copies came to several times the float32 moments
-    covariances = torch.empty(statistics.second_moment.shape, device=statistics.second_moment.device,
-                              dtype=torch.float32)
+    covariances = out if out is not None else torch.empty(statistics.second_moment.shape, dtype=torch.float32,
+                                                          device=statistics.second_moment.device)
     targets = weights if statistics.cross_moment is None else torch.empty_like(weights)
     eye = torch.eye(size, dtype=torch.float64, device=statistics.second_moment.device)
     for i in range(count):
@@ -376,7 +379,11 @@ def convert_with_calibration(
         for stack in stacks:
             for group in stack.groups:
                 # each group's moments (in^2 floats per layer) and temporaries are let go once it is fitted
-                _first_round_fit(stack, group, dense[group.name], statistics.pop(group.name), steps, damping)
+                # (q/k/v, gate/up share them: the last one fitted may write over them)
+                moments = statistics.pop(group.name)
+                overwrite = all(other.second_moment is not moments.second_moment for other in statistics.values())
+                _first_round_fit(stack, group, dense[group.name], moments, steps, damping, overwrite)
+                del moments
     try:
         for _ in range(rounds - 1):
             for stack in stacks:
@@ -401,12 +408,18 @@ def convert_with_calibration(
 
 
 def _first_round_fit(stack: Stack, group: ProjectionGroup, dense: tuple[list[torch.Tensor], list[torch.Tensor | None]],
-                     moments: InputStatistics, steps: int, damping: float) -> None:
-    """Fit `group`'s shared weight and private parts to the dense model's activations (round 1)."""
+                     moments: InputStatistics, steps: int, damping: float, overwrite: bool = False) -> None:
+    """Fit `group`'s shared weight and private parts to the dense model's activations (round 1).
+
+    With `overwrite` (no other group shares `moments`' second moment) the damped covariances are written over
+    it (only its mean is read afterwards, for the biases), and `decompose` (damping 0) takes them as they are:
+    one float32 (N, in, in) tensor besides their Cholesky factors, where there were three (moments, damped,
+    damped again)."""
     weights, biases = torch.stack(dense[0]), dense[1]
     layers = [stack.blocks[i].get_submodule(group.relative_name) for i in group.layer_indices]
     centred = all(layer.bias is not None for layer in layers)
-    targets, covariances = calibrated_targets(weights, moments, centred, damping)
+    targets, covariances = calibrated_targets(weights, moments, centred, damping,
+                                              out=moments.second_moment if overwrite else None)
     shared, factors = decompose(targets, group.ranks, steps=steps, input_covariances=covariances, damping=0.0)
     layers[0].shared.weight.copy_(shared)
     for position, (layer, (b, a)) in enumerate(zip(layers, factors, strict=True)):
