@@ -10,6 +10,7 @@ noisy machine hits both alike. Targets (issue #2): train <= 1.05x dense, decode 
     python scripts/bench_speed.py                       # CPU, writes the bench_speed section of docs/RESULTS.md
     python scripts/bench_speed.py --device cuda --bf16  # GPU, bf16 autocast
     python scripts/bench_speed.py --smoke --results-file /tmp/r.md
+    python scripts/bench_speed.py --memory-only --bf16  # CPU: training memory only, under bf16 autocast
 """
 
 from __future__ import annotations
@@ -128,7 +129,8 @@ def cpu_peak_memory(args: argparse.Namespace) -> dict:
     for name in ("dense", "lors"):
         cmd = [sys.executable, __file__, "--_memory-probe", name, "--layers", str(args.layers), "--d-model",
                str(args.d_model), "--heads", str(args.heads), "--batch-size", str(args.batch_size), "--seq-len",
-               str(args.seq_len), "--reduction", str(args.reduction), "--vocab", str(args.vocab)]
+               str(args.seq_len), "--reduction", str(args.reduction), "--vocab", str(args.vocab)] + (
+                   ["--bf16"] if args.bf16 else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         peaks[name] = json.loads(out.strip().splitlines()[-1])
     return peaks
@@ -151,7 +153,9 @@ def memory_probe(args: argparse.Namespace) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def train_step() -> None:
-        model(input_ids=batch, labels=batch).loss.backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -187,6 +191,38 @@ def tensor_peak_mib(step) -> float:
     return max(sum(row) for row in sizes) / 2**20
 
 
+def memory_only(args: argparse.Namespace) -> None:
+    """`--memory-only`: the CPU memory probes of dense and LORS, nothing timed."""
+    probes = cpu_peak_memory(args)
+    models = build_models(args)
+    report = parameter_report(models["lors"]).stacks_total
+    del models
+    figures = {"model": f"GPT-2 {args.layers} layers, d={args.d_model}, vocab {args.vocab}", "probes": probes,
+               "rss_ratio": probes["lors"]["peak_mib"] / probes["dense"]["peak_mib"],
+               "tensor_ratio": probes["lors"]["tensor_peak_mib"] / probes["dense"]["tensor_peak_mib"],
+               "device": machine_description(), "bf16": args.bf16}
+    print(json.dumps(figures, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    command = "python scripts/bench_speed.py " + " ".join(sys.argv[1:])
+    dense, lors = probes["dense"], probes["lors"]
+    markdown = f"""## Training memory (`bench_speed --memory-only`, {'bf16 autocast' if args.bf16 else 'fp32'}, cpu)
+
+`{command.strip()}` on {figures['device']}
+
+{figures['model']}; stacks {report.dense:,} -> {report.lors:,} parameters ({report.reduction:.1%} fewer);
+{args.batch_size * args.seq_len} tokens per training step (AdamW).
+
+| measure | dense | LORS | LORS / dense |
+|---|---|---|---|
+| peak RSS growth of 2 steps in a fresh process, MiB | {dense['peak_mib']:.0f} | {lors['peak_mib']:.0f} | {figures['rss_ratio']:.3f} |
+| peak of live tensors in a third step (torch.profiler), MiB | {dense['tensor_peak_mib']:.0f} | {lors['tensor_peak_mib']:.0f} | {figures['tensor_ratio']:.3f} |
+"""
+    section = "bench_speed_memory_cpu" + ("_bf16" if args.bf16 else "") + (f"_{args.tag}" if args.tag else "")
+    path = update_section(section, markdown, args.results_file)
+    print(f"wrote section {section} of {path}")
+
+
 def _ratio(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
@@ -211,6 +247,9 @@ def main() -> None:
     parser.add_argument("--results-file", default=str(RESULTS_FILE))
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--tag", default="", help="suffix of the results section (several sizes side by side)")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="CPU: only the memory of a training step (no timing; with --bf16 under bf16 autocast), "
+                             "section bench_speed_memory_cpu[_bf16][_<tag>]")
     parser.add_argument("--_memory-probe", dest="_memory_probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
     refuse_smoke_into_docs(parser, args)
@@ -224,6 +263,11 @@ def main() -> None:
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is visible")
+    if args.memory_only:
+        if args.device != "cpu":
+            parser.error("--memory-only measures on the CPU (a GPU run measures memory with the timings)")
+        memory_only(args)
+        return
     tokens = args.batch_size * args.seq_len
     models = build_models(args)
     report = parameter_report(models["lors"]).stacks_total

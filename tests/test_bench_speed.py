@@ -71,3 +71,19 @@ def test_memory_probe_counts_the_smaller_training_state_of_lors(tmp_path):
     assert fewer > 0
     saved = (probes["dense"]["tensor_peak_mib"] - probes["lors"]["tensor_peak_mib"]) * 2**20
     assert saved >= 11 * fewer, (saved, 12 * fewer)
+
+
+def test_memory_only_run_writes_the_two_memory_measures_it_took(tmp_path):
+    results_file, figures_file = tmp_path / "RESULTS.md", tmp_path / "memory.json"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_speed.py"), "--smoke", "--memory-only",
+                           "--bf16", "--results-file", str(results_file), "--json", str(figures_file)], cwd=tmp_path,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads(figures_file.read_text())
+    dense, lors = figures["probes"]["dense"], figures["probes"]["lors"]
+    assert figures["tensor_ratio"] == lors["tensor_peak_mib"] / dense["tensor_peak_mib"]
+    assert lors["parameters"] < dense["parameters"] and figures["bf16"] is True
+    text = results_file.read_text()
+    section = text[text.index("<!-- bench_speed_memory_cpu_bf16:start -->"):]
+    assert "--memory-only --bf16" in section and "bf16 autocast" in section
+    assert f"| {figures['tensor_ratio']:.3f} |" in section and f"| {figures['rss_ratio']:.3f} |" in section
