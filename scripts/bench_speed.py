@@ -122,7 +122,8 @@ def time_decode_steps(models: dict, args: argparse.Namespace) -> dict:
 
 
 def cpu_peak_memory(args: argparse.Namespace) -> dict:
-    """Peak RSS growth of one training step per variant, each in a fresh subprocess (CPU has no allocator stats)."""
+    """Per variant, in a fresh subprocess each (CPU has no allocator stats): `memory_probe`'s peak RSS growth of
+    training steps (``peak_mib``), peak of live tensors (``tensor_peak_mib``) and parameter count."""
     import subprocess
 
     peaks: dict[str, dict[str, float]] = {}
