@@ -119,16 +119,19 @@ def fit_private(
         >>> bool(torch.allclose(b @ a, w[0], atol=1e-5))
         True
     """
-    chol = None if input_covariances is None else _positive_definite_cholesky(input_covariances).float()
+    chol = None if input_covariances is None else _positive_definite_cholesky(input_covariances)[1].float()
     return _best_residuals(targets.detach().float(), shared.detach().float(), ranks, chol)
 
 
-def _positive_definite_cholesky(covariances: torch.Tensor) -> torch.Tensor:
-    """``torch.linalg.cholesky(positive_definite(covariances))`` (float64), with one factorisation, not two, of
-    covariances that are positive definite already."""
+def _positive_definite_cholesky(covariances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(positive_definite(covariances), their Cholesky factors)`` for (N, d, d) covariances, float64, with one
+    factorisation, not two, where they are positive definite already (then the first is `covariances` itself)."""
     covariances = covariances.double()
     factors, info = torch.linalg.cholesky_ex(covariances)
-    return factors if not info.ne(0).any() else torch.linalg.cholesky(positive_definite(covariances))
+    if info.ne(0).any():
+        covariances = positive_definite(covariances)
+        factors = torch.linalg.cholesky(covariances)
+    return covariances, factors
 
 
 def reconstruction_error(
@@ -171,14 +174,12 @@ def _damped_covariances(covariances: torch.Tensor, damping: float) -> tuple[torc
     for i in range(count):
         covariance = covariances[i].double()
         scale = covariance.diagonal().mean().clamp_min(1e-12)
-        covariance = covariance + damping * scale * eye
-        factor, info = torch.linalg.cholesky_ex(covariance)  # positive_definite's test and the factor at once
-        if info != 0:
-            covariance = positive_definite(covariance[None])[0]
-            factor = torch.linalg.cholesky(covariance)
-            if damped is covariances:
-                damped = covariances.clone()
-        chol[i] = factor
+        unlifted = (covariance + damping * scale * eye)[None]
+        lifted, factor = _positive_definite_cholesky(unlifted)
+        if lifted is not unlifted and damped is covariances:
+            damped = covariances.clone()
+        covariance = lifted[0]
+        chol[i] = factor[0]
         if damped is not covariances:
             damped[i] = covariance
         total += covariance

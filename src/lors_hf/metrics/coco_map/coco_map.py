@@ -125,7 +125,7 @@ class CocoMap(evaluate.Metric):
                 categories.add(int(label))
                 detections.append({"image_id": int(prediction["image_id"]), "category_id": int(label),
                                    "bbox": [float(v) for v in box], "score": float(score)})
-        if not any(not annotation["iscrowd"] for annotation in annotations):  # crowd regions are no boxes to find
+        if all(annotation["iscrowd"] for annotation in annotations):  # crowd regions are no boxes to find
             return dict.fromkeys(_STAT_NAMES, -1.0)
         if not detections:  # 0 where a ground truth box qualifies, -1 in the size buckets none falls into
             areas = [annotation["area"] for annotation in annotations if not annotation["iscrowd"]]
