@@ -168,8 +168,12 @@ def memory_probe(args: argparse.Namespace) -> None:
     for _ in range(2):
         train_step()
     rss_peak = _rss_mib("VmHWM") - before
-    print(json.dumps({"peak_mib": rss_peak, "tensor_peak_mib": tensor_peak_mib(train_step),
-                      "parameters": sum(p.numel() for p in model.parameters())}))
+    figures = {"peak_mib": rss_peak, "tensor_peak_mib": tensor_peak_mib(train_step),
+               "parameters": sum(p.numel() for p in model.parameters())}
+    if args._memory_probe == "lors":
+        stacks = parameter_report(model).stacks_total
+        figures["stack_params"] = {"dense": stacks.dense, "lors": stacks.lors, "reduction": stacks.reduction}
+    print(json.dumps(figures))
 
 
 def tensor_peak_mib(step) -> float:
@@ -195,9 +199,7 @@ def tensor_peak_mib(step) -> float:
 def memory_only(args: argparse.Namespace) -> None:
     """`--memory-only`: the CPU memory probes of dense and LORS, nothing timed."""
     probes = cpu_peak_memory(args)
-    models = build_models(args)
-    report = parameter_report(models["lors"]).stacks_total
-    del models
+    stacks = probes["lors"]["stack_params"]
     figures = {"model": f"GPT-2 {args.layers} layers, d={args.d_model}, vocab {args.vocab}", "probes": probes,
                "rss_ratio": probes["lors"]["peak_mib"] / probes["dense"]["peak_mib"],
                "tensor_ratio": probes["lors"]["tensor_peak_mib"] / probes["dense"]["tensor_peak_mib"],
@@ -211,7 +213,7 @@ def memory_only(args: argparse.Namespace) -> None:
 
 `{command.strip()}` on {figures['device']}
 
-{figures['model']}; stacks {report.dense:,} -> {report.lors:,} parameters ({report.reduction:.1%} fewer);
+{figures['model']}; stacks {stacks['dense']:,} -> {stacks['lors']:,} parameters ({stacks['reduction']:.1%} fewer);
 {args.batch_size * args.seq_len} tokens per training step (AdamW).
 
 | measure | dense | LORS | LORS / dense |
