@@ -431,6 +431,25 @@ def test_the_weight_property_serves_the_cache_and_a_write_into_it_rebuilds_it(fa
     assert layer.lors_B.grad is not None
 
 
+def test_weight_cache_of_a_conv1d_layer_runs_the_conv1d_product_on_its_layout():
+    """The cache keeps a GPT-2 ``Conv1D``'s ``(in, out)`` layout and its ``addmm``: in ``nn.Linear``'s layout a
+    one-token product is a different kernel, and GPT-2's cached decode was slower than the dense model's."""
+    from lors_hf.layer import set_weight_cache
+
+    layer = _layer(out_features=96, in_features=40, rank=5, fan_in_fan_out=True)
+    conv = Conv1D(96, 40)
+    with torch.no_grad():
+        conv.weight.copy_(layer.effective_weight().t())
+        conv.bias.copy_(layer.bias)
+        set_weight_cache(layer)
+        for shape in [(1, 1, 40), (3, 40), (2, 5, 40)]:
+            x = torch.randn(*shape)
+            torch.testing.assert_close(layer(x), conv(x), rtol=0, atol=0)  # the same kernel on the same values
+        cached = layer._cached[1]
+        assert cached.shape == (40, 96) and cached.is_contiguous()
+        assert layer.weight is cached
+
+
 def test_weight_cache_built_under_autocast_serves_a_float32_pass_too():
     from lors_hf.layer import set_weight_cache
 

@@ -226,7 +226,7 @@ class LorsLinear(nn.Module):
         if self.rank > 0 and self._use_cache():
             cached = self._cached_weight()
             if cached is not None and not cached.is_inference():  # an inference tensor's writes go unseen
-                return cached.t() if self.fan_in_fan_out else cached
+                return cached
         weight = self.effective_weight()
         if self.rank == 0:
             weight = weight.clone()
@@ -240,6 +240,11 @@ class LorsLinear(nn.Module):
         return self.cache_weight and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
     def _cached_weight(self) -> torch.Tensor | None:
+        """The cached effective weight, stored as the replaced module stored its own (``(in, out)`` for ``Conv1D``).
+
+        Which layout multiplies one token (a decode step) faster depends on the CPU and the shape, both ways; in
+        ``nn.Linear``'s layout GPT-2's cached decode was slower than dense on the CPU (bench_speed). In the
+        module's own layout the cached model runs the dense model's very kernels."""
         shared = self.shared.weight
         if shared.is_inference() or self.lors_A.is_inference() or self.lors_B.is_inference():
             # Parameters created under torch.inference_mode() have no version counter, so an in-place
@@ -253,6 +258,8 @@ class LorsLinear(nn.Module):
             # effective_weight is in the parameters' dtype even under autocast (which then casts it per call, as
             # for a dense weight): a bf16 copy built under autocast would break a later float32 forward pass
             weight = self.effective_weight()
+            if self.fan_in_fan_out:
+                weight = weight.t().contiguous()
             self._cached = (key, weight, None if weight.is_inference() else weight._version)
         return self._cached[1]
 
@@ -270,7 +277,11 @@ class LorsLinear(nn.Module):
         if self.rank == 0:
             return F.linear(x, shared, self.bias)
         if self._use_cache() and (cached := self._cached_weight()) is not None:
-            return F.linear(x, cached, self.bias)
+            if not self.fan_in_fan_out:
+                return F.linear(x, cached, self.bias)
+            flat = x.reshape(-1, self.in_features)  # Conv1D's own product on its (in, out) layout
+            output = flat @ cached if self.bias is None else torch.addmm(self.bias, flat, cached)
+            return output.view(*x.shape[:-1], self.out_features)
         if (autocast_dtype := _autocast_dtype(x.device.type)) is not None:
             # cast here, once, as autocast does for F.linear, so that backward keeps one input in the compute dtype:
             # cast inside the materialised function, a float32 input (a LayerNorm's output) was kept at twice the
