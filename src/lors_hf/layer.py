@@ -245,15 +245,16 @@ class LorsLinear(nn.Module):
         Which layout multiplies one token (a decode step) faster depends on the CPU and the shape, both ways; in
         ``nn.Linear``'s layout GPT-2's cached decode was slower than dense on the CPU (bench_speed). In the
         module's own layout the cached model runs the dense model's very kernels."""
-        shared = self.shared.weight
-        if shared.is_inference() or self.lors_A.is_inference() or self.lors_B.is_inference():
+        # read once: each parameter read goes through nn.Module.__getattr__ (~0.7 us), and this runs per call
+        shared, lors_a, lors_b = self.shared.weight, self.lors_A, self.lors_B
+        if shared.is_inference() or lors_a.is_inference() or lors_b.is_inference():
             # Parameters created under torch.inference_mode() have no version counter, so an in-place
             # change could not be seen: no cache for them (the uncached paths give the same result).
             return None
         # Fused optimizers (torch's AdamW(fused=True), the Trainer's default "adamw_torch_fused") update the
         # weights without bumping their version counters: any optimizer step invalidates the cache too.
-        key = (shared.data_ptr(), shared._version, self.lors_A.data_ptr(), self.lors_A._version,
-               self.lors_B.data_ptr(), self.lors_B._version, shared.dtype, _optimizer_steps)
+        key = (shared.data_ptr(), shared._version, lors_a.data_ptr(), lors_a._version, lors_b.data_ptr(), lors_b._version,
+               shared.dtype, _optimizer_steps)
         if self._cached is None or self._cached[0] != key or _written_into(*self._cached[1:]):
             # effective_weight is in the parameters' dtype even under autocast (which then casts it per call, as
             # for a dense weight): a bf16 copy built under autocast would break a later float32 forward pass
