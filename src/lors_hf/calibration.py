@@ -216,8 +216,10 @@ def collect_input_statistics(
                 "calibration batches is padding (attention_mask all zeros) or was routed elsewhere; give batches "
                 "with real tokens."
             )
-        nonfinite = [k[1] for k in keys if not finite.setdefault(
-            id(sums[k]), bool(torch.isfinite(sums[k].values["second"]).all()))]
+        for key in keys:  # once per sum, not per group reading it (setdefault would evaluate the check every time)
+            if id(sums[key]) not in finite:
+                finite[id(sums[key])] = bool(torch.isfinite(sums[key].values["second"]).all())
+        nonfinite = [k[1] for k in keys if not finite[id(sums[k])]]
         if nonfinite:
             raise ValueError(
                 f"calibration: the inputs of projection {group.name!r} are not finite (NaN or inf) in layers "
