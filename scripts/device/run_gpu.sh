@@ -47,6 +47,14 @@ watch_jobs() {  # progress every 30 s while the background runs last, then the r
   pack
 }
 
+scratch() {  # the from-scratch GPT-2, preset large (5 variants x 2 seeds at once); "$@": learning-rate options
+  echo "== scratch $*, $(date +%T), $(left) s left"
+  timeout "$(left)" python3 scripts/bench_scratch.py --preset large "$@" --b-lr-ratio 8 --dropout 0.1 --eval-every 100 \
+      --eval-tokens 65536 --log-every 250 "${GPU[@]}" --results-file "$RES/RESULTS_scratch.md" > "$RES/scratch.log" 2>&1 &
+  watch_jobs
+  grep -hE 'HIT|MISSED|Error' "$RES"/scratch.log | cut -c1-300
+}
+
 case "$1" in
   speed-scratch)
     echo "== speed (idle GPU), $(date +%T)"
@@ -57,19 +65,9 @@ case "$1" in
     echo "speed large rc $?"
     grep -h ratio "$RES"/speed*.json
     pack
-    echo "== scratch, $(date +%T), $(left) s left"
-    timeout "$(left)" python3 scripts/bench_scratch.py --preset large --b-lr-ratio 8 --dropout 0.1 --eval-every 100 \
-        --eval-tokens 65536 --log-every 250 "${GPU[@]}" --results-file "$RES/RESULTS_scratch.md" \
-        > "$RES/scratch.log" 2>&1 &
-    watch_jobs
-    grep -hE 'HIT|MISSED|Error' "$RES"/scratch.log | cut -c1-300 ;;
+    scratch ;;
   scratch-c)
-    echo "== scratch, setting (c), $(date +%T), $(left) s left"
-    timeout "$(left)" python3 scripts/bench_scratch.py --preset large --lr 4e-3 --b-lr-ratio 8 --stack-lr-ratio 0.5 \
-        --dropout 0.1 --eval-every 100 --eval-tokens 65536 --log-every 250 "${GPU[@]}" \
-        --results-file "$RES/RESULTS_scratch.md" > "$RES/scratch.log" 2>&1 &
-    watch_jobs
-    grep -hE 'HIT|MISSED|Error' "$RES"/scratch.log | cut -c1-300 ;;
+    scratch --lr 4e-3 --stack-lr-ratio 0.5 ;;
   detr)
     echo "== detr, $(date +%T), $(left) s left"
     timeout "$(left)" python3 scripts/bench_detr.py --preset gpu "${GPU[@]}" --log-every 100 \
